@@ -1,0 +1,26 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PY := .venv/bin/python
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: bootstrap test test-unit test-host demo bench clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+test: bootstrap
+	$(PY) -m pytest tests -q -ra
+
+test-unit: bootstrap
+	$(PY) -m pytest tests/unit -q
+
+test-host: bootstrap
+	$(PY) -m pytest tests/host -q
+
+demo: bootstrap
+	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")
+
+bench: bootstrap
+	$(PY) benchmarks/core.py
+
+clean:
+	rm -rf .host/run out tests/artifacts

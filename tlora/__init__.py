@@ -1,0 +1,1 @@
+"""TLoRA core: transform + residual adapters, host-free."""

@@ -1,0 +1,263 @@
+"""The adapter of one weight: W(sigma) = W0 + sigma (W0 T + s Delta - W0).
+
+A ModuleAdapter holds the tensors exactly as the file stores them (suffix -> tensor, see
+docs/FORMAT.md), validates them, and computes patched weights in float32. Linear weights
+are (O, I); conv weights (O, C, kh, kw): T acts on the C input channels at every kernel
+tap, Delta covers the flattened (C, kh, kw) fan-in.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import shapes as shapes_mod
+from .errors import TLoRAFormatError, TLoRAShapeError
+from .functional import tr, trm
+from .spec import Kind, default_scale, parse_residual, parse_transform
+
+T_CORE = "tlora_t.{}"
+T_DIAG = "tlora_t.diag"
+R_OUT = "tlora_r.out.{}"
+R_IN = "tlora_r.in.{}"
+R_UP = "tlora_r.up"
+R_DOWN = "tlora_r.down"
+SCALE = "tlora_scale"
+
+SUFFIX_PATTERN = re.compile(r"^(tlora_t\.(\d+|diag)|tlora_r\.(out|in)\.\d+|tlora_r\.(up|down)|tlora_scale)$")
+# A transform on a dimension whose factors still include one wider than this would be a
+# huge dense core (large primes): such dimensions get the `diag` transform instead.
+MAX_TRANSFORM_FACTOR = 256
+
+
+def _numbered(tensors: Mapping[str, Tensor], pattern: str, name: str) -> list[Tensor]:
+    cores = []
+    while pattern.format(len(cores)) in tensors:
+        cores.append(tensors[pattern.format(len(cores))])
+    stray = [k for k in tensors if re.fullmatch(re.escape(pattern).replace(r"\{\}", r"\d+"), k)]
+    if len(stray) != len(cores):
+        raise TLoRAFormatError(f"{name}: core numbering of {pattern.format('<d>')} is not 0..D-1 "
+                               f"(found {sorted(stray)})")
+    return cores
+
+
+def _prod(values: Sequence[int]) -> int:
+    return math.prod(int(v) for v in values)
+
+
+class ModuleAdapter:
+    """A validated TLoRA adapter for one weight (tensors keyed by file suffix)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], name: str = "<module>",
+                 weight_shape: Sequence[int] | None = None):
+        self.name = name
+        self.tensors: dict[str, Tensor] = dict(tensors)
+        self._validate()
+        if weight_shape is not None:
+            self.check_fits(weight_shape)
+
+    # ----- construction -------------------------------------------------------------
+    @classmethod
+    def create(cls, weight_shape: Sequence[int], transform: str | Kind = "trm:2",
+               residual: str | Kind = "tr:6", shapes: str = "paper", alpha: float = 1.0,
+               generator: torch.Generator | None = None, name: str = "<module>",
+               dtype: torch.dtype = torch.float32) -> "ModuleAdapter":
+        """A fresh adapter for a weight: identity transform, zero residual."""
+        t_kind, r_kind = parse_transform(transform), parse_residual(residual)
+        if t_kind.kind == "none" and r_kind.kind == "none":
+            raise TLoRAShapeError("an adapter needs a transform or a residual (both are none)")
+        out_features, in_channels = int(weight_shape[0]), int(weight_shape[1])
+        fan_in = _prod(weight_shape[1:])
+        tensors: dict[str, Tensor] = {}
+        if t_kind.kind == "trm":
+            factors = shapes_mod.factorize(in_channels, shapes)
+            if max(factors) > MAX_TRANSFORM_FACTOR:
+                t_kind = Kind("diag")
+            else:
+                for d, core in enumerate(trm.identity_cores(factors, t_kind.rank, dtype)):
+                    tensors[T_CORE.format(d)] = core
+        if t_kind.kind == "diag":
+            tensors[T_DIAG] = torch.ones(in_channels, dtype=dtype)
+        if r_kind.kind == "tr":
+            out_cores, in_cores = tr.init_cores(shapes_mod.factorize(out_features, shapes),
+                                                shapes_mod.factorize(fan_in, shapes),
+                                                r_kind.rank, generator, dtype)
+            tensors.update({R_OUT.format(d): c for d, c in enumerate(out_cores)})
+            tensors.update({R_IN.format(d): c for d, c in enumerate(in_cores)})
+        elif r_kind.kind == "lora":
+            tensors[R_UP] = torch.zeros(out_features, r_kind.rank, dtype=dtype)
+            bound = 1.0 / math.sqrt(fan_in)  # Kaiming-uniform(a=sqrt(5)) bound, as nn.Linear/PEFT
+            tensors[R_DOWN] = (torch.rand(r_kind.rank, fan_in, generator=generator, dtype=dtype) * 2 - 1) * bound
+        tensors[SCALE] = torch.tensor(default_scale(r_kind, alpha), dtype=dtype)
+        return cls(tensors, name=name, weight_shape=weight_shape)
+
+    # ----- validation ---------------------------------------------------------------
+    def _fail(self, problem: str) -> TLoRAFormatError:
+        return TLoRAFormatError(f"{self.name}: {problem}")
+
+    def _validate(self) -> None:
+        t = self.tensors
+        for key, value in t.items():
+            if not SUFFIX_PATTERN.match(key):
+                raise self._fail(f"unknown tensor {key!r}")
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise self._fail(f"tensor {key!r} must be floating point (got "
+                                 f"{getattr(value, 'dtype', type(value).__name__)})")
+            if not bool(torch.isfinite(value).all()):
+                raise self._fail(f"tensor {key!r} has NaN or infinite values")
+        # Transform.
+        self.transform_cores = _numbered(t, T_CORE, self.name)
+        self.diag = t.get(T_DIAG)
+        if self.transform_cores and self.diag is not None:
+            raise self._fail("has both a TRM transform and a diag transform")
+        if self.transform_cores:
+            rank = self.transform_cores[0].shape[-1] if self.transform_cores[0].dim() == 4 else 0
+            for d, core in enumerate(self.transform_cores):
+                if core.dim() != 4 or core.shape[0] != core.shape[1] or core.shape[2] != rank \
+                        or core.shape[3] != rank or rank < 1:
+                    raise self._fail(f"transform core {d} has shape {tuple(core.shape)}; expected "
+                                     f"(n, n, R, R) with the same R for every core")
+            self.transform = Kind("trm", int(rank))
+            self.transform_factors = tuple(int(c.shape[0]) for c in self.transform_cores)
+            # 1/R is inexact in floating point for R not a power of two, so an untouched
+            # identity start is recognised exactly and then contributes exactly nothing.
+            self.transform_is_identity = all(
+                torch.equal(c, ref.to(c.dtype)) for c, ref in zip(
+                    self.transform_cores, trm.identity_cores(self.transform_factors, int(rank))))
+            self.in_channels: int | None = _prod(self.transform_factors)
+        elif self.diag is not None:
+            if self.diag.dim() != 1:
+                raise self._fail(f"diag transform has shape {tuple(self.diag.shape)}; expected (I,)")
+            self.transform = Kind("diag")
+            self.transform_factors = (int(self.diag.shape[0]),)
+            self.transform_is_identity = bool((self.diag == 1).all())
+            self.in_channels = int(self.diag.shape[0])
+        else:
+            self.transform, self.transform_factors, self.in_channels = Kind("none"), (), None
+            self.transform_is_identity = True
+        # Residual.
+        self.out_cores = _numbered(t, R_OUT, self.name)
+        self.in_cores = _numbered(t, R_IN, self.name)
+        self.up, self.down = t.get(R_UP), t.get(R_DOWN)
+        has_tr, has_lora = bool(self.out_cores or self.in_cores), self.up is not None or self.down is not None
+        if has_tr and has_lora:
+            raise self._fail("has both a tensor-ring and a LoRA residual")
+        self.out_features: int | None = None
+        self.fan_in: int | None = None
+        if has_tr:
+            if not self.out_cores or not self.in_cores:
+                raise self._fail("tensor-ring residual needs both tlora_r.out.* and tlora_r.in.* cores")
+            rank = self.out_cores[0].shape[-1] if self.out_cores[0].dim() == 3 else 0
+            for label, cores in (("out", self.out_cores), ("in", self.in_cores)):
+                for d, core in enumerate(cores):
+                    if core.dim() != 3 or core.shape[1] != rank or core.shape[2] != rank or rank < 1:
+                        raise self._fail(f"residual {label} core {d} has shape {tuple(core.shape)}; "
+                                         f"expected (n, R, R) with the same R for every core")
+            self.residual = Kind("tr", int(rank))
+            self.out_features = _prod([c.shape[0] for c in self.out_cores])
+            self.fan_in = _prod([c.shape[0] for c in self.in_cores])
+        elif has_lora:
+            if self.up is None or self.down is None:
+                raise self._fail("LoRA residual needs both tlora_r.up and tlora_r.down")
+            if self.up.dim() != 2 or self.down.dim() != 2 or self.up.shape[1] != self.down.shape[0]:
+                raise self._fail(f"LoRA residual shapes up {tuple(self.up.shape)} / down "
+                                 f"{tuple(self.down.shape)} do not chain as (O, r) @ (r, fan_in)")
+            self.residual = Kind("lora", int(self.up.shape[1]))
+            self.out_features, self.fan_in = int(self.up.shape[0]), int(self.down.shape[1])
+        else:
+            self.residual = Kind("none")
+        if self.transform.kind == "none" and self.residual.kind == "none":
+            raise self._fail("has neither a transform nor a residual")
+        scale = t.get(SCALE)
+        if scale is None:
+            raise self._fail(f"missing {SCALE}")
+        if scale.dim() != 0:
+            raise self._fail(f"{SCALE} must be a 0-d tensor (got shape {tuple(scale.shape)})")
+        self.scale = float(scale)
+
+    def check_fits(self, weight_shape: Sequence[int]) -> None:
+        """Raise TLoRAShapeError unless this adapter fits a weight of this shape."""
+        shape = tuple(int(s) for s in weight_shape)
+        if len(shape) not in (2, 4):
+            raise TLoRAShapeError(f"{self.name}: weight shape {shape} is neither linear (O, I) "
+                                  f"nor conv2d (O, C, kh, kw)")
+        problems = []
+        if self.in_channels is not None and self.in_channels != shape[1]:
+            problems.append(f"transform is {self.in_channels}-wide but the weight has {shape[1]} inputs")
+        if self.out_features is not None and self.out_features != shape[0]:
+            problems.append(f"residual has {self.out_features} outputs but the weight has {shape[0]}")
+        if self.fan_in is not None and self.fan_in != _prod(shape[1:]):
+            problems.append(f"residual fan-in is {self.fan_in} but the weight's is {_prod(shape[1:])}")
+        if problems:
+            raise TLoRAShapeError(f"{self.name}: does not fit weight {shape}: " + "; ".join(problems))
+
+    # ----- maths --------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Number of stored parameters (the scale excluded)."""
+        return sum(v.numel() for k, v in self.tensors.items() if k != SCALE)
+
+    def transform_matrix(self, dtype: torch.dtype = torch.float64) -> Tensor | None:
+        """Dense I x I transform (None when there is none); float64 keeps T = I exact at init."""
+        if self.transform_cores:
+            return trm.dense([c.to(dtype) for c in self.transform_cores])
+        if self.diag is not None:
+            return torch.diag(self.diag.to(dtype))
+        return None
+
+    def residual_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """Dense O x fan_in residual Delta, unscaled (None when there is none)."""
+        if self.out_cores:
+            return tr.dense([c.to(dtype) for c in self.out_cores], [c.to(dtype) for c in self.in_cores])
+        if self.up is not None:
+            return self.up.to(dtype) @ self.down.to(dtype)
+        return None
+
+    def weight_diff(self, weight: Tensor) -> Tensor:
+        """W0 T + s Delta - W0 in float32, shaped like weight, in factored form."""
+        self.check_fits(weight.shape)
+        w0 = weight.float()
+        diff = torch.zeros_like(w0)
+        if not self.transform_is_identity:
+            # Contract T with the input-channel axis at every kernel tap: rows (O*kh*kw, C).
+            rows = w0.movedim(1, -1) if w0.dim() == 4 else w0
+            flat = rows.reshape(-1, rows.shape[-1])
+            if self.diag is not None:
+                moved = flat * (self.diag.to(flat.device, torch.float64) - 1).to(torch.float32)
+            else:
+                # W0 T - W0 = W0 (T - I), with T - I formed in float64: at the identity start
+                # it is (near) zero, so the patched weight rounds back to W0 exactly.
+                cores = [c.to(flat.device, torch.float64) for c in self.transform_cores]
+                eye = torch.eye(flat.shape[1], dtype=torch.float64, device=flat.device)
+                moved = flat @ (trm.dense(cores) - eye).float()
+            moved = moved.reshape(rows.shape)
+            diff += moved.movedim(-1, 1) if w0.dim() == 4 else moved
+        if self.residual.kind != "none":
+            delta = self.residual_matrix(torch.float32).to(w0.device)
+            diff += self.scale * delta.reshape(w0.shape)
+        return diff
+
+    def patched_weight(self, weight: Tensor, strength: float = 1.0) -> Tensor:
+        """The weight at this strength; same shape/dtype as weight; strength 0 returns W0 exactly."""
+        if strength == 0:
+            return weight.clone()
+        diff = self.weight_diff(weight)
+        return (weight.float() + float(strength) * diff).to(weight.dtype)
+
+    def to(self, *args, **kwargs) -> "ModuleAdapter":
+        """A copy with every tensor moved/cast (as Tensor.to)."""
+        return ModuleAdapter({k: v.to(*args, **kwargs) for k, v in self.tensors.items()}, name=self.name)
+
+    def config(self) -> dict:
+        """A JSON-able summary of this module's adapter."""
+        return {"transform": str(self.transform), "residual": str(self.residual),
+                "transform_factors": list(self.transform_factors),
+                "residual_out_factors": [int(c.shape[0]) for c in self.out_cores],
+                "residual_in_factors": [int(c.shape[0]) for c in self.in_cores],
+                "scale": self.scale, "params": self.num_params()}
+
+    def __repr__(self) -> str:
+        return (f"ModuleAdapter({self.name!r}, transform={self.transform}, residual={self.residual}, "
+                f"params={self.num_params()})")
