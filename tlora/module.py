@@ -49,9 +49,22 @@ class TLoRAModule(nn.Module):
         self._n_t = len(adapter.transform_cores)
         self._n_out, self._n_in = len(adapter.out_cores), len(adapter.in_cores)
         self.last_form: str | None = None
+        # Version counters of an identity start: while they are unchanged T == I exactly, and
+        # transformed_input keeps x bit for bit (the factored form's ring sums would round it).
+        self._identity_versions = (self._t_versions() if self._n_t and adapter.transform_is_identity
+                                   else None)
 
     def _p(self, suffix: str) -> Tensor:
         return self.adapter_params[_param_name(suffix)]
+
+    def _t_versions(self) -> tuple[int, ...]:
+        return tuple(self._p(f"tlora_t.{d}")._version for d in range(self._n_t))
+
+    def _untouched_identity(self) -> bool:
+        """True while the transform is an identity start not yet modified in place."""
+        if self._identity_versions is not None and self._identity_versions != self._t_versions():
+            self._identity_versions = None
+        return self._identity_versions is not None
 
     # ----- pieces -------------------------------------------------------------------
     def transform_rows(self, rows: Tensor) -> Tensor:
@@ -89,7 +102,13 @@ class TLoRAModule(nn.Module):
         if self.transform_kind == "none" or self.strength == 0:
             return x
         rows = x.movedim(1, -1) if self.is_conv else x
+        untouched = self._untouched_identity()
+        if untouched and not (torch.is_grad_enabled() and (x.requires_grad or any(
+                self._p(f"tlora_t.{d}").requires_grad for d in range(self._n_t)))):
+            return x
         moved = self.transform_rows(rows)
+        if untouched:  # value exactly rows (x - Tx is exact here), gradients those of T x
+            moved = moved + (rows - moved).detach()
         if self.strength != 1:
             moved = rows + self.strength * (moved - rows)
         return moved.movedim(-1, 1) if self.is_conv else moved
