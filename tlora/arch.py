@@ -29,6 +29,7 @@ Presets:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 UNET_PREFIX = "diffusion_model."
 TE_PREFIX = "text_encoders."
@@ -187,13 +188,18 @@ def text_encoder_modules(te: TextEncoderConfig) -> list[tuple[str, tuple[int, ..
     return rows
 
 
-def all_modules(arch: str) -> dict[str, tuple[int, ...]]:
-    """Every module any preset/option of this architecture can target, with its shape."""
+@lru_cache(maxsize=None)
+def _all_modules(arch: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     a = _arch(arch)
     rows = unet_modules(a.unet)
     for te in a.text_encoders:
         rows += text_encoder_modules(te)
-    return {name: shape for name, shape, _ in rows}
+    return tuple((name, shape) for name, shape, _ in rows)
+
+
+def all_modules(arch: str) -> dict[str, tuple[int, ...]]:
+    """Every module any preset/option of this architecture can target, with its shape."""
+    return dict(_all_modules(arch))
 
 
 def targets(arch: str, preset: str = "attn", text_encoder: bool = False,
@@ -235,9 +241,14 @@ def kohya_name(module_path: str, arch: str = "sd15") -> str:
                      f"{UNET_PREFIX}... or {TE_PREFIX}<clip>.transformer.... module path")
 
 
+@lru_cache(maxsize=None)
+def _kohya_pairs(arch: str) -> tuple[tuple[str, str], ...]:
+    return tuple((kohya_name(path, arch), path) for path, _ in _all_modules(arch))
+
+
 def kohya_map(arch: str) -> dict[str, str]:
     """{kohya name: module path} for every module of this architecture."""
-    return {kohya_name(path, arch): path for path in all_modules(arch)}
+    return dict(_kohya_pairs(arch))
 
 
 def module_path_from_kohya(name: str, arch: str) -> str | None:

@@ -188,10 +188,10 @@ def load(path: str | os.PathLike) -> TLoRAFile:
         if key.rfind(SUFFIX_MARK) <= 0:
             raise TLoRAFormatError(f"{path}: unknown key {key!r} (not a TLoRA tensor name "
                                    f"'<module>.tlora_...'; mixed adapter files are not supported)")
-        prefix, _ = split_key(key)
+        prefix, suffix = split_key(key)
         dtype = header[key]["dtype"]
         if dtype not in FILE_DTYPES:
-            raise TLoRAFormatError(f"{prefix}: tensor {key!r} has dtype {dtype}; TLoRA tensors are "
+            raise TLoRAFormatError(f"{prefix}: tensor {suffix!r} has dtype {dtype}; TLoRA tensors are "
                                    f"float32, float16, bfloat16 or float64")
     config = _parse_config(path, metadata)
     try:
