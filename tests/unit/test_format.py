@@ -302,3 +302,22 @@ def test_inspect_good_file(tmp_path, capsys) -> None:
     assert cli.main(["inspect", path]) == 0
     text = capsys.readouterr().out
     assert "modules: 2" in text and "stable-diffusion-v1/tlora" in text
+
+
+def test_format_doc_worked_example(tmp_path) -> None:
+    """docs/FORMAT.md section 9, through a file."""
+    t = {"tlora_t.0": torch.tensor([[1.0, 2], [0, 1]]).reshape(2, 2, 1, 1),
+         "tlora_t.1": torch.tensor([[1.0, 0], [3, 1]]).reshape(2, 2, 1, 1),
+         "tlora_r.out.0": torch.tensor([1.0, -1]).reshape(2, 1, 1),
+         "tlora_r.in.0": torch.tensor([1.0, 2]).reshape(2, 1, 1),
+         "tlora_r.in.1": torch.tensor([1.0, 0.5]).reshape(2, 1, 1),
+         "tlora_scale": torch.tensor(0.5)}
+    save_file({"layer": ModuleAdapter(t, name="layer")}, tmp_path / "ex.safetensors")
+    adapter = load_file(tmp_path / "ex.safetensors")["layer"]
+    w0 = torch.tensor([[1.0, 2, 0, 0], [0, 0, 1, 1]])
+    assert torch.equal(adapter.transform_matrix(), torch.tensor(
+        [[1.0, 0, 2, 0], [3, 1, 6, 2], [0, 0, 1, 0], [0, 0, 3, 1]], dtype=torch.float64))
+    assert torch.equal(adapter.residual_matrix(), torch.tensor([[1.0, 0.5, 2, 1], [-1, -0.5, -2, -1]]))
+    assert torch.equal(adapter.patched_weight(w0), torch.tensor([[7.5, 2.25, 15, 4.5], [-0.5, -0.25, 3, 0.5]]))
+    assert torch.equal(adapter.patched_weight(w0, 0.5),
+                       torch.tensor([[4.25, 2.125, 7.5, 2.25], [-0.25, -0.125, 2, 0.75]]))
