@@ -1,0 +1,199 @@
+"""Matching a TLoRA file to a ComfyUI model/CLIP and patching it (our loaders' engine).
+
+Prefixes are resolved with ComfyUI's own key maps (comfy.lora.model_lora_keys_unet/clip),
+so every prefix form ComfyUI accepts for LoRAs (generic `diffusion_model.<path>`,
+`text_encoders.<key>`, kohya `lora_unet_...`/`lora_te_...`) works for TLoRA too.
+A file that does not fit is refused whole: it is never half-applied.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+
+import comfy.lora
+import comfy.utils
+
+from ..tlora.adapter import ModuleAdapter
+from ..tlora.errors import TLoRAError, TLoRAShapeError
+from ..tlora.format import load_file, read_metadata
+from .comfy_adapter import TLoRAWeightAdapter
+
+TEXT_ENCODER_PREFIXES = ("text_encoders.", "lora_te", "text_encoder")
+
+_cache_lock = threading.Lock()
+_cache: dict[str, tuple[tuple[float, int], dict[str, ModuleAdapter], dict[str, str]]] = {}
+
+
+class TLoRAApplyError(TLoRAError):
+    """A TLoRA file that does not fit the model it is applied to."""
+
+
+def load_cached(path: str) -> tuple[dict[str, ModuleAdapter], dict[str, str]]:
+    """load_file + read_metadata, cached by (mtime, size) so re-queues are instant."""
+    stat = os.stat(path)
+    stamp = (stat.st_mtime, stat.st_size)
+    with _cache_lock:
+        hit = _cache.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+    adapters, metadata = load_file(path), read_metadata(path)
+    with _cache_lock:
+        _cache[path] = (stamp, adapters, metadata)
+    return adapters, metadata
+
+
+def model_key_map(model) -> dict[str, str]:
+    """ComfyUI's prefix -> weight-key map for a MODEL (ModelPatcher)."""
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def clip_key_map(clip) -> dict[str, str]:
+    """ComfyUI's prefix -> weight-key map for a CLIP."""
+    return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+
+
+def _weight_shape(root, key: str):
+    try:
+        return tuple(comfy.utils.get_attr(root, key).shape)
+    except AttributeError:
+        return None
+
+
+def match(adapters: Mapping[str, ModuleAdapter], key_map: Mapping[str, str], root,
+          ) -> tuple[dict[str, TLoRAWeightAdapter], dict[str, str]]:
+    """Patches for every prefix found in key_map, and {prefix: problem} for shape misfits."""
+    patches, problems = {}, {}
+    for prefix, adapter in adapters.items():
+        key = key_map.get(prefix)
+        if key is None:
+            continue
+        shape = _weight_shape(root, key)
+        if shape is None:
+            problems[prefix] = f"weight {key} not found"
+            continue
+        try:
+            adapter.check_fits(shape)
+        except TLoRAShapeError as err:
+            problems[prefix] = str(err).split(": ", 1)[-1]
+            continue
+        patches[key] = TLoRAWeightAdapter.from_module_adapter(adapter)
+    return patches, problems
+
+
+def _summary(label: str, total: int, problems: Mapping[str, str], metadata: Mapping[str, str],
+             target: str) -> str:
+    shown = "; ".join(f"{p}: {why}" for p, why in list(problems.items())[:3])
+    made_for = metadata.get("modelspec.architecture")
+    hint = f" The file was made for {made_for}." if made_for else ""
+    return (f"TLoRA {label!r} does not fit this {target}: {len(problems)} of {total} modules did "
+            f"not match (e.g. {shown}).{hint} Nothing was applied.")
+
+
+def plan_patches(adapters: Mapping[str, ModuleAdapter], metadata: Mapping[str, str], label: str,
+                 model=None, clip=None) -> tuple[dict, dict]:
+    """(model patches, clip patches) for a file, or TLoRAApplyError naming what did not fit."""
+    unet_map = model_key_map(model) if model is not None else {}
+    te_map = clip_key_map(clip) if clip is not None else {}
+    model_patches, model_problems = match(adapters, unet_map, model.model if model is not None else None)
+    clip_patches, clip_problems = ({}, {}) if clip is None else \
+        match(adapters, te_map, clip.cond_stage_model)
+    problems = {**model_problems, **clip_problems}
+    for prefix in adapters:
+        if prefix in unet_map or prefix in te_map:
+            continue
+        if clip is None and prefix.startswith(TEXT_ENCODER_PREFIXES):
+            continue  # model-only loading skips text-encoder modules, as LoraLoaderModelOnly does
+        problems[prefix] = "no such module in this model" + ("" if clip is not None else " (no CLIP given)")
+    if problems:
+        target = "model" if clip is None else "model and CLIP"
+        raise TLoRAApplyError(_summary(label, len(adapters), problems, metadata, target))
+    if not model_patches and not clip_patches:
+        raise TLoRAApplyError(f"TLoRA {label!r} has no module for this model")
+    return model_patches, clip_patches
+
+
+def block_of(weight_key: str) -> str:
+    """`input`, `middle`, `output` or `other` for a diffusion-model weight key."""
+    path = weight_key.removeprefix("diffusion_model.")
+    for block, starts in (("input", ("input_blocks.", "down_blocks.", "double_blocks.", "joint_blocks.")),
+                          ("middle", ("middle_block.", "mid_block.")),
+                          ("output", ("output_blocks.", "up_blocks.", "single_blocks."))):
+        if path.startswith(starts):
+            return block
+    return "other"
+
+
+def parse_block_overrides(text: str) -> list[tuple[str, float]]:
+    """`input_blocks.4=0.5, output_blocks.2=0` -> [(prefix, multiplier)], longest prefix first."""
+    overrides = []
+    for part in filter(None, (p.strip() for p in (text or "").replace("\n", ",").split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise TLoRAError(f"block weight {part!r} must look like input_blocks.4=0.5")
+        try:
+            overrides.append((name.strip().removeprefix("diffusion_model."), float(value)))
+        except ValueError:
+            raise TLoRAError(f"block weight {part!r}: {value.strip()!r} is not a number") from None
+    return sorted(overrides, key=lambda o: -len(o[0]))
+
+
+def block_multiplier(weights: Mapping[str, float], overrides: list[tuple[str, float]]) -> Callable[[str], float]:
+    """Multiplier of each weight key from block multipliers and prefix overrides."""
+    def multiplier(key: str) -> float:
+        path = key.removeprefix("diffusion_model.")
+        for prefix, value in overrides:
+            if path == prefix or path.startswith(prefix.rstrip(".") + "."):
+                return value
+        return weights.get(block_of(key), 1.0)
+    return multiplier
+
+
+def add_weighted(patcher, patches: Mapping, strength: float, multiplier: Callable[[str], float] | None = None):
+    """Clone `patcher` and add patches at `strength` (times a per-key multiplier)."""
+    clone = patcher.clone()
+    if multiplier is None:
+        clone.add_patches(dict(patches), strength)
+        return clone
+    groups: dict[float, dict] = {}
+    for key, patch in patches.items():
+        groups.setdefault(multiplier(key if isinstance(key, str) else key[0]), {})[key] = patch
+    for mult, group in groups.items():
+        if mult != 0:
+            clone.add_patches(group, strength * mult)
+    return clone
+
+
+def apply_file(path: str, label: str, model=None, clip=None, strength_model: float = 1.0,
+               strength_clip: float = 1.0, multiplier: Callable[[str], float] | None = None):
+    """(model, clip) with the TLoRA file applied; inputs are not modified."""
+    adapters, metadata = load_cached(path)
+    use_model = model if (model is not None and strength_model != 0) else None
+    use_clip = clip if (clip is not None and strength_clip != 0) else None
+    # Match against everything given (so a wrong file is refused even at strength 0).
+    model_patches, clip_patches = plan_patches(adapters, metadata, label, model, clip)
+    new_model = add_weighted(model, model_patches, strength_model, multiplier) if use_model is not None else model
+    new_clip = add_weighted(clip, clip_patches, strength_clip) if use_clip is not None else clip
+    return new_model, new_clip
+
+
+def is_tlora_file(path: str) -> bool:
+    """True if a safetensors file carries TLoRA keys (reads only the header)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return any(".tlora_" in k for k in handle.keys())
+    except Exception:
+        # A broken .safetensors goes to our loader for a clear error; other formats
+        # (legacy .pt LoRAs) go to ComfyUI's own weights-only loader.
+        return path.lower().endswith(".safetensors")
+
+
+def apply_other_file(path: str, label: str, model, strength: float, multiplier: Callable[[str], float]):
+    """Any adapter ComfyUI itself understands (LoRA, LoHa, LoKr, ...), block-weighted."""
+    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    patches = comfy.lora.load_lora(lora, model_key_map(model))
+    if not patches:
+        raise TLoRAApplyError(f"adapter {label!r} has no module ComfyUI can apply to this model")
+    return add_weighted(model, patches, strength, multiplier)
