@@ -469,9 +469,10 @@ def run_prompt(graph: dict, *, client_id: Optional[str] = None, executor: Any = 
     """Validate and execute an API-format graph in this process, like the server's worker does.
 
     Uses a fresh executor (no cache from earlier runs) unless `executor` is given. `outputs`
-    restricts which output nodes run (default: every OUTPUT_NODE that validates). Node outputs
-    come back in `PromptResult.outputs`; no output node is needed for reading them as long as
-    the graph has one output node somewhere (ComfyUI refuses graphs without).
+    restricts which output nodes run (default: every OUTPUT_NODE that validates). ComfyUI
+    refuses graphs without an output node and runs only what output nodes depend on; the
+    values of every node that ran come back in `PromptResult.outputs` (add a PreviewImage or
+    PreviewAny to reach a node whose result you want).
     """
     h = host()
     srv = h.server
