@@ -1,0 +1,347 @@
+"""Train TLoRA inside real ComfyUI 0.3.75 (in-process, tiny seeded models, CPU)."""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import threading
+
+import pytest
+
+from tests.support import comfy_host as ch
+
+
+@pytest.fixture(scope="module")
+def tm(comfy_host):
+    """tiny_models, once the in-process host is up (the pack must have loaded)."""
+    comfy_host.require_pack()
+    from tests.support import tiny_models
+    return tiny_models
+
+
+def pack(sub: str):
+    """A pack submodule as ComfyUI imported it (the pack lives under a mangled module name)."""
+    return importlib.import_module(f"{ch.pack_module_name()}.{sub}")
+
+
+@pytest.fixture(scope="module")
+def sd15(tm):
+    """Tiny SD1.5-shaped model, CLIP and VAE (module-scoped: training never changes base weights)."""
+    return tm.tiny_sd15(seed=0), tm.tiny_clip(seed=0), tm.tiny_vae(seed=0)
+
+
+def images(n: int = 2, size: int = 64, seed: int = 0):
+    """Smooth, distinct images (a colour gradient per image) as an IMAGE batch."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    out = []
+    for _ in range(n):
+        a, b, c = torch.rand(3, 3, generator=g)
+        out.append(torch.stack([a[i] * xs + b[i] * ys + c[i] * xs * ys for i in range(3)], -1).clamp(0, 1))
+    return torch.stack(out)
+
+
+DEFAULTS = dict(instance_prompt="a photo of sks dog", steps=4, output_name="t", transform="trm:2", residual="tr:6",
+                targets="attn", learning_rate=1e-3, batch_size=1, resolution=64, loss="mse", seed=0, save_every=0,
+                sample_every=0)
+
+
+def train(model, clip, vae, imgs=None, **kw):
+    """Run the TLoRATrain node the way the executor does (inputs as lists, under inference_mode)."""
+    import torch
+    args = {**DEFAULTS, **kw}
+    args = {k: [v] for k, v in args.items()}
+    node = ch.node_class("TLoRATrain")
+    with torch.inference_mode():
+        out = node.execute(model=[model.patcher if hasattr(model, "patcher") else model], clip=[clip], vae=[vae],
+                           images=[images() if imgs is None else imgs], **args)
+    return out.result
+
+
+def wrappers_left(model) -> int:
+    return sum(type(m).__name__ == "TLoRAModule" for m in model.model.diffusion_model.modules())
+
+
+@pytest.fixture
+def interrupt_at(sd15):
+    """Call interrupt_current_processing() at the n-th UNet forward (what Cancel does, mid-step)."""
+    import comfy.model_management as mm
+    handles = []
+
+    def arm(n: int, model=None):
+        target = (model or sd15[0]).model.diffusion_model
+        calls = {"n": 0}
+
+        def hook(module, args):
+            calls["n"] += 1
+            if calls["n"] == n:
+                mm.interrupt_current_processing()
+        handles.append(target.register_forward_pre_hook(hook))
+        return calls
+    yield arm
+    for h in handles:
+        h.remove()
+    mm.interrupt_current_processing(False)
+
+
+def eval_loss(model_patcher, prepared, seed=7, draws=12) -> float:
+    """Denoising MSE of a (patched) model on the training examples at fixed noise/timesteps."""
+    import torch
+    import comfy.model_management as mm
+    glue = pack("trainer.comfy_glue")
+    mm.load_models_gpu([model_patcher], force_full_load=True)
+    base = model_patcher.model
+    denoise, sched = glue.make_denoiser(base), glue.schedule_for(base)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.inference_mode(False), torch.no_grad():
+        for i in range(draws):
+            ex = prepared.data.instance[i % len(prepared.data.instance)]
+            x0 = ex.latent[None]
+            noise = torch.randn(x0.shape, generator=g)
+            idx = torch.randint(50, 950, (1,), generator=g)
+            pred = denoise(sched.add_noise(x0, noise, idx), sched.timesteps[idx], ex.cond)
+            total += float(((pred - sched.target(x0, noise, idx)) ** 2).mean())
+    return total / draws
+
+
+def prepared_for(model, clip, vae, imgs):
+    glue = pack("trainer.comfy_glue")
+    import torch
+    with torch.inference_mode():
+        return glue.prepare_data(model.model, clip, vae, glue.split_images(imgs), ["", ""],
+                                 DEFAULTS["instance_prompt"], 64, False, device=torch.device("cpu"))
+
+
+# ----- training works -----------------------------------------------------------------------
+def test_loss_goes_down_and_outputs(sd15, loras_dir, comfy_host):
+    import torch
+    model, clip, vae = sd15
+    imgs = images()
+    prepared = prepared_for(model, clip, vae, imgs)
+    before = eval_loss(model.patcher, prepared)
+    new_model, new_clip, payload, curve, file_name = train(model, clip, vae, imgs, steps=30, learning_rate=1e-2,
+                                                           output_name="down")
+    after = eval_loss(new_model, prepared)
+    assert after < 0.9 * before, (before, after)
+    assert file_name == "down.safetensors" and (loras_dir / file_name).is_file()
+    assert new_clip is clip and wrappers_left(model) == 0
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and float(curve.std()) > 0
+    meta = payload["metadata"]
+    assert meta["tlora.train.steps"] == "30" and meta["tlora.train.partial"] == "false"
+    assert meta["tlora.train.resolution"] == "64" and meta["tlora.train.dataset_size"] == "2"
+    assert meta["tlora.train.base_model"] and meta["tlora.train.seed"] == "0"
+    assert len(payload["adapters"]) == len(model.attention_modules())
+    events = [d for e, d, _ in comfy_host.server.events if e == "tlora.train"]
+    steps = [d["step"] for d in events if "loss" in d and "status" not in d]
+    assert steps[-30:] == list(range(1, 31))
+    last = [d for d in events if d.get("step") == 30 and "status" not in d][-1]
+    assert {"node", "run_id", "steps", "loss", "lr", "step_time", "eta"} <= set(last)
+    assert any(d.get("status") == "done" for d in events)
+    engine = pack("trainer.engine")
+    record = engine.RUNS.get(last["run_id"])
+    assert record["status"] == "done" and len(record["history"]) == 30
+
+
+def test_file_roundtrips_through_loaders(sd15, loras_dir, tm):
+    import torch
+    model, clip, vae = sd15
+    new_model, _, payload, _, file_name = train(model, clip, vae, steps=3, learning_rate=1e-2, output_name="rt")
+    pos, neg = tm.encode_text(clip, "a photo of sks dog"), tm.encode_text(clip, "")
+    sample = lambda patcher: tm.sample(patcher, seed=5, positive=pos, negative=neg, steps=2)
+    base, trained = sample(model.patcher), sample(new_model)
+    assert not torch.equal(base, trained)
+    ours, _ = ch.node_class("TLoRALoader").execute(model.patcher, clip, file_name, 1.0, 1.0).result
+    import nodes
+    stock, _ = nodes.LoraLoader().load_lora(model.patcher, clip, file_name, 1.0, 1.0)
+    assert torch.equal(sample(ours), trained)
+    assert torch.equal(sample(stock), trained)
+    applied, _ = ch.node_class("TLoRAApplyAdapter").execute(model.patcher, payload, 1.0).result
+    assert torch.equal(sample(applied), trained)
+    zero, _ = ch.node_class("TLoRAApplyAdapter").execute(model.patcher, payload, 0.0).result
+    assert torch.equal(sample(zero), base)
+
+
+def test_sdxl_shaped_model_trains(tm, loras_dir):
+    model, clip, vae = tm.tiny_sdxl(seed=0), tm.tiny_clip(seed=0, kind="sdxl"), tm.tiny_vae(seed=0)
+    _, _, payload, _, file_name = train(model, clip, vae, steps=3, output_name="xl", loss="dco")
+    assert payload["steps"] == 3 and all(math.isfinite(h["loss"]) for h in payload["history"])
+    assert (loras_dir / file_name).is_file()
+    assert any(".attn2.to_k" in k for k in payload["adapters"])
+    assert wrappers_left(model) == 0
+
+
+# ----- losses and prior preservation ----------------------------------------------------------
+def test_dco_prior_preservation_and_previews(sd15, loras_dir, comfy_host):
+    model, clip, vae = sd15
+    start = len(comfy_host.server.events)
+    _, _, payload, _, _ = train(model, clip, vae, steps=2, loss="dco", output_name="dco",
+                                class_prompt="a photo of a dog", num_class_images=1, prior_loss_weight=0.5,
+                                sample_every=2, sample_prompt="sks dog on a beach")
+    meta = payload["metadata"]
+    assert meta["tlora.train.loss"] == "dco" and meta["tlora.train.num_class_images"] == "1"
+    assert meta["tlora.train.class_prompt"] == "a photo of a dog"
+    events = comfy_host.server.events[start:]
+    assert any(e == "progress" and d.get("has_preview") for e, d, _ in events)
+    samples = [d["sample"] for e, d, _ in events if e == "tlora.train" and "sample" in d]
+    assert samples and samples[-1]["type"] == "temp"
+    import folder_paths
+    assert os.path.isfile(os.path.join(folder_paths.get_temp_directory(), samples[-1]["subfolder"],
+                                       samples[-1]["filename"]))
+
+
+def test_supplied_class_images_and_captions(sd15, loras_dir):
+    model, clip, vae = sd15
+    _, _, payload, _, _ = train(model, clip, vae, steps=1, output_name="cap", class_prompt="a dog",
+                                class_images=images(1, 48, seed=3), captions="sks dog, red\nsks dog, blue")
+    assert payload["metadata"]["tlora.train.num_class_images"] == "1"
+    with pytest.raises(Exception, match="3 captions for 2 images"):
+        train(model, clip, vae, steps=1, output_name="cap", captions="a\nb\nc")
+
+
+# ----- never lose work --------------------------------------------------------------------------
+def test_cancel_in_process_keeps_partial_file(sd15, loras_dir, interrupt_at):
+    import comfy.model_management as mm
+    model, clip, vae = sd15
+    interrupt_at(4)  # the 4th UNet forward: inside step 4 (one forward per MSE step)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(model, clip, vae, steps=10, output_name="cancel")
+    fmt = pack("tlora.format")
+    loaded = fmt.load(str(loras_dir / "cancel.safetensors"))
+    assert loaded.metadata["tlora.train.partial"] == "true"
+    assert loaded.metadata["tlora.train.steps"] == "3" and loaded.metadata["tlora.train.stopped"] == "cancelled"
+    assert (loras_dir / "cancel.tlora-state").is_file()
+    assert wrappers_left(model) == 0
+
+
+def test_resume_equals_uninterrupted(sd15, loras_dir, interrupt_at):
+    import torch
+    import comfy.model_management as mm
+    model, clip, vae = sd15
+    kw = dict(steps=6, lr_schedule="cosine", warmup_steps=2, learning_rate=5e-3)
+    _, _, full, _, _ = train(model, clip, vae, output_name="full", **kw)
+    interrupt_at(4)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(model, clip, vae, output_name="part", **kw)
+    mm.interrupt_current_processing(False)
+    _, _, resumed, _, name = train(model, clip, vae, output_name="part", resume="part.safetensors", **kw)
+    assert name == "part.safetensors" and resumed["metadata"]["tlora.train.partial"] == "false"
+    assert resumed["steps"] == 6
+    for key, adapter in full["adapters"].items():
+        for suffix, tensor in adapter.tensors.items():
+            torch.testing.assert_close(resumed["adapters"][key].tensors[suffix], tensor, atol=1e-6, rtol=1e-5)
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 7))
+
+
+def test_new_run_never_overwrites(sd15, loras_dir):
+    model, clip, vae = sd15
+    first = train(model, clip, vae, steps=1, output_name="keep")[4]
+    second = train(model, clip, vae, steps=1, output_name="keep")[4]
+    assert (first, second) == ("keep.safetensors", "keep_2.safetensors")
+
+
+def test_nan_stops_cleanly(sd15, loras_dir):
+    import torch
+    model, clip, vae = sd15
+    engine = pack("trainer.engine")
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+    handle = model.model.diffusion_model.out.register_forward_hook(poison)
+    try:
+        with pytest.raises(engine.TrainingDiverged, match="step 3"):
+            train(model, clip, vae, steps=5, output_name="nan")
+    finally:
+        handle.remove()
+    loaded = pack("tlora.format").load(str(loras_dir / "nan.safetensors"))
+    assert loaded.metadata["tlora.train.steps"] == "2" and loaded.metadata["tlora.train.stopped"] == "diverged"
+    assert all(bool(torch.isfinite(t).all()) for a in loaded.adapters.values() for t in a.tensors.values())
+    assert wrappers_left(model) == 0
+
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/abs", "a/b", "sub\\x", "..", "", "  ", ".hidden", "C:evil",
+                                  "con", "x" * 200, "nul\x00"])
+def test_hostile_output_name_is_refused(sd15, loras_dir, name):
+    model, clip, vae = sd15
+    before = set(os.listdir(loras_dir))
+    with pytest.raises(Exception, match="refused"):
+        train(model, clip, vae, steps=1, output_name=name)
+    assert set(os.listdir(loras_dir)) == before
+
+
+def test_sanitized_names():
+    glue = pack("trainer.comfy_glue")
+    assert glue.sanitize_output_name(" sks dog (v2) ") == "sks dog (v2).safetensors"
+    assert glue.sanitize_output_name("x.safetensors") == "x.safetensors"
+
+
+# ----- ComfyUI's built-in trainer can train TLoRA -----------------------------------------------
+def test_trainloranode_trains_tlora(sd15, tm, loras_dir):
+    import torch
+    import comfy.weight_adapter as wa
+    model, clip, vae = sd15
+    assert "TLoRA" in wa.adapter_maps
+    node = ch.node_class("TrainLoraNode")
+    gen = torch.Generator().manual_seed(0)
+    # Two latent inputs: 0.3.75's TrainLoraNode crashes on a single one (UnboundLocalError multi_res).
+    latents = [{"samples": torch.randn(1, 4, 8, 8, generator=gen)} for _ in range(2)]
+    pos = tm.encode_text(clip, "a photo of sks dog")
+    with torch.inference_mode():
+        out = node.execute(model=[model.patcher], latents=latents, positive=[pos], batch_size=[1], steps=[2],
+                           grad_accumulation_steps=[1], learning_rate=[1e-3], rank=[4], optimizer=["AdamW"],
+                           loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
+                           algorithm=["TLoRA"], gradient_checkpointing=[False], existing_lora=["[None]"])
+    trained_model, lora_sd, loss_map, steps = out.result
+    assert steps == 2 and len(loss_map["loss"]) == 2
+    tlora_keys = {k: v for k, v in lora_sd.items() if ".tlora_" in k}
+    assert any(k.endswith(".tlora_t.0") for k in tlora_keys) and any(k.endswith(".tlora_scale") for k in tlora_keys)
+    from safetensors.torch import save_file
+    path = loras_dir / "builtin.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in tlora_keys.items()}, str(path))
+    loaded = pack("tlora.format").load(str(path))
+    assert len(loaded.adapters) >= len(model.attention_modules())
+    import nodes
+    stock, _ = nodes.LoraLoader().load_lora(model.patcher, clip, "builtin.safetensors", 1.0, 0.0)
+    assert len(stock.patches) == len(loaded.adapters)
+    # to_train(): an existing TLoRA file continues training in TrainLoraNode.
+    from comfy.weight_adapter import adapters
+    cls = next(a for a in adapters if getattr(a, "name", "") == "tlora")
+    key = next(iter(loaded.adapters))
+    patch = cls.load(key, {f"{key}.{s}": t for s, t in loaded.adapters[key].tensors.items()})
+    diff = patch.to_train()
+    w = torch.randn(*model.model.state_dict()[key + ".weight"].shape)
+    expected = loaded.adapters[key].patched_weight(w)
+    torch.testing.assert_close(diff(w), expected, atol=1e-5, rtol=1e-4)
+
+
+# ----- over HTTP ----------------------------------------------------------------------------------
+@pytest.mark.server
+def test_cancel_over_http_keeps_partial(comfy_server):
+    comfy_server.assert_pack_imported()
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tlora-tiny-sd15.safetensors"}},
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 8421504}},
+        "train": {"class_type": "TLoRATrain", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["img", 0],
+            **{**DEFAULTS, "steps": 2000, "output_name": "http_cancel", "save_every": 0}}},
+    }
+    with comfy_server.events() as ev:
+        pid = comfy_server.post_prompt(graph, client_id=ev.client_id)
+        first = ev.wait_for(lambda m: m.get("type") == "tlora.train" and (m.get("data") or {}).get("step", 0) >= 2,
+                            timeout=240)
+        comfy_server.interrupt()
+        end = ev.wait_done(pid, timeout=120)
+    assert end["type"] == "execution_interrupted", end
+    data = first["data"]
+    assert data["node"] == "train" and data["steps"] == 2000 and math.isfinite(data["loss"])
+    path = comfy_server.loras_dir / "http_cancel.safetensors"
+    assert path.is_file()
+    from tlora import format as fmt  # the core, imported top-level (the server process has its own copy)
+    meta = fmt.read_metadata(str(path))
+    assert meta["tlora.train.partial"] == "true" and int(meta["tlora.train.steps"]) >= 2
+    assert meta["tlora.train.base_model"] == "tlora-tiny-sd15.safetensors"
+    adapters = fmt.load(str(path)).adapters
+    assert adapters and all(".attn1." in k or ".attn2." in k for k in adapters)
