@@ -1,0 +1,306 @@
+"""TLoRA loaders in real ComfyUI 0.3.75 (in-process, tiny seeded SD1.5 model and CLIP, CPU).
+
+Every expected weight is computed here in float64 from the base model's exact weights and
+the file's tensors (tests/host/tlora_refs.py), never from the pack's own output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support import comfy_host as ch
+from tests.host import tlora_refs as R
+
+STRENGTHS = (1.0, 0.0, -0.5, 0.35, 2.0)
+
+
+@pytest.fixture(scope="module")
+def tm(comfy_host):
+    """tiny_models, once the in-process host is up with the pack loaded."""
+    comfy_host.require_pack()
+    from tests.support import tiny_models
+    return tiny_models
+
+
+@pytest.fixture(scope="module")
+def sd15(tm):
+    """(TinyModel, CLIP, {weight key: base weight}) shared by the module; tests never keep patches applied."""
+    m, clip = tm.tiny_sd15(seed=0), tm.tiny_clip(seed=0)
+    return m, clip, tm.state_fingerprint(m.model)
+
+
+def unet_shapes(model, convs: bool = True) -> dict[str, tuple[int, ...]]:
+    """{`diffusion_model.<path>`: weight shape} of every attention linear, plus a 3x3 and a 1x1 conv."""
+    sd = model.state_dict()
+    paths = [n for n, _ in model.diffusion_model.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    if convs:
+        paths += ["input_blocks.1.0.in_layers.2", "output_blocks.3.1.proj_in"]
+    return {f"diffusion_model.{p}": tuple(sd[f"diffusion_model.{p}.weight"].shape) for p in paths}
+
+
+def loader(name: str):
+    """A registered node class by id."""
+    return ch.node_class(name)
+
+
+def tlora_model_only(model, name: str, strength: float):
+    """TLoRALoaderModelOnly as the executor calls it."""
+    return loader("TLoRALoaderModelOnly").execute(model=model, adapter_name=name, strength_model=strength).result[0]
+
+
+def tlora_full(model, clip, name: str, sm: float, sc: float):
+    """TLoRALoader as the executor calls it -> (model, clip)."""
+    out = loader("TLoRALoader").execute(model=model, clip=clip, adapter_name=name, strength_model=sm,
+                                        strength_clip=sc).result
+    return out[0], out[1]
+
+
+def stock_model_only(model, name: str, strength: float):
+    """ComfyUI's LoraLoaderModelOnly."""
+    return loader("LoraLoaderModelOnly")().load_lora_model_only(model, name, strength)[0]
+
+
+def stock_full(model, clip, name: str, sm: float, sc: float):
+    """ComfyUI's LoraLoader -> (model, clip)."""
+    return loader("LoraLoader")().load_lora(model, clip, name, sm, sc)
+
+
+def sample(tm, m, patcher) -> torch.Tensor:
+    """Two euler steps with ComfyUI's own sampler at a fixed seed; models are unloaded afterwards."""
+    try:
+        return tm.sample(patcher, seed=7, positive=m.cond(seed=1), negative=m.cond(seed=2), steps=2, cfg=2.0)
+    finally:
+        ch.free_models()
+
+
+def assert_all_base(weights: dict, base: dict, what: str) -> None:
+    """Every weight bit-identical to the base."""
+    changed = [k for k in base if not torch.equal(weights[k], base[k])]
+    assert not changed, f"{what}: {len(changed)} weights differ from the base, e.g. {changed[:3]}"
+
+
+# --------------------------------------------------------------------------- stock vs ours
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_stock_lora_loaders_and_tlora_loader_agree(tm, sd15, loras_dir, strength):
+    m, clip, base = sd15
+    shapes = unet_shapes(m.model)
+    adapters = R.random_adapters(shapes, seed=1)
+    R.write_tlora(loras_dir / "agree.safetensors", adapters)
+    keys = [p + ".weight" for p in shapes]
+
+    stock = stock_model_only(m.patcher, "agree.safetensors", strength)
+    ours = tlora_model_only(m.patcher, "agree.safetensors", strength)
+    stock_mc, _ = stock_full(m.patcher, clip, "agree.safetensors", strength, 1.0)
+    ours_mc, _ = tlora_full(m.patcher, clip, "agree.safetensors", strength, 1.0)
+    assert set(ours.patches) == set(keys) and set(stock.patches) == set(keys)
+    assert not m.patcher.patches, "loaders must not modify their input model"
+
+    w_ours = R.patched_weights(ours, keys)
+    for label, other in (("LoraLoaderModelOnly", stock), ("LoraLoader", stock_mc), ("TLoRALoader", ours_mc)):
+        w = R.patched_weights(other, keys)
+        bad = [k for k in keys if not torch.equal(w[k], w_ours[k])]
+        assert not bad, f"{label} patched {len(bad)} weights differently, e.g. {bad[:2]}"
+    for k in keys:  # and both are right
+        R.assert_close64(w_ours[k], R.ref_patched(base[k], adapters[k[:-7]].tensors, strength), k)
+
+    lat_base = sample(tm, m, m.patcher)
+    lat_stock = sample(tm, m, stock)
+    lat_ours = sample(tm, m, ours)
+    assert torch.equal(lat_stock, lat_ours), "same file and strength must sample bit-identical latents"
+    assert (lat_ours - lat_base).abs().max() > 1e-3, "the adapter must visibly change the sample"
+    assert_all_base(tm.state_fingerprint(m.model), base, "after sampling and unloading")
+
+
+# --------------------------------------------------------------------------- strength rule
+
+def test_strength_is_linear_in_weight_space_and_unpatch_restores(tm, sd15, loras_dir):
+    from tlora import load_file
+    m, _, base = sd15
+    shapes = unet_shapes(m.model)
+    adapters = R.random_adapters(shapes, seed=2)
+    path = R.write_tlora(loras_dir / "linear.safetensors", adapters)
+    loaded = load_file(path)
+    keys = [p + ".weight" for p in shapes]
+    for strength in STRENGTHS:
+        patched = tlora_model_only(m.patcher, "linear.safetensors", strength)
+        after = R.patched_weights(patched)  # every weight of the model
+        if strength == 0:
+            assert_all_base(after, base, "strength 0")
+            continue
+        untouched = [k for k in base if k not in keys and not torch.equal(after[k], base[k])]
+        assert not untouched, f"weights outside the file changed: {untouched[:3]}"
+        for k in keys:
+            R.assert_close64(after[k], R.ref_patched(base[k], adapters[k[:-7]].tensors, strength),
+                             f"{k} at strength {strength}")
+            if strength == 1.0:
+                assert torch.equal(after[k], loaded[k[:-7]].patched_weight(base[k])), k
+        assert_all_base(tm.state_fingerprint(m.model), base, f"after unpatch (strength {strength})")
+
+
+def test_negative_strength_mirrors_positive(sd15, loras_dir):
+    m, _, base = sd15
+    shapes = unet_shapes(m.model, convs=False)
+    R.write_tlora(loras_dir / "mirror.safetensors", R.random_adapters(shapes, seed=3))
+    keys = [p + ".weight" for p in shapes]
+    plus = R.patched_weights(tlora_model_only(m.patcher, "mirror.safetensors", 0.8), keys)
+    minus = R.patched_weights(tlora_model_only(m.patcher, "mirror.safetensors", -0.8), keys)
+    for k in keys:  # W(s) + W(-s) = 2 W0 for a rule linear in weight space
+        torch.testing.assert_close(plus[k] + minus[k], 2 * base[k], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- stacking
+
+def _stack_files(m, loras_dir):
+    """A TLoRA file (half its modules transform-free) and a kohya LoRA overlapping it."""
+    shapes = unet_shapes(m.model)
+    adapters = R.random_adapters(shapes, seed=4)
+    R.write_tlora(loras_dir / "stack_t.safetensors", adapters)
+    lora_shapes = dict(list(shapes.items())[::2])  # every other module, overlapping every transform kind
+    lora = R.random_lora(lora_shapes, rank=4, alpha=2.0, seed=5)
+    R.write_lora(loras_dir / "stack_l.safetensors", {R.kohya_unet(p): v for p, v in lora.items()})
+    return shapes, adapters, lora
+
+
+def test_stack_lora_then_tlora_transforms_the_patched_weight(sd15, loras_dir):
+    m, _, base = sd15
+    shapes, adapters, lora = _stack_files(m, loras_dir)
+    sl, st = 0.9, 0.7
+    chained = tlora_model_only(stock_model_only(m.patcher, "stack_l.safetensors", sl), "stack_t.safetensors", st)
+    got = R.patched_weights(chained, [p + ".weight" for p in shapes])
+    for p, shape in shapes.items():
+        w1 = base[p + ".weight"].double()
+        if p in lora:
+            w1 = w1 + sl * R.ref_lora_diff(*lora[p], shape)
+        # (W0 + dL) T + s Delta, at strengths: W1 + st (W1 T + s Delta - W1)
+        R.assert_close64(got[p + ".weight"], R.ref_patched(w1, adapters[p].tensors, st), p)
+
+
+def test_stack_tlora_then_lora_adds_after_the_transform(sd15, loras_dir):
+    m, _, base = sd15
+    shapes, adapters, lora = _stack_files(m, loras_dir)
+    sl, st = 0.9, 0.7
+    t_then_l = tlora_model_only(m.patcher, "stack_t.safetensors", st)
+    t_then_l = stock_model_only(t_then_l, "stack_l.safetensors", sl)
+    l_then_t = tlora_model_only(stock_model_only(m.patcher, "stack_l.safetensors", sl), "stack_t.safetensors", st)
+    keys = [p + ".weight" for p in shapes]
+    got, other = R.patched_weights(t_then_l, keys), R.patched_weights(l_then_t, keys)
+    order_matters = 0
+    for p, shape in shapes.items():
+        k = p + ".weight"
+        expected = R.ref_patched(base[k], adapters[p].tensors, st)  # W0 T + s Delta (at st) ...
+        if p in lora:
+            expected = expected + sl * R.ref_lora_diff(*lora[p], shape)  # ... + dL
+        R.assert_close64(got[k], expected, p)
+        if p in lora:
+            differs = not torch.allclose(got[k], other[k], rtol=1e-5, atol=1e-5)
+            if adapters[p].transform_is_identity:  # additive parts commute
+                assert not differs, f"{p}: a transform-free TLoRA and a LoRA must commute"
+            order_matters += differs
+    assert order_matters > 0, "with a transform, LoRA-then-TLoRA must differ from TLoRA-then-LoRA"
+
+
+def test_two_loras_commute_and_two_tloras_compose(sd15, loras_dir):
+    m, _, base = sd15
+    shapes = unet_shapes(m.model, convs=False)
+    keys = [p + ".weight" for p in shapes]
+    a, b = R.random_adapters(shapes, seed=6), R.random_adapters(shapes, seed=7)
+    R.write_tlora(loras_dir / "ta.safetensors", a)
+    R.write_tlora(loras_dir / "tb.safetensors", b)
+    got = R.patched_weights(tlora_model_only(tlora_model_only(m.patcher, "ta.safetensors", 0.8),
+                                             "tb.safetensors", 0.5), keys)
+    for p in shapes:
+        k = p + ".weight"
+        R.assert_close64(got[k], R.ref_patched(R.ref_patched(base[k], a[p].tensors, 0.8), b[p].tensors, 0.5), p)
+
+    la, lb = R.random_lora(shapes, seed=8), R.random_lora(shapes, seed=9)
+    R.write_lora(loras_dir / "la.safetensors", {R.kohya_unet(p): v for p, v in la.items()})
+    R.write_lora(loras_dir / "lb.safetensors", lb, style="peft")  # generic `diffusion_model.` keys, PEFT names
+    ab = R.patched_weights(stock_model_only(stock_model_only(m.patcher, "la.safetensors", 0.7), "lb.safetensors", 1.0), keys)
+    ba = R.patched_weights(stock_model_only(stock_model_only(m.patcher, "lb.safetensors", 1.0), "la.safetensors", 0.7), keys)
+    for p, shape in shapes.items():
+        k = p + ".weight"
+        expected = base[k].double() + 0.7 * R.ref_lora_diff(*la[p], shape) + R.ref_lora_diff(*lb[p], shape)
+        R.assert_close64(ab[k], expected, p)
+        R.assert_close64(ba[k], expected, p)
+
+
+# --------------------------------------------------------------------------- low VRAM, dtypes
+
+def _effective_weights(patcher, keys, dtype):
+    """Weights as the layers use them in low-VRAM mode (ComfyUI's cast_bias_weight runs the patch)."""
+    import comfy.ops
+    import comfy.utils
+    probe = torch.zeros(1, dtype=dtype)
+    out = {}
+    for k in keys:
+        module = comfy.utils.get_attr(patcher.model, k.rsplit(".", 1)[0])
+        assert module.weight_function, f"{k}: no low-VRAM patch function attached"
+        out[k] = comfy.ops.cast_bias_weight(module, probe)[0].detach().clone()
+    return out
+
+
+def _forward(patcher, m_cond, dtype) -> torch.Tensor:
+    """One UNet forward through ComfyUI's model wrapper (what the sampler calls)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return patcher.model.apply_model(x, torch.tensor([500.0]), c_crossattn=m_cond.to(dtype)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_lowvram_path_matches_normal_path(tm, sd15, loras_dir, dtype):
+    m32, _, _ = sd15
+    patcher = m32.patcher if dtype == torch.float32 else R.tiny_sd15_dtype(dtype)
+    base = tm.state_fingerprint(patcher.model)
+    shapes = unet_shapes(m32.model)
+    adapters = R.random_adapters(shapes, seed=10)
+    R.write_tlora(loras_dir / "lowvram.safetensors", adapters)
+    keys = [p + ".weight" for p in shapes]
+    ours = tlora_model_only(patcher, "lowvram.safetensors", 0.8)
+    cond = m32.cond(seed=1)[0][0]
+    tol = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}[dtype]
+
+    normal = R.patched_weights(ours, keys)
+    for k in keys:  # the normal path against the float64 reference, at the dtype's precision
+        R.assert_close64(normal[k], R.ref_patched(base[k], adapters[k[:-7]].tensors, 0.8), k, *tol)
+    ours.patch_model(device_to=torch.device("cpu"))
+    try:
+        y_normal = _forward(ours, cond, dtype)
+    finally:
+        ours.unpatch_model(device_to=torch.device("cpu"))
+
+    ours.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+    try:
+        assert patcher.model.model_lowvram and patcher.model.lowvram_patch_counter >= len(keys)
+        stored = tm.state_fingerprint(patcher.model)
+        assert_all_base(stored, base, "low-VRAM mode keeps stored weights unpatched")
+        lowvram = _effective_weights(ours, keys, dtype)
+        y_lowvram = _forward(ours, cond, dtype)
+    finally:
+        ours.unpatch_model(device_to=torch.device("cpu"))
+    for k in keys:
+        assert lowvram[k].dtype == dtype
+        torch.testing.assert_close(lowvram[k].float(), normal[k].float(), rtol=tol[0], atol=tol[1], msg=k)
+    scale = float(y_normal.abs().max())
+    torch.testing.assert_close(y_lowvram, y_normal, rtol=0, atol=tol[1] * 10 * max(scale, 1.0))
+    assert_all_base(tm.state_fingerprint(patcher.model), base, "after low-VRAM unpatch")
+    assert not any(getattr(mod, "weight_function", []) for mod in patcher.model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_weights_strength_rule(tm, loras_dir, dtype):
+    patcher = R.tiny_sd15_dtype(dtype)
+    base = tm.state_fingerprint(patcher.model)
+    shapes = unet_shapes(patcher.model)
+    adapters = R.random_adapters(shapes, seed=12)
+    R.write_tlora(loras_dir / "half.safetensors", adapters)
+    keys = [p + ".weight" for p in shapes]
+    rtol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    assert_all_base(R.patched_weights(tlora_model_only(patcher, "half.safetensors", 0.0)), base, "strength 0")
+    for strength in (1.0, -0.4):
+        got = R.patched_weights(tlora_model_only(patcher, "half.safetensors", strength), keys)
+        for k in keys:
+            assert got[k].dtype == dtype
+            R.assert_close64(got[k], R.ref_patched(base[k], adapters[k[:-7]].tensors, strength), k, rtol, rtol)
+    assert_all_base(tm.state_fingerprint(patcher.model), base, "after unpatch")
