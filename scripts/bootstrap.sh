@@ -24,14 +24,17 @@ VPY="$VENV/bin/python"
 
 if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
   log "installing $TORCH_SPEC (a minute or two)"
-  "$VPY" -m pip install -q $TORCH_SPEC
+  "$VPY" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+  "$VPY" -c "import torch, torchvision"
 fi
 
 REQ_STAMP="$VENV/.tlora-reqs.stamp"
 REQ_HASH="$(cat requirements.txt scripts/host-requirements.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
   log "installing the pack's and the host's requirements"
-  "$VPY" -m pip install -q -r requirements.txt -r scripts/host-requirements.txt
+  "$VPY" -m pip install -q -r requirements.txt -r scripts/host-requirements.txt 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  "$VPY" -c "import torch, safetensors, einops, transformers, aiohttp, av, playwright"
   echo "$REQ_HASH" > "$REQ_STAMP"
 fi
 
@@ -54,4 +57,14 @@ if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
   rm -rf "$LINK"
   ln -s "$ROOT" "$LINK"
 fi
+# Browser tests drive Debian's chromium through Playwright (never a downloaded browser).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    log "installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+  else
+    log "WARNING: chromium is missing and this is not root: run 'sudo apt-get install chromium'"
+  fi
+fi
+
 log "ready: $VPY, ComfyUI at $COMFY"
