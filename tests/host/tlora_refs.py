@@ -50,7 +50,13 @@ def base_weights(patcher: Any, keys: Iterable[str]) -> dict[str, torch.Tensor]:
 
 
 def patched_weights(patcher: Any, keys: Iterable[str] | None = None, **patch_kwargs: Any) -> dict[str, torch.Tensor]:
-    """Weights after ModelPatcher.patch_model (then unpatched again); all weights when keys is None."""
+    """Weights after ModelPatcher.patch_model (then unpatched again); all weights when keys is None.
+
+    Everything ComfyUI keeps loaded is unloaded first: a model loaded through another patcher
+    (CLIP loads itself on creation) has its modules marked as patched, and patch_model would
+    then silently skip them.
+    """
+    ch.free_models()
     patcher.patch_model(device_to=torch.device("cpu"), **patch_kwargs)
     try:
         sd = patcher.model.state_dict()
@@ -190,8 +196,15 @@ def ref_lora_diff(up: torch.Tensor, down: torch.Tensor, alpha: float, shape: Seq
     return (alpha / rank) * (up.double().flatten(1) @ down.double().flatten(1)).reshape(shape)
 
 
-def assert_close64(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-5,
-                   atol: float = 2e-5) -> None:
-    """Compare a (float32) weight with a float64 reference, naming the weight on failure."""
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) for comparing weights stored in `dtype` with a float64 reference."""
+    return {torch.float32: (1e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}[dtype]
+
+
+def assert_close64(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float | None = None,
+                   atol: float | None = None) -> None:
+    """Compare a weight with a float64 reference at its dtype's precision, naming it on failure."""
+    if rtol is None or atol is None:
+        rtol, atol = tolerance(actual.dtype)
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
                                msg=lambda m: f"{what}: {m}")
