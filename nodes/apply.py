@@ -26,18 +26,25 @@ _cache: dict[str, tuple[tuple[float, int], dict[str, ModuleAdapter], dict[str, s
 
 
 class TLoRAApplyError(TLoRAError):
-    """A TLoRA file that does not fit the model it is applied to."""
+    """A TLoRA file that cannot be applied: unreadable, invalid, or not fitting the model."""
 
 
-def load_cached(path: str) -> tuple[dict[str, ModuleAdapter], dict[str, str]]:
-    """load_file + read_metadata, cached by (mtime, size) so re-queues are instant."""
+def load_cached(path: str, label: str | None = None) -> tuple[dict[str, ModuleAdapter], dict[str, str]]:
+    """load_file + read_metadata, cached by (mtime, size) so re-queues are instant.
+
+    Errors name the file by `label` (its name in the loras list) instead of the full path.
+    """
     stat = os.stat(path)
     stamp = (stat.st_mtime, stat.st_size)
     with _cache_lock:
         hit = _cache.get(path)
         if hit is not None and hit[0] == stamp:
             return hit[1], hit[2]
-    adapters, metadata = load_file(path), read_metadata(path)
+    try:
+        adapters, metadata = load_file(path), read_metadata(path)
+    except TLoRAError as err:
+        message = str(err).removeprefix(f"{path}: ")
+        raise TLoRAApplyError(f"TLoRA {label or os.path.basename(path)!r}: {message}") from None
     with _cache_lock:
         _cache[path] = (stamp, adapters, metadata)
     return adapters, metadata
@@ -81,13 +88,23 @@ def match(adapters: Mapping[str, ModuleAdapter], key_map: Mapping[str, str], roo
     return patches, problems
 
 
+MISSING = "no such module in this model"
+
+
 def _summary(label: str, total: int, problems: Mapping[str, str], metadata: Mapping[str, str],
              target: str) -> str:
-    shown = "; ".join(f"{p}: {why}" for p, why in list(problems.items())[:3])
-    made_for = metadata.get("modelspec.architecture")
-    hint = f" The file was made for {made_for}." if made_for else ""
+    """One line: how many modules did not match, grouped by why, with examples of each."""
+    missing = [p for p, why in problems.items() if why.startswith(MISSING)]
+    misfit = [p for p in problems if p not in missing]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} not in this {target}, e.g. {missing[0]}")
+    if misfit:
+        parts.append(f"{len(misfit)} with other shapes, e.g. {misfit[0]}: {problems[misfit[0]]}")
+    made_for = metadata.get("modelspec.architecture", "unknown")
+    hint = "" if made_for.startswith("unknown") else f" The file was made for {made_for}."
     return (f"TLoRA {label!r} does not fit this {target}: {len(problems)} of {total} modules did "
-            f"not match (e.g. {shown}).{hint} Nothing was applied.")
+            f"not match ({'; '.join(parts)}).{hint} Nothing was applied.")
 
 
 def plan_patches(adapters: Mapping[str, ModuleAdapter], metadata: Mapping[str, str], label: str,
@@ -104,7 +121,7 @@ def plan_patches(adapters: Mapping[str, ModuleAdapter], metadata: Mapping[str, s
             continue
         if clip is None and prefix.startswith(TEXT_ENCODER_PREFIXES):
             continue  # model-only loading skips text-encoder modules, as LoraLoaderModelOnly does
-        problems[prefix] = "no such module in this model" + ("" if clip is not None else " (no CLIP given)")
+        problems[prefix] = MISSING
     if problems:
         target = "model" if clip is None else "model and CLIP"
         raise TLoRAApplyError(_summary(label, len(adapters), problems, metadata, target))
@@ -167,7 +184,7 @@ def add_weighted(patcher, patches: Mapping, strength: float, multiplier: Callabl
 def apply_file(path: str, label: str, model=None, clip=None, strength_model: float = 1.0,
                strength_clip: float = 1.0, multiplier: Callable[[str], float] | None = None):
     """(model, clip) with the TLoRA file applied; inputs are not modified."""
-    adapters, metadata = load_cached(path)
+    adapters, metadata = load_cached(path, label)
     use_model = model if (model is not None and strength_model != 0) else None
     use_clip = clip if (clip is not None and strength_clip != 0) else None
     # Match against everything given (so a wrong file is refused even at strength 0).

@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover - very old hosts
     WeightAdapterBase = object  # type: ignore[misc,assignment]
 
 log = logging.getLogger("ComfyUI-TLoRA")
+# Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
+_PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r.in.0", "tlora_r.up", "tlora_r.down")
 
 
 class TLoRAWeightAdapter(WeightAdapterBase):
@@ -49,18 +51,19 @@ class TLoRAWeightAdapter(WeightAdapterBase):
     def load(cls, x: str, lora: dict, alpha=None, dora_scale=None, loaded_keys=None) -> Optional["TLoRAWeightAdapter"]:
         """Claim the keys `x.tlora_*` of a file (the registry's entry point); None if absent."""
         prefix = x + "."
+        # ComfyUI offers every key-map entry (thousands) to every adapter class: answer the
+        # common "not mine" with a few dict lookups instead of a scan of the whole file.
+        if not any(prefix + probe in lora for probe in _PROBES):
+            return None
         mine = {k[len(prefix):]: v for k, v in lora.items()
                 if k.startswith(prefix) and SUFFIX_PATTERN.match(k[len(prefix):])}
-        if not mine:
-            return None
         try:
             adapter = ModuleAdapter(mine, name=x)
         except TLoRAError as err:
             # The registry has no error channel: say why loudly; our own loader raises instead.
-            log.error("TLoRA: %s", err)
+            log.error("TLoRA: %s (module not applied; the TLoRA loader nodes refuse such files)", err)
             return None
-        keys = set(loaded_keys) if loaded_keys is not None else set()
-        keys.update(prefix + s for s in mine)
+        keys = {prefix + s for s in mine}
         if loaded_keys is not None:
             loaded_keys.update(keys)
         return cls.from_module_adapter(adapter, keys)
@@ -90,10 +93,20 @@ class TLoRAWeightAdapter(WeightAdapterBase):
     # ----- patching -----------------------------------------------------------------
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        """weight += function(strength * (W T + s Delta - W)), computed in float32."""
+        """weight += function(strength * (W T + s Delta - W)), computed in float32.
+
+        A module that does not fit its weight (possible only through the stock loaders, which
+        do not check shapes) is logged and skipped, as ComfyUI's own adapters do, so that
+        sampling goes on; our loader nodes refuse such files before anything is patched.
+        """
         if strength == 0:
             return weight
-        diff = self.module_adapter().weight_diff(weight)
+        adapter = self.module_adapter()
+        try:
+            diff = adapter.weight_diff(weight)
+        except TLoRAError as err:
+            log.error("TLoRA: not applied to %s: %s", key, err)
+            return weight
         weight += function((strength * diff).to(weight.dtype))
         return weight
 

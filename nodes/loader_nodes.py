@@ -107,7 +107,7 @@ class TLoRABlockWeights(io.ComfyNode):
 def describe(adapter_name: str) -> dict:
     """What a TLoRA file is: config, sizes, base architecture and training metadata."""
     path = resolve(adapter_name)
-    adapters, metadata = apply.load_cached(path)
+    adapters, metadata = apply.load_cached(path, adapter_name)
     try:
         config = json.loads(metadata.get("tlora.config", "{}"))
     except json.JSONDecodeError:
