@@ -10,6 +10,8 @@ import torch
 
 from tests.support import comfy_host as ch
 from tests.host import tlora_refs as R
+from tests.host.tlora_refs import (assert_all_base, loader, stock_full, stock_model_only, tlora_full,
+                                    tlora_model_only, unet_shapes)
 
 STRENGTHS = (1.0, 0.0, -0.5, 0.35, 2.0)
 
@@ -29,54 +31,12 @@ def sd15(tm):
     return m, clip, tm.state_fingerprint(m.model)
 
 
-def unet_shapes(model, convs: bool = True) -> dict[str, tuple[int, ...]]:
-    """{`diffusion_model.<path>`: weight shape} of every attention linear, plus a 3x3 and a 1x1 conv."""
-    sd = model.state_dict()
-    paths = [n for n, _ in model.diffusion_model.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
-    if convs:
-        paths += ["input_blocks.1.0.in_layers.2", "output_blocks.3.1.proj_in"]
-    return {f"diffusion_model.{p}": tuple(sd[f"diffusion_model.{p}.weight"].shape) for p in paths}
-
-
-def loader(name: str):
-    """A registered node class by id."""
-    return ch.node_class(name)
-
-
-def tlora_model_only(model, name: str, strength: float):
-    """TLoRALoaderModelOnly as the executor calls it."""
-    return loader("TLoRALoaderModelOnly").execute(model=model, adapter_name=name, strength_model=strength).result[0]
-
-
-def tlora_full(model, clip, name: str, sm: float, sc: float):
-    """TLoRALoader as the executor calls it -> (model, clip)."""
-    out = loader("TLoRALoader").execute(model=model, clip=clip, adapter_name=name, strength_model=sm,
-                                        strength_clip=sc).result
-    return out[0], out[1]
-
-
-def stock_model_only(model, name: str, strength: float):
-    """ComfyUI's LoraLoaderModelOnly."""
-    return loader("LoraLoaderModelOnly")().load_lora_model_only(model, name, strength)[0]
-
-
-def stock_full(model, clip, name: str, sm: float, sc: float):
-    """ComfyUI's LoraLoader -> (model, clip)."""
-    return loader("LoraLoader")().load_lora(model, clip, name, sm, sc)
-
-
 def sample(tm, m, patcher) -> torch.Tensor:
     """Two euler steps with ComfyUI's own sampler at a fixed seed; models are unloaded afterwards."""
     try:
         return tm.sample(patcher, seed=7, positive=m.cond(seed=1), negative=m.cond(seed=2), steps=2, cfg=2.0)
     finally:
         ch.free_models()
-
-
-def assert_all_base(weights: dict, base: dict, what: str) -> None:
-    """Every weight bit-identical to the base."""
-    changed = [k for k in base if not torch.equal(weights[k], base[k])]
-    assert not changed, f"{what}: {len(changed)} weights differ from the base, e.g. {changed[:3]}"
 
 
 # --------------------------------------------------------------------------- stock vs ours

@@ -70,6 +70,50 @@ def clip_patched_weights(clip: Any, keys: Iterable[str] | None = None) -> dict[s
     return patched_weights(clip.patcher, keys)
 
 
+# --------------------------------------------------------------------------- nodes
+
+def unet_shapes(model: Any, convs: bool = True) -> dict[str, tuple[int, ...]]:
+    """{`diffusion_model.<path>`: weight shape} of every attention linear, plus a 3x3 and a 1x1 conv."""
+    sd = model.state_dict()
+    paths = [n for n, _ in model.diffusion_model.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    if convs:
+        paths += ["input_blocks.1.0.in_layers.2", "output_blocks.3.1.proj_in"]
+    return {f"diffusion_model.{p}": tuple(sd[f"diffusion_model.{p}.weight"].shape) for p in paths}
+
+
+def loader(name: str) -> Any:
+    """A registered node class by id."""
+    return ch.node_class(name)
+
+
+def tlora_model_only(model: Any, name: str, strength: float) -> Any:
+    """TLoRALoaderModelOnly as the executor calls it."""
+    return loader("TLoRALoaderModelOnly").execute(model=model, adapter_name=name, strength_model=strength).result[0]
+
+
+def tlora_full(model: Any, clip: Any, name: str, sm: float, sc: float) -> tuple[Any, Any]:
+    """TLoRALoader as the executor calls it -> (model, clip)."""
+    out = loader("TLoRALoader").execute(model=model, clip=clip, adapter_name=name, strength_model=sm,
+                                        strength_clip=sc).result
+    return out[0], out[1]
+
+
+def stock_model_only(model: Any, name: str, strength: float) -> Any:
+    """ComfyUI's LoraLoaderModelOnly."""
+    return loader("LoraLoaderModelOnly")().load_lora_model_only(model, name, strength)[0]
+
+
+def stock_full(model: Any, clip: Any, name: str, sm: float, sc: float) -> tuple[Any, Any]:
+    """ComfyUI's LoraLoader -> (model, clip)."""
+    return loader("LoraLoader")().load_lora(model, clip, name, sm, sc)
+
+
+def assert_all_base(weights: dict, base: dict, what: str) -> None:
+    """Every weight bit-identical to the base."""
+    changed = [k for k in base if not torch.equal(weights[k], base[k])]
+    assert not changed, f"{what}: {len(changed)} weights differ from the base, e.g. {changed[:3]}"
+
+
 # --------------------------------------------------------------------------- adapter files
 
 def random_adapter(shape: Sequence[int], transform: str = "trm:2", residual: str = "tr:3",
