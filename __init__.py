@@ -16,3 +16,9 @@ if importlib.util.find_spec("comfy_api") is not None:
         _register_adapter()
     except Exception as _err:  # registration must never break the pack's import
         logging.getLogger("ComfyUI-TLoRA").warning("TLoRA: adapter registration failed: %s", _err)
+    try:  # The web UI's /tlora routes; without them the nodes still work, only the cards stay empty.
+        from .nodes.routes import register as _register_routes
+
+        _register_routes()
+    except Exception as _err:
+        logging.getLogger("ComfyUI-TLoRA").warning("TLoRA: web routes not registered: %s", _err)
