@@ -1,31 +1,215 @@
-"""Choosing the activation-side form of a transform for a layer (factored or dense T).
+"""Choosing the activation-side form of a transform for a layer: measured, cached, forceable.
 
-Both forms are exact; which is faster depends on width, factors, rank, token count and
-device. `choose_form` is what layers call with form="auto".
+Forms (all exact, see `tlora.functional.trm`): ``factored`` (one GEMM per core on
+token-inner blocks), ``merged`` (the same on two super-cores), ``dense`` (T built once per
+call, one GEMM). Which is fastest depends on the factors, rank, token count, device, dtype
+and whether a backward pass follows, so a layer with form="auto" calls `select_form`:
+
+1. ``TLORA_FORM=factored|merged|dense`` in the environment forces a form for every "auto"
+   layer (an explicit form passed to a layer always wins).
+2. Otherwise the key (layout, factors, R, out features, token bucket = next power of two,
+   device, dtype, requires_grad) is looked up in an in-process cache.
+3. On a miss, `benchmark_forms` times each candidate on synthetic data of that size
+   (forward, plus backward when gradients are needed; frozen weight included for linears;
+   interleaved repeats, minimum kept) and the fastest is cached. Candidates the cost model
+   rates more than 4x slower than its best are not timed.
+4. With ``TLORA_AUTOTUNE=0``, while tracing/compiling or capturing a CUDA graph, or if
+   timing fails, the deterministic cost model `choose_form` decides instead.
 """
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Sequence
+
+import torch
 
 from .functional import trm
 
-FORMS = ("factored", "dense")
+FORMS = trm.FORMS
+ENV_FORM = "TLORA_FORM"
+ENV_AUTOTUNE = "TLORA_AUTOTUNE"
+# Skip timing a form the model rates this many times slower than its best candidate.
+PREFILTER = 4.0
+
+_cache: dict[tuple, str] = {}
+
+# Cost-model machine constants: (flop/s of well-shaped GEMMs, bytes/s for intermediates,
+# seconds per kernel call). Rough CPU (2-16 cores) and datacenter-GPU figures.
+_MACHINE = {"cpu": (1.0e11, 8.0e9, 8e-6), "cuda": (4.0e13, 2.0e12, 6e-6)}
 
 
-def choose_form(factors: Sequence[int], rank: int, tokens: int, device_type: str = "cpu") -> str:
-    """Pick `factored` or `dense` for applying T to `tokens` rows (a cost model)."""
+def token_bucket(tokens: int) -> int:
+    """The cache bucket of a token count: the next power of two."""
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+def candidates(factors: Sequence[int]) -> tuple[str, ...]:
+    """Forms that are distinct for these factors (one core: dense only; two: no merged)."""
     if len(factors) < 2:
-        return "dense"
-    width = 1
-    for f in factors:
-        width *= f
-    split = trm.best_split(factors)
-    p = 1
-    for f in factors[:split]:
-        p *= f
-    q = width // p
-    factored = tokens * width * (p + q) * rank * rank
-    dense = tokens * width * width + width * width * rank * rank * len(factors)
-    # Small contractions run far below peak; the big GEMM of the dense form does not.
-    efficiency = 2.0 if device_type == "cpu" else 4.0
-    return "factored" if factored * efficiency < dense else "dense"
+        return ("dense",)
+    if len(factors) == 2:
+        return ("factored", "dense")
+    return FORMS
+
+
+def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
+                  device_type: str = "cpu", requires_grad: bool = True) -> float:
+    """Modelled seconds for applying T (forward, plus backward if requires_grad) to `tokens` rows."""
+    flops_rate, bandwidth, call = _MACHINE.get(device_type, _MACHINE["cuda"])
+    width, r2, n = math.prod(factors), rank * rank, max(int(tokens), 1)
+    if form == "dense" or len(factors) < 2:
+        split = trm.best_split(factors) if len(factors) > 1 else 1
+        p = math.prod(factors[:split])
+        build = 2 * width * width * r2 + 2 * p ** 4 * r2
+        passes = 3 if requires_grad else 1
+        return (passes * 2 * n * width * width + 3 * build) / flops_rate + 8 * call
+    sizes = [math.prod(factors[a:b]) for a, b in trm._groups(factors, form)]
+    fwd_time, inter_time = 0.0, 0.0
+    for d, s in enumerate(sizes):
+        ring = r2 if d in (0, len(sizes) - 1) else r2 * rank
+        macs = n * width * s * ring
+        # Small contraction sizes run far below a GEMM's peak.
+        k = s if d == 0 else rank * s
+        efficiency = min(1.0, k / 64)
+        written = n * width * (r2 if d < len(sizes) - 1 else 1) * 4
+        stage = 2 * macs / (flops_rate * efficiency) + 2 * written / bandwidth
+        fwd_time += stage
+        if d < len(sizes) - 1:
+            inter_time += stage
+    blocks = max(1, n * width * r2 // trm.BLOCK_ELEMENTS) if device_type == "cpu" else 1
+    calls = blocks * (len(sizes) + rank + 2) * call
+    if not requires_grad:
+        return fwd_time + calls
+    # Backward: transpose products and operand gradients (about 2x) plus the recomputation.
+    return 3 * fwd_time + inter_time + 3 * calls
+
+
+def choose_form(factors: Sequence[int], rank: int, tokens: int, device_type: str = "cpu",
+                requires_grad: bool = True) -> str:
+    """The cost model's pick among the candidate forms (deterministic; the fallback)."""
+    options = candidates(factors)
+    return min(options, key=lambda f: (estimate_cost(f, factors, rank, tokens, device_type, requires_grad),
+                                       FORMS.index(f)))
+
+
+def forced_form() -> str | None:
+    """The form forced by TLORA_FORM, if any (raises on an unknown name)."""
+    value = os.environ.get(ENV_FORM, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in FORMS:
+        raise ValueError(f"{ENV_FORM}={value!r}: expected one of {FORMS} or auto")
+    return value
+
+
+def autotune_enabled() -> bool:
+    """False when TLORA_AUTOTUNE is 0/false/off, or while tracing, compiling or capturing."""
+    if os.environ.get(ENV_AUTOTUNE, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and getattr(compiler, "is_compiling", lambda: False)():
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_forms(factors: Sequence[int], rank: int, tokens: int, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, requires_grad: bool = True, layout: str = "linear",
+                    weight: torch.Tensor | None = None, forms: Sequence[str] | None = None,
+                    repeats: int = 3) -> dict[str, float]:
+    """Seconds per call of each form on synthetic data (min over interleaved repeats)."""
+    device = torch.device(device)
+    width = math.prod(factors)
+    gen = torch.Generator().manual_seed(0)  # private: the global RNG stream is left alone
+    cores = [(torch.eye(n)[:, :, None, None] / rank + 0.1 * torch.randn(n, n, rank, rank, generator=gen))
+             .to(device, dtype) for n in factors]
+    shape = (tokens, width) if layout == "linear" else (1, width, tokens)
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    if weight is not None:
+        weight = weight.detach()
+    forms = list(forms or candidates(factors))
+
+    def run(form: str) -> None:
+        if not requires_grad:
+            with torch.no_grad():
+                _op(form, x, cores, weight, layout)
+            return
+        with torch.enable_grad():
+            leaves = [c.detach().requires_grad_(True) for c in cores]
+            xin = x.detach().requires_grad_(True)
+            out = _op(form, xin, leaves, weight, layout)
+            out.backward(torch.ones_like(out))
+
+    best = {f: math.inf for f in forms}
+    for f in forms:  # warm-up (allocator, kernels)
+        run(f)
+    for rep in range(repeats):
+        order = forms[rep % len(forms):] + forms[:rep % len(forms)]
+        for f in order:
+            _sync(device)
+            start = time.perf_counter()
+            run(f)
+            _sync(device)
+            best[f] = min(best[f], time.perf_counter() - start)
+    return best
+
+
+def _op(form: str, x: torch.Tensor, cores: list[torch.Tensor], weight: torch.Tensor | None,
+        layout: str) -> torch.Tensor:
+    if layout == "linear":
+        if weight is not None:
+            return trm.linear(x, weight, None, cores, form)
+        return trm.apply(x, cores, form)
+    return trm.apply_channels(x, cores, form)
+
+
+def select_form(factors: Sequence[int], rank: int, tokens: int, *, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, requires_grad: bool = True, layout: str = "linear",
+                weight: torch.Tensor | None = None) -> str:
+    """The form an "auto" layer uses: forced, cached, measured on first use, or modelled."""
+    forced = forced_form()
+    if forced is not None:
+        return forced
+    device = torch.device(device)
+    options = candidates(factors)
+    if len(options) == 1:
+        return options[0]
+    out_features = None if weight is None else int(weight.shape[0])
+    key = (layout, tuple(int(f) for f in factors), int(rank), out_features, token_bucket(tokens),
+           device.type, device.index, dtype, bool(requires_grad))
+    form = _cache.get(key)
+    if form is not None:
+        return form
+    if not autotune_enabled():
+        return choose_form(factors, rank, tokens, device.type, requires_grad)
+    costs = {f: estimate_cost(f, factors, rank, tokens, device.type, requires_grad) for f in options}
+    cheapest = min(costs.values())
+    timed = [f for f in options if costs[f] <= PREFILTER * cheapest]
+    try:
+        times = benchmark_forms(factors, rank, tokens, device=device, dtype=dtype, requires_grad=requires_grad,
+                                layout=layout, weight=weight, forms=timed)
+        form = min(timed, key=lambda f: (times[f], FORMS.index(f)))
+    except (RuntimeError, torch.cuda.OutOfMemoryError):  # e.g. no memory for the trial: use the model
+        form = choose_form(factors, rank, tokens, device.type, requires_grad)
+    _cache[key] = form
+    return form
+
+
+def cached_choices() -> dict[tuple, str]:
+    """A copy of the in-process cache of measured choices (key -> form)."""
+    return dict(_cache)
+
+
+def clear_cache() -> None:
+    """Forget every measured choice (e.g. after changing threads or devices)."""
+    _cache.clear()

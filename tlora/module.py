@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import SCALE, ModuleAdapter
-from .forms import choose_form
+from .forms import select_form
 from .functional import tr, trm
 
 
@@ -67,17 +67,27 @@ class TLoRAModule(nn.Module):
         return self._identity_versions is not None
 
     # ----- pieces -------------------------------------------------------------------
+    def _cores(self, dtype: torch.dtype) -> list[Tensor]:
+        return [self._p(f"tlora_t.{d}").to(dtype) for d in range(self._n_t)]
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def resolve_form(self, x: Tensor, layout: str, weight: Tensor | None = None) -> str:
+        """The transform form for this input: the module's own, or measured/cached for "auto"."""
+        form = self.form
+        if form == "auto":
+            tokens = x.numel() // x.shape[-1] if layout == "linear" else x.numel() // x.shape[1]
+            form = select_form(self.transform_factors, self.transform_rank, tokens, device=x.device,
+                               dtype=x.dtype, requires_grad=self._needs_grad(x), layout=layout, weight=weight)
+        self.last_form = form
+        return form
+
     def transform_rows(self, rows: Tensor) -> Tensor:
         """T x for rows (..., I) in the chosen form."""
         if self.transform_kind == "diag":
             return rows * self._p("tlora_t.diag").to(rows.dtype)
-        cores = [self._p(f"tlora_t.{d}").to(rows.dtype) for d in range(self._n_t)]
-        form = self.form
-        if form == "auto":
-            tokens = rows.numel() // rows.shape[-1]
-            form = choose_form(self.transform_factors, self.transform_rank, tokens, rows.device.type)
-        self.last_form = form
-        return trm.apply(rows, cores, form)
+        return trm.apply(rows, self._cores(rows.dtype), self.resolve_form(rows, "linear"))
 
     def residual_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(U, V) with Delta = U V^T: U (O, k), V (fan_in, k)."""
@@ -101,19 +111,48 @@ class TLoRAModule(nn.Module):
         """x + sigma (T x - x) (just T x at strength 1)."""
         if self.transform_kind == "none" or self.strength == 0:
             return x
-        rows = x.movedim(1, -1) if self.is_conv else x
         untouched = self._untouched_identity()
-        if untouched and not (torch.is_grad_enabled() and (x.requires_grad or any(
-                self._p(f"tlora_t.{d}").requires_grad for d in range(self._n_t)))):
+        if untouched and not self._needs_grad(x):
             return x
-        moved = self.transform_rows(rows)
-        if untouched:  # value exactly rows (x - Tx is exact here), gradients those of T x
-            moved = moved + (rows - moved).detach()
-        if self.strength != 1:
-            moved = rows + self.strength * (moved - rows)
-        return moved.movedim(-1, 1) if self.is_conv else moved
+        if self.transform_kind == "diag":
+            rows = x.movedim(1, -1) if self.is_conv else x
+            moved = rows * self._p("tlora_t.diag").to(rows.dtype)
+            if self.strength != 1:
+                moved = rows + self.strength * (moved - rows)
+            moved = moved.movedim(-1, 1) if self.is_conv else moved
+        elif self.is_conv:
+            moved = trm.apply_channels(x, self._cores(x.dtype), self.resolve_form(x, "channels"), self.strength)
+        else:
+            moved = trm.apply(x, self._cores(x.dtype), self.resolve_form(x, "linear"), self.strength)
+        if untouched:  # value exactly x (x - moved is exact here), gradients those of the transform
+            moved = moved + (x - moved).detach()
+        return moved
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the frozen linear can run inside the transform's autograd node.
+
+        Only for a plain linear computation: a torch Linear, or a subclass that declares no
+        weight casting/patching hooks (ComfyUI's ops do so via these attributes).
+        """
+        base = self.base
+        if self.is_conv or self.transform_kind != "trm" or self.strength == 0 or not isinstance(base, nn.Linear):
+            return False
+        if type(base).forward is not nn.Linear.forward:
+            if not hasattr(base, "comfy_cast_weights") or base.comfy_cast_weights \
+                    or getattr(base, "weight_function", None) or getattr(base, "bias_function", None):
+                return False
+        weight = base.weight
+        return weight.dtype == x.dtype and weight.device == x.device and not self._untouched_identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fusable(x):
+            up = down = None
+            if self.residual_kind != "none":
+                up, down = self.residual_factors(x.dtype)
+                up = up * (self.strength * self.scale.to(x.dtype))
+            weight = self.base.weight
+            form = self.resolve_form(x, "linear", weight)
+            return trm.linear(x, weight, self.base.bias, self._cores(x.dtype), form, self.strength, up, down)
         out = self.base(self.transformed_input(x))
         if self.residual_kind != "none" and self.strength != 0:
             out = out + self.strength * self.residual_output(x).to(out.dtype)

@@ -3,13 +3,32 @@
 Cores A_d have shape (n_d, n_d, R, R). Indices are flattened row-major (C order): the first
 core indexes the slowest-varying factor. The row index i of T is the one contracted with
 W0's input axis, so the adapted layer computes W0 (T x) and merges as W0 @ T.
+
+Activation-side forms (all exact; `tlora.forms` picks one per layer):
+
+* ``factored``: a chain of one small GEMM per core on token-inner blocks (``_Chain``),
+  about ``tokens * I * (n_1 R^2 + sum_middle n_d R^3 + n_D R^2)`` multiply-adds; T is never
+  formed, the backward is hand written (no permute copies) and recomputes the chain's
+  intermediates from x instead of saving them (memory as LoRA: only x is kept).
+* ``merged``: the same engine on two super-cores (prefix/suffix of sizes P, Q ~ sqrt(I),
+  ``tokens * I * (P + Q) R^2``): more flops, fewer and larger GEMMs.
+* ``dense``: T built from the cores once per call (``I^2 R^2``), then one GEMM.
 """
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+FORMS = ("factored", "merged", "dense")
+# Token-block size of the factored engine on CPU: a block's largest intermediate
+# (R^2 * I * block floats) stays cache-sized, and no buffer crosses the allocator's mmap
+# threshold (fresh mmap'd pages cost more than the arithmetic here).
+BLOCK_ELEMENTS = 1 << 20
+MIN_BLOCK = 128
 
 
 def identity_cores(factors: Sequence[int], rank: int, dtype: torch.dtype = torch.float32,
@@ -34,26 +53,30 @@ def merge_cores(cores: Sequence[Tensor]) -> Tensor:
     return merged
 
 
-def dense(cores: Sequence[Tensor]) -> Tensor:
-    """The dense I x I matrix T (reference and dense-T form)."""
-    merged = merge_cores(cores)
-    return torch.diagonal(merged, dim1=2, dim2=3).sum(-1)
-
-
 def best_split(factors: Sequence[int]) -> int:
     """Index k that splits the cores into prefix/suffix super-cores of sizes P, Q
     minimising P + Q (the cost of the two-product form is proportional to it)."""
     best_k, best_cost = 1, float("inf")
     for k in range(1, len(factors)):
-        p = 1
-        for f in factors[:k]:
-            p *= f
-        q = 1
-        for f in factors[k:]:
-            q *= f
+        p, q = math.prod(factors[:k]), math.prod(factors[k:])
         if p + q < best_cost:
             best_k, best_cost = k, p + q
     return best_k
+
+
+def dense(cores: Sequence[Tensor]) -> Tensor:
+    """The dense I x I matrix T (reference and dense-T form); differentiable.
+
+    Built as one GEMM over the ring pair of a prefix/suffix split, so no (I, I, R, R)
+    tensor is ever formed: T[(p q), (p' q')] = sum_ab P[p, p', a, b] Q[q, q', b, a].
+    """
+    if len(cores) == 1:
+        return torch.diagonal(cores[0], dim1=2, dim2=3).sum(-1)
+    split = best_split([c.shape[0] for c in cores])
+    prefix, suffix = merge_cores(cores[:split]), merge_cores(cores[split:])
+    p, q, r = prefix.shape[0], suffix.shape[0], prefix.shape[2]
+    t4 = prefix.reshape(p * p, r * r) @ suffix.permute(3, 2, 0, 1).reshape(r * r, q * q)
+    return t4.reshape(p, p, q, q).permute(0, 2, 1, 3).reshape(p * q, p * q)
 
 
 def two_stage_operands(cores: Sequence[Tensor], split: int | None = None) -> tuple[Tensor, Tensor]:
@@ -73,26 +96,362 @@ def two_stage_operands(cores: Sequence[Tensor], split: int | None = None) -> tup
 
 
 def apply_two_stage(x: Tensor, m_p: Tensor, m_q: Tensor) -> Tensor:
-    """T x for rows x (..., P*Q), given two_stage_operands; no dense T is formed."""
+    """T x for rows x (..., P*Q), given two_stage_operands (plain autograd; kept for reference)."""
     p, q = m_p.shape[0], m_q.shape[0]
     rr = m_q.shape[1] // q
     lead = x.shape[:-1]
     rows = x.reshape(-1, p, q)
     n = rows.shape[0]
-    # y[n, p', (a b q)] = sum_q' x[n, p', q'] Q[q, q', b, a]: one GEMM with K = Q.
     y = (rows.reshape(n * p, q) @ m_q).reshape(n, p * rr, q)
-    # out[n, p, q] = sum_{p', a, b} P[p, p', a, b] y[n, (p' a b), q]: a batched product.
     out = torch.matmul(m_p, y)
     return out.reshape(*lead, p * q)
 
 
-def apply(x: Tensor, cores: Sequence[Tensor], form: str = "factored") -> Tensor:
-    """T x for rows x of shape (..., I), in the named form (`factored` or `dense`)."""
+# ----- the factored engine ----------------------------------------------------------------
+class _Scratch(threading.local):
+    """Per-thread reusable CPU work buffers for the per-block temporaries.
+
+    PyTorch's CPU allocator does not cache: every fresh MB-sized buffer is new pages from
+    the OS (page faults, zeroing), which cost more than the small GEMMs writing them.
+    Only scratch lives here (never a saved or returned tensor); accelerators use their
+    caching allocator instead.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def get(self, slot: str, shape: Sequence[int], like: Tensor) -> Tensor:
+        numel = math.prod(shape)
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        key = (slot, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = like.new_empty(max(numel, 1))
+            self.buffers[key] = buf
+        return buf[:numel].view(*shape)
+
+
+_scratch = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's CPU work buffers (they are reallocated on next use)."""
+    _scratch.buffers.clear()
+
+
+class _Chain:
+    """Stage plan of the token-inner chain over (super-)cores of sizes `sizes`, ring rank R.
+
+    A block X (I, L) holds tokens in its last (fastest) axis, so every stage is one GEMM or
+    one batched GEMM whose large dimension is the token block, and each stage's output is
+    already laid out for the next (no permutes). D = 2: rows of Z1 are (i1, r0, r1) and the
+    last stage contracts (r0, r1, j2) in one batched GEMM. D >= 3: rows of Z1 are
+    (r0, i1, r1); a middle stage contracts (r_{d-1}, j_d) and writes (i_d, r_d); the last
+    closes the ring over r0 with R accumulating batched GEMMs.
+    """
+
+    def __init__(self, sizes: Sequence[int], rank: int):
+        self.sizes = tuple(int(s) for s in sizes)
+        self.rank = int(rank)
+        self.width = math.prod(self.sizes)
+
+    def operands(self, cores: Sequence[Tensor]) -> list[Tensor]:
+        """Stage matrices from the (super-)cores (differentiable views/permutes)."""
+        r, d_last = self.rank, len(self.sizes) - 1
+        ops = []
+        for d, (a, n) in enumerate(zip(cores, self.sizes)):
+            if d == 0:
+                perm = (0, 2, 3, 1) if d_last == 1 else (2, 0, 3, 1)
+                ops.append(a.permute(*perm).reshape(n * r * r, n))
+            elif d < d_last:
+                ops.append(a.permute(0, 3, 2, 1).reshape(n * r, r * n))
+            elif d_last == 1:
+                ops.append(a.permute(0, 3, 2, 1).reshape(n, r * r * n))
+            else:
+                ops.append(a.permute(3, 0, 2, 1).reshape(r, n, r * n))
+        return [op.contiguous() for op in ops]
+
+    def block_size(self, tokens: int, device: torch.device) -> int:
+        """Tokens per block: everything at once on accelerators, cache-sized on CPU."""
+        if device.type != "cpu":
+            return max(tokens, 1)
+        block = BLOCK_ELEMENTS // (self.rank * self.rank * self.width)
+        return max(MIN_BLOCK, min(tokens, block // 16 * 16))
+
+    def _intermediates(self, x: Tensor, ops: Sequence[Tensor]) -> list[Tensor]:
+        """Z_1 .. Z_{D-1} for a block x (I, L), in scratch buffers."""
+        r, sizes = self.rank, self.sizes
+        rest = x.numel() // sizes[0]
+        z = torch.mm(ops[0], x.view(sizes[0], rest), out=_scratch.get("z0", (ops[0].shape[0], rest), x))
+        zs = [z]
+        lead = r * sizes[0]
+        for d in range(1, len(sizes) - 1):
+            n = sizes[d]
+            zin = z.view(lead, r * n, -1)
+            z = torch.bmm(ops[d].expand(lead, n * r, r * n), zin,
+                          out=_scratch.get(f"z{d}", (lead, n * r, zin.shape[2]), x))
+            lead *= n
+            zs.append(z)
+        return zs
+
+    def forward_block(self, x: Tensor, ops: Sequence[Tensor], out: Tensor) -> Tensor:
+        """T x for one block x (I, L) (contiguous), written into `out` (I, L) (contiguous)."""
+        r, sizes = self.rank, self.sizes
+        length = x.shape[1]
+        z = self._intermediates(x, ops)[-1]
+        last, n = ops[-1], sizes[-1]
+        batch = self.width // n
+        res = out.view(batch, n, length)
+        if len(sizes) == 2:
+            torch.bmm(last.expand(batch, n, r * r * n), z.view(batch, r * r * n, length), out=res)
+            return out
+        zv = z.view(r, batch, r * n, length)
+        torch.bmm(last[0].expand(batch, n, r * n), zv[0], out=res)
+        for k in range(1, r):
+            res.baddbmm_(last[k].expand(batch, n, r * n), zv[k])
+        return out
+
+    def _reduce_into(self, grad: Tensor, a: Tensor, b: Tensor) -> None:
+        """grad += sum_batch a[i] @ b[i]^T (a: (B, m, L), b: (B, k, L))."""
+        prod = torch.bmm(a, b.transpose(1, 2), out=_scratch.get("red", (a.shape[0], a.shape[1], b.shape[1]), a))
+        grad += prod.sum(0)
+
+    def backward_block(self, g: Tensor, x: Tensor, ops: Sequence[Tensor], grads: list[Tensor],
+                       out: Tensor) -> Tensor:
+        """T^T g for one block, written into `out` (I, L); operand gradients added to grads."""
+        r, sizes = self.rank, self.sizes
+        length = g.shape[1]
+        zs = self._intermediates(x, ops)  # recomputed: cheaper than keeping R^2 I tokens per stage
+        last, n = ops[-1], sizes[-1]
+        batch = self.width // n
+        gv = g.view(batch, n, length)
+        if len(sizes) == 2:
+            zv = zs[0].view(batch, r * r * n, length)
+            self._reduce_into(grads[1], gv, zv)
+            gz = torch.bmm(last.t().expand(batch, r * r * n, n), gv,
+                           out=_scratch.get("g0", (batch, r * r * n, length), g))
+        else:
+            zv = zs[-1].view(r, batch, r * n, length)
+            gz = _scratch.get("g0", (r, batch, r * n, length), g)
+            for k in range(r):
+                torch.bmm(last[k].t().expand(batch, r * n, n), gv, out=gz[k])
+                self._reduce_into(grads[-1][k], gv, zv[k])
+            lead = r * math.prod(sizes[:-1])
+            for d in range(len(sizes) - 2, 0, -1):
+                m = sizes[d]
+                lead //= m
+                zin = zs[d - 1].view(lead, r * m, -1)
+                gzd = gz.view(lead, m * r, -1)
+                self._reduce_into(grads[d], gzd, zin)
+                gz = torch.bmm(ops[d].t().expand(lead, r * m, m * r), gzd,
+                               out=_scratch.get("g1" if d % 2 else "g2", (lead, r * m, gzd.shape[2]), g))
+        gz1 = gz.reshape(ops[0].shape[0], -1)
+        xv = x.view(sizes[0], -1)
+        grads[0].addmm_(gz1, xv.t())
+        torch.mm(ops[0].t(), gz1, out=out.view(sizes[0], -1))
+        return out
+
+
+def _blocks(total: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+class _RowsChain(torch.autograd.Function):
+    """Factored T on rows x (N, I), optionally fused with the frozen linear and a low-rank term:
+
+    y = W0 (keep x + T x) + bias + up (down^T x)   (W0 given), or keep x + T x (W0 None).
+    Per token block: one transpose of x into token-inner layout, the chain, and W0's GEMM
+    reading the block transposed (BLAS handles that for free); the backward forms
+    (gy W0)^T per block directly as W0^T gy^T, again without a transpose copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, up, down, keep, chain, *ops):  # noqa: D401
+        n_tok, width = x.shape
+        block = chain.block_size(n_tok, x.device)
+        out = x.new_empty(n_tok, weight.shape[0] if weight is not None else width)
+        for start, stop in _blocks(n_tok, block):
+            length = stop - start
+            xb = _scratch.get("xb", (width, length), x)
+            xb.copy_(x[start:stop].t())
+            tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
+            if keep:
+                tb.add_(xb, alpha=keep)
+            if weight is None:
+                out[start:stop].copy_(tb.t())
+            elif bias is not None:
+                torch.addmm(bias, tb.t(), weight.t(), out=out[start:stop])
+            else:
+                torch.mm(tb.t(), weight.t(), out=out[start:stop])
+        hidden = None
+        if up is not None:
+            hidden = x @ down
+            out.addmm_(hidden, up.t())
+        ctx.save_for_backward(x, weight, up, down, hidden, *ops)
+        ctx.keep, ctx.chain, ctx.has_bias = keep, chain, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, up, down, hidden, *ops = ctx.saved_tensors
+        chain, keep = ctx.chain, ctx.keep
+        gy = gy.contiguous()
+        n_tok, width = x.shape
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_ops = any(ctx.needs_input_grad[7:])
+        grads = [torch.zeros_like(op) for op in ops]
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.zeros_like(weight) if need_w else None
+        if need_x or need_ops or need_w:
+            for start, stop in _blocks(n_tok, chain.block_size(n_tok, x.device)):
+                length = stop - start
+                xb = _scratch.get("xb", (width, length), x)
+                xb.copy_(x[start:stop].t())
+                gblk = gy[start:stop]
+                gb = _scratch.get("gb", (width, length), x)
+                if weight is None:
+                    gb.copy_(gblk.t())
+                else:
+                    torch.mm(weight.t(), gblk.t(), out=gb)
+                if need_x or need_ops:
+                    gxb = chain.backward_block(gb, xb, ops, grads, _scratch.get("tb", (width, length), x))
+                    if keep:
+                        gxb.add_(gb, alpha=keep)
+                    if need_x:
+                        gx[start:stop].copy_(gxb.t())
+                if need_w:
+                    tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
+                    if keep:
+                        tb.add_(xb, alpha=keep)
+                    gw.addmm_(gblk.t(), tb.t())
+        g_bias = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        g_up = g_down = None
+        if up is not None:
+            g_hidden = gy @ up
+            g_up = gy.t() @ hidden if ctx.needs_input_grad[3] else None
+            g_down = x.t() @ g_hidden if ctx.needs_input_grad[4] else None
+            if need_x:
+                gx.addmm_(g_hidden, down.t())
+        return (gx, gw, g_bias, g_up, g_down, None, None, *grads)
+
+
+class _ChannelsChain(torch.autograd.Function):
+    """Factored keep x + T x on channel-major x (B, I, L) (a conv input): already token-inner."""
+
+    @staticmethod
+    def forward(ctx, x, keep, chain, *ops):  # noqa: D401
+        batch, width, length = x.shape
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for b in range(batch):
+            for start, stop in _blocks(length, chain.block_size(length, x.device)):
+                xb = _scratch.get("xb", (width, stop - start), x)
+                xb.copy_(x[b, :, start:stop])
+                tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, stop - start), x))
+                if keep:
+                    tb.add_(xb, alpha=keep)
+                out[b, :, start:stop] = tb
+        ctx.save_for_backward(x, *ops)
+        ctx.keep, ctx.chain = keep, chain
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, *ops = ctx.saved_tensors
+        chain, keep = ctx.chain, ctx.keep
+        batch, width, length = x.shape
+        grads = [torch.zeros_like(op) for op in ops]
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for b in range(batch):
+            for start, stop in _blocks(length, chain.block_size(length, x.device)):
+                xb = _scratch.get("xb", (width, stop - start), x)
+                xb.copy_(x[b, :, start:stop])
+                gb = _scratch.get("gb", (width, stop - start), x)
+                gb.copy_(gy[b, :, start:stop])
+                gxb = chain.backward_block(gb, xb, ops, grads, _scratch.get("tb", (width, stop - start), x))
+                if keep:
+                    gxb.add_(gb, alpha=keep)
+                gx[b, :, start:stop] = gxb
+        return (gx, None, None, *grads)
+
+
+def _groups(factors: Sequence[int], form: str) -> list[tuple[int, int]]:
+    """Consecutive core ranges that become one (super-)core in the given factored form."""
+    d = len(factors)
+    if form == "factored" or d <= 2:
+        return [(k, k + 1) for k in range(d)]
+    if form == "merged":
+        split = best_split(factors)
+        return [(0, split), (split, d)]
+    raise ValueError(f"unknown transform form {form!r}; expected one of {FORMS}")
+
+
+def _plan(cores: Sequence[Tensor], form: str, strength: float) -> tuple[_Chain, list[Tensor]]:
+    """The chain for a form and its operands (strength folded into the last one)."""
+    factors = [int(c.shape[0]) for c in cores]
+    groups = _groups(factors, form)
+    supers = [cores[a] if b - a == 1 else merge_cores(cores[a:b]) for a, b in groups]
+    chain = _Chain([math.prod(factors[a:b]) for a, b in groups], int(cores[0].shape[2]))
+    ops = chain.operands(supers)
+    if strength != 1:
+        ops[-1] = ops[-1] * strength
+    return chain, ops
+
+
+def dense_with_strength(cores: Sequence[Tensor], strength: float = 1.0) -> Tensor:
+    """(1 - sigma) I + sigma T, dense (the dense form's matrix)."""
+    t = dense(cores)
+    if strength != 1:
+        t = strength * t + (1 - strength) * torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
+    return t
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"unknown transform form {form!r}; expected one of {FORMS}")
+
+
+def apply(x: Tensor, cores: Sequence[Tensor], form: str = "factored", strength: float = 1.0) -> Tensor:
+    """x + sigma (T x - x) (T x at sigma = 1) for rows x of shape (..., I) in the named form."""
+    _check_form(form)
+    lead, width = x.shape[:-1], x.shape[-1]
     if len(cores) == 1 or form == "dense":
-        return x @ dense(cores).transpose(0, 1)
-    if form != "factored":
-        raise ValueError(f"unknown transform form {form!r}")
-    return apply_two_stage(x, *two_stage_operands(cores))
+        return x @ dense_with_strength(cores, strength).transpose(0, 1)
+    chain, ops = _plan(cores, form, strength)
+    rows = x.reshape(-1, width)
+    out = _RowsChain.apply(rows, None, None, None, None, 1.0 - strength, chain, *ops)
+    return out.reshape(*lead, width)
+
+
+def apply_channels(x: Tensor, cores: Sequence[Tensor], form: str = "factored", strength: float = 1.0) -> Tensor:
+    """x + sigma (T x - x) on the channel axis (dim 1) of x (B, I, *spatial), e.g. a conv input."""
+    _check_form(form)
+    if len(cores) == 1 or form == "dense":
+        t = dense_with_strength(cores, strength)
+        return torch.einsum("ij,bj...->bi...", t, x)
+    chain, ops = _plan(cores, form, strength)
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return _ChannelsChain.apply(flat, 1.0 - strength, chain, *ops).reshape(x.shape)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cores: Sequence[Tensor], form: str = "factored",
+           strength: float = 1.0, up: Tensor | None = None, down: Tensor | None = None) -> Tensor:
+    """W0 (x + sigma (T x - x)) + bias + up (down^T x) for rows x (..., I): the adapted linear.
+
+    `up` (O, k) and `down` (I, k) carry the residual already scaled (sigma s Delta = up down^T).
+    The factored forms run the frozen GEMM and the residual inside one autograd node.
+    """
+    _check_form(form)
+    lead, width = x.shape[:-1], x.shape[-1]
+    if len(cores) == 1 or form == "dense":
+        out = torch.nn.functional.linear(x @ dense_with_strength(cores, strength).transpose(0, 1), weight, bias)
+        if up is not None:
+            out = out + (x @ down) @ up.transpose(0, 1)
+        return out
+    chain, ops = _plan(cores, form, strength)
+    rows = x.reshape(-1, width)
+    out = _RowsChain.apply(rows, weight, bias, up, down, 1.0 - strength, chain, *ops)
+    return out.reshape(*lead, weight.shape[0])
 
 
 def transpose_cores(cores: Sequence[Tensor]) -> list[Tensor]:
