@@ -22,7 +22,7 @@ from .comfy_adapter import TLoRAWeightAdapter
 TEXT_ENCODER_PREFIXES = ("text_encoders.", "lora_te", "text_encoder")
 
 _cache_lock = threading.Lock()
-_cache: dict[str, tuple[tuple[float, int], dict[str, ModuleAdapter], dict[str, str]]] = {}
+_cache: dict[str, tuple[tuple[int, int, int], dict[str, ModuleAdapter], dict[str, str]]] = {}
 
 
 class TLoRAApplyError(TLoRAError):
@@ -30,12 +30,12 @@ class TLoRAApplyError(TLoRAError):
 
 
 def load_cached(path: str, label: str | None = None) -> tuple[dict[str, ModuleAdapter], dict[str, str]]:
-    """load_file + read_metadata, cached by (mtime, size) so re-queues are instant.
+    """load_file + read_metadata, cached by (mtime, size, inode) so re-queues are instant.
 
     Errors name the file by `label` (its name in the loras list) instead of the full path.
     """
     stat = os.stat(path)
-    stamp = (stat.st_mtime, stat.st_size)
+    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)  # inode: rewrites are atomic replaces
     with _cache_lock:
         hit = _cache.get(path)
         if hit is not None and hit[0] == stamp:

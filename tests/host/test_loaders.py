@@ -5,6 +5,8 @@ the file's tensors (tests/host/tlora_refs.py), never from the pack's own output.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -42,16 +44,18 @@ def sample(tm, m, patcher) -> torch.Tensor:
 # --------------------------------------------------------------------------- stock vs ours
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_stock_lora_loaders_and_tlora_loader_agree(tm, sd15, loras_dir, strength):
+def test_stock_lora_loaders_and_tlora_loader_agree(tm, sd15, loras_dir, caplog, strength):
     m, clip, base = sd15
     shapes = unet_shapes(m.model)
     adapters = R.random_adapters(shapes, seed=1)
     R.write_tlora(loras_dir / "agree.safetensors", adapters)
     keys = [p + ".weight" for p in shapes]
 
-    stock = stock_model_only(m.patcher, "agree.safetensors", strength)
+    with caplog.at_level(logging.WARNING):
+        stock = stock_model_only(m.patcher, "agree.safetensors", strength)
+        stock_mc, _ = stock_full(m.patcher, clip, "agree.safetensors", strength, 1.0)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()], caplog.text
     ours = tlora_model_only(m.patcher, "agree.safetensors", strength)
-    stock_mc, _ = stock_full(m.patcher, clip, "agree.safetensors", strength, 1.0)
     ours_mc, _ = tlora_full(m.patcher, clip, "agree.safetensors", strength, 1.0)
     assert set(ours.patches) == set(keys) and set(stock.patches) == set(keys)
     assert not m.patcher.patches, "loaders must not modify their input model"
