@@ -240,8 +240,12 @@ class Encoder:
             self._clip_cache[text] = self.clip.encode_from_tokens_scheduled(tokens)
         return self._clip_cache[text]
 
-    def model_cond(self, conditioning: list, latent_shape: Sequence[int], downscale: int) -> E.Cond:
-        """The model's inputs for a conditioning at a latent size (extra_conds: SDXL's size embedding...)."""
+    def model_cond(self, conditioning: list, latent_shape: Sequence[int], downscale: int,
+                   keep_grad: bool = False) -> E.Cond:
+        """The model's inputs for a conditioning at a latent size (extra_conds: SDXL's size embedding...).
+
+        keep_grad: leave the graph attached (text-encoder training); cached conds are detached copies.
+        """
         cond, extras = conditioning[0][0], dict(conditioning[0][1])
         params = {k: v for k, v in extras.items() if k not in ("hooks", "control", "gligen")}
         params.update(device=self.device, noise=torch.zeros((1, *latent_shape)), cross_attn=cond,
@@ -253,7 +257,7 @@ class Encoder:
         for key, value in out.items():
             tensor = getattr(value, "cond", None)
             if isinstance(tensor, Tensor):
-                result[key] = tensor[:1].detach().clone().to(self.device)
+                result[key] = tensor[:1].to(self.device) if keep_grad else tensor[:1].detach().clone().to(self.device)
         return result
 
     def cond(self, text: str, latent_shape: Sequence[int], downscale: int) -> E.Cond:
@@ -510,6 +514,7 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
             observer=progress, decode=decode if settings.sample_every else None, sample_cond=prepared.sample_cond,
             sample_uncond=prepared.sample_uncond, sample_shape=prepared.sample_shape, encode=encode,
             device=device, run_id=run_id)
+        hooks = autograd_safe_norms(clip.cond_stage_model) if settings.train_text_encoder else []
         try:
             result = trainer.run()
         except mm.InterruptProcessingException:
@@ -520,6 +525,9 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
             send_event({"node": node_id, "run_id": run_id, "status": "diverged", "step": trainer.step,
                         "steps": settings.steps, "message": str(err)})
             raise
+        finally:
+            for hook in hooks:
+                hook.remove()
         send_event({"node": node_id, "run_id": run_id, "status": "done", "step": result.steps_done,
                     "steps": settings.steps, "file": file_name, "loss": result.final_loss})
     return result, file_name, arch
@@ -533,6 +541,18 @@ def _text_group(clip: Any, settings: RunSettings) -> E.AdapterGroup:
     paths = E.select_targets(root, settings.targets, text_encoder=True)
     return E.AdapterGroup(root, TE_PREFIX, E.create_adapters(root, paths, settings.transform, settings.residual,
                                                              settings.shapes, settings.seed + 1, TE_PREFIX))
+
+
+def autograd_safe_norms(root: nn.Module) -> list[Any]:
+    """Feed every LayerNorm a copy of its input; returns the hook handles to remove afterwards.
+
+    ComfyUI's CLIP layers add their residuals in place (`x += attn(norm(x))`), which
+    overwrites the tensor the norm saved for backward. With a copy, the norm keeps its
+    own input and the in-place add touches a tensor nothing saved: gradients flow.
+    """
+    def clone_input(module: nn.Module, args: tuple) -> tuple:
+        return (args[0].clone(), *args[1:]) if args and isinstance(args[0], Tensor) else args
+    return [m.register_forward_pre_hook(clone_input) for m in root.modules() if isinstance(m, nn.LayerNorm)]
 
 
 def _text_encode(base: Any, clip: Any, prepared: Prepared, vae: Any, device: torch.device) -> Callable:
@@ -550,7 +570,7 @@ def _text_encode(base: Any, clip: Any, prepared: Prepared, vae: Any, device: tor
             if clip.layer_idx is not None:
                 model.set_clip_options({"layer": clip.layer_idx})
             out = model.encode_token_weights(clip.tokenize(text))
-            conds.append(encoder.model_cond([[out[0], {"pooled_output": out[1]}]], shape, downscale))
+            conds.append(encoder.model_cond([[out[0], {"pooled_output": out[1]}]], shape, downscale, keep_grad=True))
         return E.collate_conds(conds)
     return encode
 

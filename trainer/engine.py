@@ -668,45 +668,42 @@ class Trainer:
         """Train; save; return the result. Interrupts save a partial file and re-raise."""
         # ComfyUI (and others) run nodes under inference_mode: training needs autograd back.
         with torch.inference_mode(False), torch.enable_grad():
-            return self._run()
+            self.open()
+            try:
+                return self._loop()
+            finally:
+                self.close()
 
-    def _run(self) -> TrainResult:
+    def open(self) -> None:
+        """Attach the adapters, build optimizer and schedule (restoring a resume state), make class images.
+
+        run() = open(), train_step() until done, close(); the pieces are public for callers
+        that drive steps themselves (benchmarks, step-wise UIs). Call close() even if this raises.
+        """
         cfg = self.config
         self._warm_start_step = 0
+        self._frozen: list[nn.Parameter] = []
+        self._undo_ckpt: list = []
         state = self._load_resume() if self.resume_path else None
-        frozen = []
         for group in self.groups:
             for param in group.root.parameters():
                 if param.requires_grad:
-                    frozen.append(param)
+                    self._frozen.append(param)
                     param.requires_grad_(False)
-        undo_ckpt: list = []
-        try:
-            for group in self.groups:
-                wrapped = attach(group.root, group.adapters, strength=1.0, form=cfg.form, trainable=True)
-                for path, module in wrapped.items():
-                    module.adapter_params.to(self.device)
-                    module.scale = module.scale.to(self.device)
-                    self.modules[group.prefix + path] = module
-            if cfg.gradient_checkpointing:
-                undo_ckpt = enable_checkpointing(self.checkpoint_modules)
-            return self._train(state)
-        finally:
-            restore_checkpointing(undo_ckpt)
-            for group in self.groups:
-                detach(group.root, list(group.adapters))
-            for param in frozen:
-                if not param.is_inference():  # torch refuses requires_grad on those here
-                    param.requires_grad_(True)
-
-    def _train(self, state: TrainState | None) -> TrainResult:
-        cfg = self.config
+        for group in self.groups:
+            wrapped = attach(group.root, group.adapters, strength=1.0, form=cfg.form, trainable=True)
+            for path, module in wrapped.items():
+                module.adapter_params.to(self.device)
+                module.scale = module.scale.to(self.device)
+                self.modules[group.prefix + path] = module
+        if cfg.gradient_checkpointing:
+            self._undo_ckpt = enable_checkpointing(self.checkpoint_modules)
         named = self._ordered_params()
-        params = [p for _, p in named]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+        self._params = [p for _, p in named]
+        optimizer = torch.optim.AdamW(self._params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay, eps=1e-8)
         scheduler = _lr_scheduler(optimizer, cfg)
-        amp_dtype = _PRECISION_DTYPES[cfg.precision]
+        self._amp_dtype = _PRECISION_DTYPES[cfg.precision]
         scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         generator = torch.Generator().manual_seed(int(cfg.seed))
         if state is not None:
@@ -731,61 +728,83 @@ class Trainer:
                 for _ in range(self.step):
                     scheduler.step()
         self._start_step = self.step
+        self._generator = generator
         self._gen_state = generator.get_state()
         self._optimizer, self._scheduler, self._scaler = optimizer, scheduler, scaler
+        self._times: list[float] = []
         self.registry.start(self.run_id, steps=cfg.steps, path=self.output_path, loss_kind=cfg.loss,
                             start_step=self.step)
-        prior = self._prior_examples(amp_dtype)
+        self._prior = self._prior_examples(self._amp_dtype)
+
+    def close(self) -> None:
+        """Undo open(): checkpointing off, adapters detached, base parameters' requires_grad restored."""
+        restore_checkpointing(getattr(self, "_undo_ckpt", []))
+        for group in self.groups:
+            detach(group.root, list(group.adapters))
+        for param in getattr(self, "_frozen", []):
+            if not param.is_inference():  # torch refuses requires_grad on those here
+                param.requires_grad_(True)
+        self._frozen, self._undo_ckpt = [], []
+
+    def train_step(self) -> StepReport:
+        """One optimizer step (over grad_accum micro-batches), then history, saves, previews, observer."""
+        cfg = self.config
+        optimizer, scheduler, scaler = self._optimizer, self._scheduler, self._scaler
+        started = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = mse_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                loss, mse = self._micro_step(self._generator, self._prior, self._amp_dtype)
+                if not math.isfinite(loss.item()):
+                    self._diverged("loss", loss.item())
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                mse_sum += mse / cfg.grad_accum
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm))
+            if not math.isfinite(grad_norm) and scaler is None:
+                self._diverged("gradient norm", grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+        self.step += 1
+        self._gen_state = self._generator.get_state()
+        elapsed = time.perf_counter() - started
+        self._times.append(elapsed)
+        point = {"step": self.step, "loss": loss_sum, "mse": mse_sum, "lr": lr}
+        self.history.append(point)
+        sample, sample_latent = self._maybe_sample(self._amp_dtype)
+        if self.output_path and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            self.save(self.output_path, partial=True)
+        recent = self._times[-20:]
+        eta = max(cfg.steps - self.step, 0) * (sum(recent) / len(recent))
+        report = StepReport(self.run_id, self.step, cfg.steps, loss_sum, mse_sum, lr, elapsed, eta,
+                            grad_norm, sample, sample_latent)
+        self.registry.update(self.run_id, {**point, "step_time": elapsed, "eta": eta,
+                                           "grad_norm": grad_norm, "steps": cfg.steps})
+        if self.observer is not None:
+            self.observer(report)
+        return report
+
+    def _loop(self) -> TrainResult:
+        cfg = self.config
         bar = None
         if cfg.progress_bar and tqdm is not None:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="Training TLoRA", smoothing=0.05)
-        times: list[float] = []
         status = "failed"
         try:
             while self.step < cfg.steps:
-                started = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = mse_sum = 0.0
-                for _ in range(cfg.grad_accum):
-                    loss, mse = self._micro_step(generator, prior, amp_dtype)
-                    if not math.isfinite(loss.item()):
-                        self._diverged("loss", loss.item())
-                    scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    loss_sum += loss.item() / cfg.grad_accum
-                    mse_sum += mse / cfg.grad_accum
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                if not math.isfinite(grad_norm) and scaler is None:
-                    self._diverged("gradient norm", grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                self.step += 1
-                self._gen_state = generator.get_state()
-                elapsed = time.perf_counter() - started
-                times.append(elapsed)
-                point = {"step": self.step, "loss": loss_sum, "mse": mse_sum, "lr": lr}
-                self.history.append(point)
-                sample, sample_latent = self._maybe_sample(amp_dtype)
-                if self.output_path and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save(self.output_path, partial=True)
-                recent = times[-20:]
-                eta = (cfg.steps - self.step) * (sum(recent) / len(recent))
-                report = StepReport(self.run_id, self.step, cfg.steps, loss_sum, mse_sum, lr, elapsed, eta,
-                                    grad_norm, sample, sample_latent)
-                self.registry.update(self.run_id, {**point, "step_time": elapsed, "eta": eta,
-                                                   "grad_norm": grad_norm, "steps": cfg.steps})
+                report = self.train_step()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-                if self.observer is not None:
-                    self.observer(report)
+                    bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}")
             result = self._finish(partial=False)
             status = "done"
             return result

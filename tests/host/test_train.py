@@ -345,3 +345,19 @@ def test_cancel_over_http_keeps_partial(comfy_server):
     assert meta["tlora.train.base_model"] == "tlora-tiny-sd15.safetensors"
     adapters = fmt.load(str(path)).adapters
     assert adapters and all(".attn1." in k or ".attn2." in k for k in adapters)
+
+
+def test_text_encoder_training_patches_clip(sd15, loras_dir, tm):
+    import torch
+    model, clip, vae = sd15
+    new_model, new_clip, payload, _, file_name = train(model, clip, vae, steps=2, learning_rate=1e-2,
+                                                       output_name="te", train_text_encoder=True)
+    te_keys = [k for k in payload["adapters"] if k.startswith("text_encoders.")]
+    assert te_keys and all(".self_attn." in k for k in te_keys)
+    assert new_clip is not clip
+    assert not any(type(m).__name__ == "TLoRAModule" for m in clip.cond_stage_model.modules())
+    before = tm.encode_text(clip, "a photo of sks dog")[0][0]
+    after = tm.encode_text(new_clip, "a photo of sks dog")[0][0]
+    assert not torch.equal(before, after)
+    ours, ours_clip = ch.node_class("TLoRALoader").execute(model.patcher, clip, file_name, 1.0, 1.0).result
+    torch.testing.assert_close(tm.encode_text(ours_clip, "a photo of sks dog")[0][0], after)
