@@ -269,9 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     out_dir = Path(a.out).resolve()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # earlier results are overwritten, nothing else is removed
     ckpt = prepare_checkpoint(a.ckpt)
     adapter = make_adapter(ckpt, out_dir / ADAPTER_NAME, seed=a.seed)
     log(f"adapter {adapter.name} for {len(checkpoint_targets(ckpt))} attention modules of {ckpt.name}")
