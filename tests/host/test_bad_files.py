@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -52,10 +51,12 @@ def good_state(shapes: dict, seed: int = 0) -> dict:
 class Marker:
     """Pickled, it would create a file when unpickled (it must never be)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
+        """Remember where the marker would go."""
         self.path = path
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple:
+        """Unpickling calls open(path, "w")."""
         return (open, (self.path, "w"))
 
 
