@@ -361,3 +361,42 @@ def test_text_encoder_training_patches_clip(sd15, loras_dir, tm):
     assert not torch.equal(before, after)
     ours, ours_clip = ch.node_class("TLoRALoader").execute(model.patcher, clip, file_name, 1.0, 1.0).result
     torch.testing.assert_close(tm.encode_text(ours_clip, "a photo of sks dog")[0][0], after)
+
+
+def test_gradient_checkpointing_same_adapter(sd15, loras_dir):
+    import torch
+    model, clip, vae = sd15
+    plain = train(model, clip, vae, steps=2, output_name="gc0")[2]
+    ckpt = train(model, clip, vae, steps=2, output_name="gc1", gradient_checkpointing=True)[2]
+    for key, adapter in plain["adapters"].items():
+        for suffix, tensor in adapter.tensors.items():
+            torch.testing.assert_close(ckpt["adapters"][key].tensors[suffix], tensor, atol=1e-6, rtol=1e-5)
+    blocks = pack("trainer.comfy_glue").checkpoint_blocks(model.model.diffusion_model)
+    assert blocks and not any("forward" in b.__dict__ for b in blocks)
+
+
+def test_dataset_loader_graph(comfy_host, host_checkpoint, loras_dir):
+    """LoadImageTextDataSetFromFolder (list outputs) -> TLoRATrain, run by ComfyUI's executor."""
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+    folder = os.path.join(folder_paths.get_input_directory(), "tlora_ds")
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(images(2, 72)):
+        Image.fromarray((img.numpy() * 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+        with open(os.path.join(folder, f"{i}.txt"), "w") as f:
+            f.write(f"a photo of sks dog, view {i}")
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": host_checkpoint}},
+        "ds": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "tlora_ds"}},
+        "train": {"class_type": "TLoRATrain", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["ds", 0],
+            "captions": ["ds", 1], **{**DEFAULTS, "steps": 2, "output_name": "ds_graph"}}},
+    }
+    res = ch.run_prompt(graph)
+    assert res.ok, res.describe()
+    model, clip, adapter, curve, file_name = res.outputs["train"]
+    assert file_name == "ds_graph.safetensors" and (loras_dir / file_name).is_file()
+    meta = adapter["metadata"]
+    assert meta["tlora.train.dataset_size"] == "2" and meta["tlora.train.base_model"] == host_checkpoint
+    assert "images" in res.ui["train"]  # the loss curve shows on the node

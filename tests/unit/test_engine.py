@@ -396,3 +396,10 @@ def test_runs_under_inference_mode():
     with torch.inference_mode():
         result = run(net, steps=2, learning_rate=1e-3)
     assert result.steps_done == 2
+
+
+def test_fp16_autocast_with_grad_scaler(tmp_path):
+    result = run(TinyNet(), tmp_path, "h.safetensors", steps=3, precision="fp16", save_every=2)
+    assert result.steps_done == 3 and all(math.isfinite(h["loss"]) for h in result.history)
+    state = E.TrainState.read(E.state_path_for(result.path))
+    assert state.scaler and "scale" in state.scaler
