@@ -17,6 +17,7 @@ Activation-side forms (all exact; `tlora.forms` picks one per layer):
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Sequence
 
@@ -29,6 +30,7 @@ FORMS = ("factored", "merged", "dense")
 # threshold (fresh mmap'd pages cost more than the arithmetic here).
 BLOCK_ELEMENTS = 1 << 20
 MIN_BLOCK = 128
+ENV_CHAIN_THREADS = "TLORA_CHAIN_THREADS"
 
 
 def identity_cores(factors: Sequence[int], rank: int, dtype: torch.dtype = torch.float32,
@@ -133,6 +135,38 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+
+def chain_threads() -> int:
+    """CPU threads for the chain's small GEMMs (TLORA_CHAIN_THREADS, default 1; 0 = torch's own).
+
+    Measured on a 2-core host: the chain's GEMMs (K of 8..64) run no faster on two threads
+    than on one, and far slower when another process holds a core (every small parallel
+    region then waits at its barrier), while the frozen GEMM keeps all threads.
+    """
+    try:
+        return max(0, int(os.environ.get(ENV_CHAIN_THREADS, "1")))
+    except ValueError:
+        return 1
+
+
+class _Threads:
+    """Context: at most `n` intra-op threads on CPU (restored on exit); no-op elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.n = chain_threads() if device.type == "cpu" else 0
+        self.saved = 0
+
+    def __enter__(self) -> "_Threads":
+        current = torch.get_num_threads()
+        if self.n and current > self.n:
+            self.saved = current
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved:
+            torch.set_num_threads(self.saved)
 
 
 def release_scratch() -> None:
@@ -273,11 +307,12 @@ class _RowsChain(torch.autograd.Function):
         out = x.new_empty(n_tok, weight.shape[0] if weight is not None else width)
         for start, stop in _blocks(n_tok, block):
             length = stop - start
-            xb = _scratch.get("xb", (width, length), x)
-            xb.copy_(x[start:stop].t())
-            tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
-            if keep:
-                tb.add_(xb, alpha=keep)
+            with _Threads(x.device):
+                xb = _scratch.get("xb", (width, length), x)
+                xb.copy_(x[start:stop].t())
+                tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
+                if keep:
+                    tb.add_(xb, alpha=keep)
             if weight is None:
                 out[start:stop].copy_(tb.t())
             elif bias is not None:
@@ -306,24 +341,26 @@ class _RowsChain(torch.autograd.Function):
         if need_x or need_ops or need_w:
             for start, stop in _blocks(n_tok, chain.block_size(n_tok, x.device)):
                 length = stop - start
-                xb = _scratch.get("xb", (width, length), x)
-                xb.copy_(x[start:stop].t())
                 gblk = gy[start:stop]
                 gb = _scratch.get("gb", (width, length), x)
                 if weight is None:
                     gb.copy_(gblk.t())
                 else:
                     torch.mm(weight.t(), gblk.t(), out=gb)
-                if need_x or need_ops:
-                    gxb = chain.backward_block(gb, xb, ops, grads, _scratch.get("tb", (width, length), x))
-                    if keep:
-                        gxb.add_(gb, alpha=keep)
-                    if need_x:
-                        gx[start:stop].copy_(gxb.t())
+                with _Threads(x.device):
+                    xb = _scratch.get("xb", (width, length), x)
+                    xb.copy_(x[start:stop].t())
+                    if need_x or need_ops:
+                        gxb = chain.backward_block(gb, xb, ops, grads, _scratch.get("tb", (width, length), x))
+                        if keep:
+                            gxb.add_(gb, alpha=keep)
+                        if need_x:
+                            gx[start:stop].copy_(gxb.t())
+                    if need_w:
+                        tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
+                        if keep:
+                            tb.add_(xb, alpha=keep)
                 if need_w:
-                    tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
-                    if keep:
-                        tb.add_(xb, alpha=keep)
                     gw.addmm_(gblk.t(), tb.t())
         g_bias = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         g_up = g_down = None
@@ -341,8 +378,16 @@ class _ChannelsChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, keep, chain, *ops):  # noqa: D401
-        batch, width, length = x.shape
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        with _Threads(x.device):
+            _ChannelsChain._forward(x, out, keep, chain, ops)
+        ctx.save_for_backward(x, *ops)
+        ctx.keep, ctx.chain = keep, chain
+        return out
+
+    @staticmethod
+    def _forward(x, out, keep, chain, ops) -> None:
+        batch, width, length = x.shape
         for b in range(batch):
             for start, stop in _blocks(length, chain.block_size(length, x.device)):
                 xb = _scratch.get("xb", (width, stop - start), x)
@@ -351,17 +396,20 @@ class _ChannelsChain(torch.autograd.Function):
                 if keep:
                     tb.add_(xb, alpha=keep)
                 out[b, :, start:stop] = tb
-        ctx.save_for_backward(x, *ops)
-        ctx.keep, ctx.chain = keep, chain
-        return out
 
     @staticmethod
     def backward(ctx, gy):
         x, *ops = ctx.saved_tensors
         chain, keep = ctx.chain, ctx.keep
-        batch, width, length = x.shape
         grads = [torch.zeros_like(op) for op in ops]
         gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        with _Threads(x.device):
+            _ChannelsChain._backward(x, gy, gx, keep, chain, ops, grads)
+        return (gx, None, None, *grads)
+
+    @staticmethod
+    def _backward(x, gy, gx, keep, chain, ops, grads) -> None:
+        batch, width, length = x.shape
         for b in range(batch):
             for start, stop in _blocks(length, chain.block_size(length, x.device)):
                 xb = _scratch.get("xb", (width, stop - start), x)
@@ -372,7 +420,6 @@ class _ChannelsChain(torch.autograd.Function):
                 if keep:
                     gxb.add_(gb, alpha=keep)
                 gx[b, :, start:stop] = gxb
-        return (gx, None, None, *grads)
 
 
 def _groups(factors: Sequence[int], form: str) -> list[tuple[int, int]]:
