@@ -113,6 +113,22 @@ def test_negative_strength_mirrors_positive(sd15, loras_dir):
         torch.testing.assert_close(plus[k] + minus[k], 2 * base[k], rtol=0, atol=1e-5)
 
 
+def test_patching_inside_then_outside_inference_mode(sd15, loras_dir):
+    """ComfyUI patches under torch.inference_mode (the executor); trainers and scripts patch outside it."""
+    m, _, base = sd15
+    shapes = unet_shapes(m.model)
+    adapters = R.random_adapters(shapes, seed=19)
+    R.write_tlora(loras_dir / "infmode.safetensors", adapters)
+    keys = [p + ".weight" for p in shapes]
+    patched = tlora_model_only(m.patcher, "infmode.safetensors", 1.0)
+    with torch.inference_mode():
+        inside = R.patched_weights(patched, keys)
+    outside = R.patched_weights(patched, keys)
+    for k in keys:
+        assert torch.equal(inside[k], outside[k]), k
+        R.assert_close64(outside[k], R.ref_patched(base[k], adapters[k[:-7]].tensors, 1.0), k)
+
+
 # --------------------------------------------------------------------------- stacking
 
 def _stack_files(m, loras_dir):
