@@ -126,7 +126,9 @@ class _Scratch(threading.local):
         numel = math.prod(shape)
         if like.device.type != "cpu":
             return like.new_empty(shape)
-        key = (slot, like.dtype)
+        # Inference tensors (ComfyUI patches under inference_mode) cannot be written outside
+        # it, and normal tensors cannot be reused inside it without tracking: one set each.
+        key = (slot, like.dtype, torch.is_inference_mode_enabled())
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = like.new_empty(max(numel, 1))
