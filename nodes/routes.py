@@ -179,23 +179,45 @@ def _file_summary(file_name: str | None) -> dict[str, Any]:
             "partial": info.get("partial"), "kinds": info.get("kinds")}
 
 
+# What of a registry record may leave the server (an allow-list: new registry fields, such as
+# full paths or the whole prompt, stay private until added here on purpose).
+RUN_FIELDS = ("run_id", "status", "started", "finished", "steps", "start_step", "loss_kind", "node", "prompt_id")
+STATE_FIELDS = ("step", "steps", "loss", "mse", "lr", "step_time", "eta", "grad_norm")
+SUMMARY_FIELDS = ("steps_done", "final_loss", "partial", "message")
+
+
+def _sample_ref(value: Any) -> dict[str, str] | None:
+    """A /view reference made of plain names only (ComfyUI's /view checks again; this keeps paths out)."""
+    if not isinstance(value, Mapping):
+        return None
+    name, sub, kind = (str(value.get(k, "")) for k in ("filename", "subfolder", "type"))
+    if not name or name != os.path.basename(name) or "\\" in name or ".." in sub or os.path.isabs(sub) \
+            or kind not in ("temp", "output"):
+        return None
+    return {"filename": name, "subfolder": sub, "type": kind}
+
+
 def public_run(run: Mapping[str, Any], with_history: bool = True, since: int = 0) -> dict[str, Any]:
-    """A registry record made safe to send: paths become file names, the saved file is summarised."""
-    out = {k: v for k, v in run.items() if k not in ("path", "history", "summary", "state")}
-    out["file"] = public_file_name(run.get("path")) or run.get("file_name") or run.get("file")
-    state = {k: v for k, v in dict(run.get("state") or {}).items() if k != "path"}
-    if "sample" not in state and isinstance(run.get("run_id"), str):
+    """A registry record made safe to send: allow-listed fields, file names instead of paths, the saved file summarised."""
+    out: dict[str, Any] = {k: run[k] for k in RUN_FIELDS if k in run}
+    out["file"] = public_file_name(run.get("path")) or public_file_name(run.get("file_name"))
+    raw_state = dict(run.get("state") or {})
+    state = {k: raw_state[k] for k in STATE_FIELDS if k in raw_state}
+    sample = _sample_ref(raw_state.get("sample"))
+    if sample is None and with_history and isinstance(run.get("run_id"), str) and _RUN_ID.match(run["run_id"]):
         sample = _latest_sample(run["run_id"])
-        if sample:
-            state["sample"] = sample
+    if sample is not None:
+        state["sample"] = sample
     out["state"] = state
-    summary = {k: v for k, v in dict(run.get("summary") or {}).items() if k != "path"}
+    raw_summary = dict(run.get("summary") or {})
+    summary = {k: raw_summary[k] for k in SUMMARY_FIELDS if k in raw_summary}
     if run.get("status") != "running":
-        summary["file"] = public_file_name((run.get("summary") or {}).get("path")) or out["file"]
+        summary["file"] = public_file_name(raw_summary.get("path")) or out["file"]
         summary.update({k: v for k, v in _file_summary(summary["file"]).items() if v is not None})
     out["summary"] = summary
     if with_history:
-        out["history"] = [h for h in run.get("history", []) if h.get("step", 0) > since]
+        out["history"] = [{k: h[k] for k in ("step", "loss", "mse", "lr") if k in h}
+                          for h in run.get("history", []) if h.get("step", 0) > since]
     return jsonable(out)
 
 

@@ -274,3 +274,23 @@ def test_run_state_follows_a_real_training_run(comfy_server, loras):
 def test_routes_logged_no_errors(comfy_server):
     assert "web route failed" not in comfy_server.log_text()
     assert "web routes not registered" not in comfy_server.log_text()
+
+
+def test_run_records_are_allow_listed(comfy_host):
+    """Registry fields the routes do not know (paths, prompts) never reach the browser."""
+    import importlib
+
+    from tests.support import comfy_host as ch
+    comfy_host.require_pack()
+    routes = importlib.import_module(f"{ch.pack_module_name()}.nodes.routes")
+    record = {"run_id": "1-abc", "status": "running", "steps": 5, "path": "/secret/loras/x.safetensors",
+              "output_path": "/secret/x", "prompt": {"1": {"inputs": {"ckpt_name": "/secret/ckpt"}}},
+              "state": {"step": 2, "loss": float("nan"), "path": "/secret", "sample": {"filename": "../../x.png",
+                                                                                      "subfolder": "", "type": "temp"}},
+              "history": [{"step": 1, "loss": 1.0, "lr": 1e-4, "path": "/secret"}, {"step": 2, "loss": float("inf")}],
+              "summary": {"path": "/secret/loras/x.safetensors", "final_loss": 0.5}}
+    out = routes.public_run(record)
+    text = json.dumps(out, allow_nan=False)  # NaN/inf became null: browsers' JSON.parse rejects them
+    assert "/secret" not in text and "prompt" not in out and "output_path" not in out
+    assert out["file"] == "x.safetensors" and out["state"]["loss"] is None and "sample" not in out["state"]
+    assert out["history"] == [{"step": 1, "loss": 1.0, "lr": 1e-4}, {"step": 2, "loss": None}]
