@@ -86,5 +86,6 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
         item.rep_call_failed = rep.failed
     if rep.failed and "ui" in getattr(item, "fixturenames", ()):
         server = item.funcargs.get("comfy_server") if hasattr(item, "funcargs") else None
-        if server is not None:
-            rep.sections.append(("ComfyUI server log (tail)", server.log_tail(60)))
+        title = "ComfyUI server log (tail)"
+        if server is not None and not any(t == title for t, _ in rep.sections):  # the host conftest may add it too
+            rep.sections.append((title, server.log_tail(60)))
