@@ -403,3 +403,14 @@ def test_fp16_autocast_with_grad_scaler(tmp_path):
     assert result.steps_done == 3 and all(math.isfinite(h["loss"]) for h in result.history)
     state = E.TrainState.read(E.state_path_for(result.path))
     assert state.scaler and "scale" in state.scaler
+
+
+def test_optimizer_steps_are_seen_by_the_modules():
+    """The module's identity fast path keys on version counters: the optimizer must bump them."""
+    net = TinyNet()
+    seen = []
+
+    def observer(report):
+        seen.append(net.blocks[0].attn1.to_q._untouched_identity())
+    run(net, steps=2, learning_rate=1e-3, observer=observer)
+    assert seen == [False, False]
