@@ -585,6 +585,14 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torc
     return lrs.SequentialLR(optimizer, [warmup, main], milestones=[warm])
 
 
+def _fast_forward(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
+    """Advance a fresh schedule to `steps` (resuming without its saved state)."""
+    with warnings.catch_warnings():  # "step() before optimizer.step()" is intended here
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            scheduler.step()
+
+
 def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with the multi-tensor (foreach) implementation on every device.
 
@@ -734,7 +742,18 @@ class Trainer:
                 raise TrainingError("training state does not match this run's adapters (different targets "
                                     "or kinds); delete the .tlora-state file to continue from weights only")
             optimizer.load_state_dict(state.optimizer)
-            scheduler.load_state_dict(state.scheduler)
+            saved_total = state.extra.get("total_steps", cfg.steps)
+            if saved_total == cfg.steps and state.extra.get("lr_schedule", cfg.lr_schedule) == cfg.lr_schedule:
+                scheduler.load_state_dict(state.scheduler)
+            else:
+                # Another length or schedule: the new schedule, taken to the current step.
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] = cfg.learning_rate
+                scheduler = _lr_scheduler(optimizer, cfg)
+                _fast_forward(scheduler, state.step)
+                self.metadata.setdefault("tlora.train.resume_note", (
+                    f"resumed at step {state.step} with {cfg.steps} total steps ({cfg.lr_schedule}) instead of "
+                    f"{saved_total} ({state.extra.get('lr_schedule')}): the new schedule continues from there"))
             if scaler is not None and state.scaler:
                 scaler.load_state_dict(state.scaler)
             generator.set_state(state.generator)
@@ -745,10 +764,7 @@ class Trainer:
             # Weights only: keep counting from the file's steps so names/metadata stay honest.
             self.step = min(self._warm_start_step, cfg.steps)
             generator.manual_seed(int(cfg.seed) + self.step)
-            with warnings.catch_warnings():  # "step() before optimizer.step()" is intended here
-                warnings.simplefilter("ignore")
-                for _ in range(self.step):
-                    scheduler.step()
+            _fast_forward(scheduler, self.step)
         self._start_step = self.step
         self._generator = generator
         self._gen_state = generator.get_state()
@@ -1057,7 +1073,8 @@ class Trainer:
         state = TrainState(self.step, self.run_token, self._optimizer.state_dict(), self._scheduler.state_dict(),
                            self._gen_state, [n for n, _ in self._ordered_params()],
                            self._scaler.state_dict() if self._scaler is not None else None,
-                           {"history": self.history[-10000:]})
+                           {"history": self.history[-10000:], "total_steps": self.config.steps,
+                            "lr_schedule": self.config.lr_schedule})
         # Sidecar first: a crash in between leaves a newer sidecar, which resume detects
         # (step/run token mismatch) and then falls back to the adapter's weights.
         atomic_write(state_path_for(path), state.to_bytes())

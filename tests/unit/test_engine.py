@@ -414,3 +414,13 @@ def test_optimizer_steps_are_seen_by_the_modules():
         seen.append(net.blocks[0].attn1.to_q._untouched_identity())
     run(net, steps=2, learning_rate=1e-3, observer=observer)
     assert seen == [False, False]
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+    kw = dict(learning_rate=1e-3, lr_schedule="cosine")
+    first = run(TinyNet(), tmp_path, "x.safetensors", steps=4, **kw)
+    longer = run(TinyNet(), tmp_path, "x.safetensors", resume=first.path, steps=8, **kw)
+    fresh = run(TinyNet(), steps=8, **kw)
+    assert longer.steps_done == 8 and "8 total steps" in longer.metadata["tlora.train.resume_note"]
+    # Steps 5..8 use the 8-step cosine's learning rates (never the 4-step one's, which ended at 0).
+    assert [h["lr"] for h in longer.history[4:]] == pytest.approx([h["lr"] for h in fresh.history[4:]])
