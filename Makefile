@@ -2,19 +2,22 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: bootstrap test test-unit test-host demo bench clean
+.PHONY: bootstrap test test-unit test-host test-browser demo bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
 
 test: bootstrap
-	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest tests/unit tests/host tests/browser -q -ra
 
 test-unit: bootstrap
 	$(PY) -m pytest tests/unit -q
 
 test-host: bootstrap
 	$(PY) -m pytest tests/host -q
+
+test-browser: bootstrap
+	$(PY) -m pytest tests/browser -q
 
 demo: bootstrap
 	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")

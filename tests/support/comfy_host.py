@@ -293,8 +293,19 @@ def pack_module() -> Any:
 
 
 def _run_coro(coro: Any) -> Any:
-    """Run a coroutine to completion from synchronous code."""
-    return asyncio.run(coro)
+    """Run a coroutine to completion from synchronous code.
+
+    When this thread already runs an event loop (Playwright's sync API keeps one alive for
+    the browser tests' session), asyncio.run refuses: run it on a worker thread instead.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures  # noqa: PLC0415 - only on this path
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def setup_host(base_dir: os.PathLike, *, load_nodes: bool = True, load_custom_nodes: bool = True,
