@@ -11,6 +11,9 @@ self- and cross-attention: C x C, and C x 768 for cross-attention k/v; C = 320 x
   factored / merged / dense   the same module with its transform form forced
   ref      + TLoRA(2,6) the reference code's way: T and W0 T (and Delta) formed every step
            from the cores, back-propagated through the full weight
+  wside    (information only, not a form of the module) W0 T formed every step in factored
+           form (trm.weight_times_t, O*I*sum(n_d)R^2-ish), back-propagated through the full
+           weight; the residual applied activation-side
 
 Cores are random (not the identity start) so no shortcut applies. Variants are interleaved
 (rotating order) for each shape, the median per variant is kept, and per-layer medians are
@@ -42,7 +45,7 @@ from tlora.module import TLoRAModule  # noqa: E402
 TEXT_DIM, TEXT_TOKENS = 768, 77
 # (channels, transformer blocks at that width) of SD1.5's UNet.
 LEVELS = ((320, 5), (640, 5), (1280, 6))
-VARIANTS = ("frozen", "lora", "auto", "factored", "merged", "dense", "ref")
+VARIANTS = ("frozen", "lora", "auto", "factored", "merged", "dense", "ref", "wside")
 
 
 def layer_shapes(realistic: bool) -> list[dict]:
@@ -102,6 +105,20 @@ class Reference(nn.Module):
         return F.linear(x, weight, self.base.bias)
 
 
+class WeightSide(nn.Module):
+    """W = W0 T from the cores in factored form every step, plus the residual as x V U^T."""
+
+    def __init__(self, module: TLoRAModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        weight = trm.weight_times_t(m.base.weight, m._cores(x.dtype))
+        up, down = m.residual_factors(x.dtype)
+        return F.linear(x, weight, m.base.bias) + (x @ down) @ (up * m.scale).t()
+
+
 def build(shape: dict, device: torch.device, seed: int) -> dict[str, nn.Module]:
     """Every variant for one layer shape (sharing one frozen base)."""
     gen = torch.Generator().manual_seed(seed)
@@ -118,6 +135,7 @@ def build(shape: dict, device: torch.device, seed: int) -> dict[str, nn.Module]:
         "merged": TLoRAModule(base, adapter, form="merged"),
         "dense": TLoRAModule(base, adapter, form="dense"),
         "ref": Reference(base, adapter),
+        "wside": WeightSide(TLoRAModule(base, adapter, form="factored")),
     }
     return {k: m.to(device) for k, m in mods.items()}
 

@@ -4,7 +4,11 @@
 
 The base layer (and its weight) is never modified or copied; only adapter tensors are
 parameters. For convs T mixes input channels at every pixel (a 1x1 map) and Delta is a
-conv with the base's stride/padding followed by a 1x1 up-projection.
+conv with the base's stride/padding followed by a 1x1 up-projection. For a plain linear
+base the frozen GEMM, T and Delta run in one autograd node (`trm.linear`). The transform's
+form (factored / merged / dense) is the module's `form`, or with "auto" the one
+`tlora.forms.select_form` measured fastest for this shape, token bucket, device, dtype and
+grad mode (TLORA_FORM forces one); `last_form` records the form used.
 """
 from __future__ import annotations
 
@@ -145,6 +149,7 @@ class TLoRAModule(nn.Module):
         return weight.dtype == x.dtype and weight.device == x.device and not self._untouched_identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        """base(x + sigma (T x - x)) + sigma s Delta x."""
         if self._fusable(x):
             up = down = None
             if self.residual_kind != "none":

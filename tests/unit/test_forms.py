@@ -228,3 +228,27 @@ def test_benchmark_forms_runs_every_candidate() -> None:
     assert set(times) == set(trm.FORMS)
     times = forms.benchmark_forms((2, 3, 4), 2, 33, repeats=1, layout="channels")
     assert set(times) == set(trm.FORMS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forms_under_cpu_autocast(dtype: torch.dtype) -> None:
+    """Under autocast the factored engine computes in the autocast dtype, like F.linear would."""
+    gen = torch.Generator().manual_seed(5)
+    cores = [c.float().detach().requires_grad_(True) for c in random_cores(3, 2, gen)]
+    x = torch.randn(40, 12, generator=gen, requires_grad=True)
+    xc = torch.randn(2, 12, 3, 3, generator=gen, requires_grad=True)
+    weight, up, down = torch.randn(5, 12, generator=gen), torch.randn(5, 2, generator=gen), torch.randn(12, 2, generator=gen)
+    exact = trm.linear(x.double(), weight.double(), None, [c.double() for c in cores], "dense", 0.8,
+                       up.double(), down.double())
+    for form in trm.FORMS:
+        with torch.autocast("cpu", dtype=dtype):
+            y = trm.linear(x, weight, None, cores, form, 0.8, up, down)
+            rows = trm.apply(x, cores, form)
+            chans = trm.apply_channels(xc, cores, form)
+        assert y.dtype == rows.dtype == chans.dtype == dtype
+        (y.float().sum() + rows.float().sum() + chans.float().sum()).backward()
+        assert x.grad.dtype == torch.float32 and cores[0].grad.dtype == torch.float32
+        torch.testing.assert_close(y.double(), exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+        x.grad = xc.grad = None
+        for c in cores:
+            c.grad = None

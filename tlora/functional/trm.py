@@ -331,6 +331,12 @@ class _RowsChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        x = ctx.saved_tensors[0]
+        with torch.autocast(x.device.type, enabled=False):
+            return _RowsChain._backward(ctx, gy.to(x.dtype))
+
+    @staticmethod
+    def _backward(ctx, gy):
         x, weight, up, down, hidden, *ops = ctx.saved_tensors
         chain, keep = ctx.chain, ctx.keep
         gy = gy.contiguous()
@@ -405,7 +411,8 @@ class _ChannelsChain(torch.autograd.Function):
         chain, keep = ctx.chain, ctx.keep
         grads = [torch.zeros_like(op) for op in ops]
         gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        with _Threads(x.device):
+        gy = gy.to(x.dtype)
+        with _Threads(x.device), torch.autocast(x.device.type, enabled=False):
             _ChannelsChain._backward(x, gy, gx, keep, chain, ops, grads)
         return (gx, None, None, *grads)
 
@@ -460,15 +467,39 @@ def _check_form(form: str) -> None:
         raise ValueError(f"unknown transform form {form!r}; expected one of {FORMS}")
 
 
+class _NoAutocast:
+    """Run the factored engine as autocast would run its GEMMs: inputs cast to the autocast
+    dtype up front, then autocast off (its out= GEMMs must see one dtype)."""
+
+    def __init__(self, x: Tensor):
+        kind = x.device.type
+        enabled = torch.is_autocast_enabled(kind) if kind in ("cpu", "cuda", "xpu", "mps") else False
+        self.dtype = torch.get_autocast_dtype(kind) if enabled and x.is_floating_point() else x.dtype
+        self.ctx = torch.autocast(kind, enabled=False) if enabled else None
+
+    def cast(self, t: Tensor | None) -> Tensor | None:
+        return t if t is None or t.dtype == self.dtype else t.to(self.dtype)
+
+    def __enter__(self) -> "_NoAutocast":
+        if self.ctx is not None:
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
 def apply(x: Tensor, cores: Sequence[Tensor], form: str = "factored", strength: float = 1.0) -> Tensor:
     """x + sigma (T x - x) (T x at sigma = 1) for rows x of shape (..., I) in the named form."""
     _check_form(form)
     lead, width = x.shape[:-1], x.shape[-1]
     if len(cores) == 1 or form == "dense":
         return x @ dense_with_strength(cores, strength).transpose(0, 1)
-    chain, ops = _plan(cores, form, strength)
-    rows = x.reshape(-1, width)
-    out = _RowsChain.apply(rows, None, None, None, None, 1.0 - strength, chain, *ops)
+    with _NoAutocast(x) as amp:
+        chain, ops = _plan([amp.cast(c) for c in cores], form, strength)
+        rows = amp.cast(x).reshape(-1, width)
+        out = _RowsChain.apply(rows, None, None, None, None, 1.0 - strength, chain, *ops)
     return out.reshape(*lead, width)
 
 
@@ -478,9 +509,11 @@ def apply_channels(x: Tensor, cores: Sequence[Tensor], form: str = "factored", s
     if len(cores) == 1 or form == "dense":
         t = dense_with_strength(cores, strength)
         return torch.einsum("ij,bj...->bi...", t, x)
-    chain, ops = _plan(cores, form, strength)
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    return _ChannelsChain.apply(flat, 1.0 - strength, chain, *ops).reshape(x.shape)
+    with _NoAutocast(x) as amp:
+        chain, ops = _plan([amp.cast(c) for c in cores], form, strength)
+        flat = amp.cast(x).reshape(x.shape[0], x.shape[1], -1)
+        out = _ChannelsChain.apply(flat, 1.0 - strength, chain, *ops)
+    return out.reshape(x.shape)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cores: Sequence[Tensor], form: str = "factored",
@@ -497,9 +530,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cores: Sequence[Tenso
         if up is not None:
             out = out + (x @ down) @ up.transpose(0, 1)
         return out
-    chain, ops = _plan(cores, form, strength)
-    rows = x.reshape(-1, width)
-    out = _RowsChain.apply(rows, weight, bias, up, down, 1.0 - strength, chain, *ops)
+    with _NoAutocast(x) as amp:
+        chain, ops = _plan([amp.cast(c) for c in cores], form, strength)
+        rows = amp.cast(x).reshape(-1, width)
+        out = _RowsChain.apply(rows, amp.cast(weight), amp.cast(bias), amp.cast(up), amp.cast(down),
+                               1.0 - strength, chain, *ops)
     return out.reshape(*lead, weight.shape[0])
 
 
