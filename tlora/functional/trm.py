@@ -331,13 +331,14 @@ class _RowsChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x = ctx.saved_tensors[0]
-        with torch.autocast(x.device.type, enabled=False):
-            return _RowsChain._backward(ctx, gy.to(x.dtype))
+        # Unpack once: under torch.utils.checkpoint saved tensors may be unpacked only once.
+        saved = ctx.saved_tensors
+        with torch.autocast(saved[0].device.type, enabled=False):
+            return _RowsChain._backward(ctx, saved, gy.to(saved[0].dtype))
 
     @staticmethod
-    def _backward(ctx, gy):
-        x, weight, up, down, hidden, *ops = ctx.saved_tensors
+    def _backward(ctx, saved, gy):
+        x, weight, up, down, hidden, *ops = saved
         chain, keep = ctx.chain, ctx.keep
         gy = gy.contiguous()
         n_tok, width = x.shape
