@@ -63,7 +63,7 @@ class Method:
     residual: str = "none"
     algo: str = ""
     rank: int = 0
-    lr: float = 1e-3           # base learning rate (the grid is base x LR_GRID)
+    lr: float = 3e-3           # base learning rate (the grid is base x LR_GRID)
 
 
 METHODS = [
@@ -77,9 +77,12 @@ METHODS = [
     Method("LoRA r8", "comfy", algo="LoRA", rank=8),
     Method("LoHa r2", "comfy", algo="LoHa", rank=2),
     Method("LoKr f8", "comfy", algo="LoKr", rank=8),
-    Method("OFT b8", "comfy", algo="OFT", rank=8),
+    Method("OFT b8", "comfy", algo="OFT", rank=8, lr=1e-2),  # its rotation is norm-capped: larger steps
 ]
 QUICK_METHODS = ("TLoRA(2,6)", "TLoRA*(2,4)", "LoRA r4", "LoKr f8", "OFT b8")
+# Subjects whose silhouettes and colours survive the default model's 8x-downsampling VAE; the
+# zorb's thin red/yellow stripes blur to orange, so it stays out of the default set.
+SUBJECTS_FULL, SUBJECT_QUICK = "quib,vemo,plon", "quib"
 LR_GRID = (0.3, 1.0, 3.0)
 SAMPLE_STEPS = 16  # euler steps when evaluating (20 in the default-model test; fewer here to save time)
 
@@ -213,20 +216,30 @@ def attach(bench: Bench, method: Method, seed: int) -> Attached:
 
 @dataclasses.dataclass
 class SubjectData:
-    """A subject's training latents, conditionings and images."""
+    """A subject's training latents, conditionings, images and reference object crops."""
 
     name: str
     latents: Any
     conds: Any
     images: np.ndarray
     captions: list[str]
+    references: list  # object crops of the training images after a VAE round trip
 
 
 def subject_data(bench: Bench, name: str, n_images: int) -> SubjectData:
-    """The subject's training set (images from proving.procedural, seed 0) encoded by the model."""
+    """The subject's training set (images from proving.procedural, seed 0) encoded by the model.
+
+    References for subject similarity are the training images decoded back by the model's own
+    VAE: the best rendering of the subject this model can produce, blur included.
+    """
     images, captions = P.subject_images(name, n_images, seed=0)
     conds = bench.torch.cat([bench.cond(c) for c in captions])
-    return SubjectData(name, bench.latents(images), conds, images, captions)
+    latents = bench.latents(images)
+    with bench.torch.no_grad():
+        decoded = bench.vae.decode(bench.base.process_latent_out(latents)).clamp(0, 1)
+    round_trip = (decoded * 255).round().byte().cpu().numpy()
+    refs = [c for c in (M.object_crop(im) for im in round_trip) if c is not None]
+    return SubjectData(name, latents, conds, images, captions, refs)
 
 
 def train(bench: Bench, params: list, data: SubjectData, steps: int, lr: float, seed: int, batch: int = 2,
@@ -251,7 +264,7 @@ def train(bench: Bench, params: list, data: SubjectData, steps: int, lr: float, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             print(f"    step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
     return {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
@@ -279,6 +292,7 @@ def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds
         div.append(M.mean_pairwise_distance(images))
         for im in images:
             f = M.subject_fidelity(im, name)
+            f["similarity"] = M.subject_similarity(im, data.references)
             fid.append(f)
             where = M.placement(im)
             bg_ok.append(where["background"] == prompt.background)
@@ -290,9 +304,10 @@ def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds
     for caption in data.captions[:train_prompts]:
         images = bench.generate(caption, seeds, patcher)
         rows.append(images)
-        seen += [M.subject_fidelity(im, name)["score"] for im in images]
+        seen += [M.subject_similarity(im, data.references) for im in images]
     metrics = {
-        "subject": float(np.mean([f["score"] for f in fid])),
+        "subject": float(np.mean([f["similarity"] for f in fid])),
+        "subject_template": float(np.mean([f["score"] for f in fid])),
         "subject_shape": float(np.mean([f["shape"] for f in fid])),
         "subject_palette": float(np.mean([f["palette"] for f in fid])),
         "subject_pattern": float(np.mean([f["pattern"] for f in fid])),
@@ -493,7 +508,9 @@ def fit_tlora_group(w0: Any, w1: Any, transform: str, residual: str, iters: int,
 
     if not params:
         return weight(True), ad.num_params()
-    opt = torch.optim.Adam(list(params.values()), lr=3e-3)
+    # lr 1e-2 with 300 cosine steps lands within ~1.5% of the 1500-step error (checked on TR(8),
+    # TRM2+TR(6) and TRM1+TR(6) fits of real deltas).
+    opt = torch.optim.Adam(list(params.values()), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     # Each module keeps its best iterate (a fit is never reported worse than where it started).
     best_loss = torch.full((b,), float("inf"))
@@ -647,7 +664,7 @@ def save_grid(rows: list[np.ndarray], path: Path, labels: Optional[list[str]] = 
 
 def summarize(records: list[dict]) -> list[dict]:
     """Mean and standard deviation of every metric per method (over subjects x seeds)."""
-    keys = ["subject", "subject_shape", "subject_palette", "subject_pattern", "background", "position", "prompt",
+    keys = ["subject", "subject_template", "subject_shape", "subject_palette", "subject_pattern", "background", "position", "prompt",
             "diversity", "copied_background", "nearest_train", "subject_train_prompt", "loss_last", "step_time"]
     out = []
     for m in dict.fromkeys(r["method"] for r in records):
@@ -685,14 +702,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few minutes: one subject, five methods, short runs")
     ap.add_argument("--parts", default="sim,subjects", help="comma list of sim, subjects (default both)")
     ap.add_argument("--model", default=None, help="checkpoint (default: the built default model; built if missing)")
-    ap.add_argument("--subjects", default=None, help="comma list (default zorb,quib,plon; quick: zorb)")
+    ap.add_argument("--subjects", default=None, help=f"comma list (default {SUBJECTS_FULL}; quick: {SUBJECT_QUICK})")
     ap.add_argument("--seeds", default=None, help="comma list of training seeds (default 0,1; quick: 0)")
     ap.add_argument("--methods", default=None,
                     help="semicolon list of method names, e.g. 'TLoRA(2,6);LoRA r4' (default all; quick: five)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 150; quick 50)")
     ap.add_argument("--no-tune", action="store_true", help="use base learning rates (quick always does)")
+    ap.add_argument("--lr-factor", type=float, default=1.0, help="multiply every base learning rate")
     ap.add_argument("--sim-steps", type=int, default=None, help="full fine-tune steps (default 150; quick 40)")
-    ap.add_argument("--sim-iters", type=int, default=None, help="gradient-fit iterations (default 300; quick 80)")
+    ap.add_argument("--sim-iters", type=int, default=None, help="gradient-fit iterations (default 300; quick 100)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default TLORA_TORCH_THREADS or 1)")
     ap.add_argument("--no-hybrid", action="store_true", help="run the plain wide UNet (about 2x slower)")
     ap.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT.relative_to(ROOT)})")
@@ -701,7 +719,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t_start = time.perf_counter()
     quick = a.quick
-    subjects = (a.subjects or ("zorb" if quick else "zorb,quib,plon")).split(",")
+    subjects = (a.subjects or (SUBJECT_QUICK if quick else SUBJECTS_FULL)).split(",")
     seeds = [int(s) for s in (a.seeds or ("0" if quick else "0,1")).split(",")]
     names = [n.strip() for n in a.methods.split(";")] if a.methods else (list(QUICK_METHODS) if quick else [m.name for m in METHODS])
     methods = [m for m in METHODS if m.name in names]
@@ -709,7 +727,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; known: {[m.name for m in METHODS]}")
     steps = a.steps or (50 if quick else 150)
-    sim_steps, sim_iters = a.sim_steps or (40 if quick else 150), a.sim_iters or (80 if quick else 300)
+    sim_steps, sim_iters = a.sim_steps or (40 if quick else 150), a.sim_iters or (100 if quick else 300)
     parts = set(a.parts.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -730,7 +748,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "sim" in parts:
         print(f"simulation: full fine-tunes ({sim_steps} steps) and fits ({sim_iters} iterations)", flush=True)
         sim_records = []
-        for name in subjects[:1 if quick else 2]:
+        for name in subjects[:1]:
             data = subject_data(bench, name, 5)
             deltas = full_finetune_deltas(bench, data, sim_steps, 2e-4)
             if quick:  # a third of the modules: same families, a rougher average
@@ -749,8 +767,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         dump()
 
     if "subjects" in parts:
+        methods = [dataclasses.replace(m, lr=m.lr * a.lr_factor) for m in methods]
         lrs = {m.name: m.lr for m in methods}
-        prompts_of = {n: P.held_out_prompts(n)[: 3 if quick else 6] for n in subjects}
+        # Held-out: three new backgrounds, a new place, a new size (quick: the backgrounds only).
+        prompts_of = {n: [p for p in P.held_out_prompts(n) if p.position != "bottom"][: 3 if quick else 5]
+                      for n in subjects}
         eval_seeds = [100] if quick else [100, 101]
         if not (quick or a.no_tune):
             print(f"tuning learning rates on {subjects[0]} (seed {seeds[0]}, validation prompts)", flush=True)

@@ -270,3 +270,37 @@ def nearest_distance(img: object, references: Sequence[object]) -> float:
     """RMS pixel distance (0..1) to the closest reference image (small = a near copy of a training image)."""
     a = as_array(img) / 255.0
     return float(min(np.sqrt(((a - as_array(r) / 255.0) ** 2).mean()) for r in references))
+
+
+def object_crop(img: object, size: int = 32) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The main object (largest region unlike the border) cropped to its box and resized: (rgb, mask)."""
+    a = as_array(img)
+    mask = largest_component(foreground_mask(a))
+    if mask.sum() < 9:
+        return None
+    return _crop_resize(a, mask, size)
+
+
+def crop_similarity(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """1 - mean absolute RGB difference (0..1) over the union of two object crops' silhouettes.
+
+    Pixels inside one silhouette but outside the other compare object against background, so
+    shape, colour and pattern all count; 1 means the same object.
+    """
+    (ca, ma), (cb, mb) = a, b
+    union = (ma > 0.5) | (mb > 0.5)
+    if not union.any():
+        return 0.0
+    return float(1.0 - (np.abs(ca - cb)[union]).mean() / 255.0)
+
+
+def subject_similarity(img: object, references: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Best crop similarity of an image's main object to reference object crops (0 if no object).
+
+    With references taken from the subject's training images after a round trip through the
+    model's own VAE, this is template matching against what the model can render at best.
+    """
+    crop = object_crop(img)
+    if crop is None or not references:
+        return 0.0
+    return max(crop_similarity(crop, r) for r in references)
