@@ -55,7 +55,7 @@ class BuildConfig:
     captions: int = 192
     per_caption: int = 12
     vae_images: int = 3072
-    vae_steps: int = 800
+    vae_steps: int = 640
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 3e-3
@@ -63,7 +63,7 @@ class BuildConfig:
     vae_edges: float = 1.0
     vae_blocks: tuple = ((0, 1, 1, 2), (2, 1, 1, 0))
     vae_latent_noise: float = 0.02
-    unet_steps: int = 1500
+    unet_steps: int = 1800
     unet_batch: int = 16
     unet_lr: float = 2e-3
     cond_dropout: float = 0.1

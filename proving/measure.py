@@ -196,3 +196,111 @@ def check_caption(img: object, spec: CaptionSpec) -> dict[str, bool]:
     if spec.shape in ("circle", "square"):
         out["shape"] = info["shape"] == spec.shape
     return out
+
+
+# --------------------------------------------------------------------------- subjects (benchmarks)
+
+def _crop_resize(a: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop an image and its mask to the mask's bounding box and resize both to (size, size)."""
+    from PIL import Image
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = Image.fromarray(np.clip(a[y0:y1, x0:x1], 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    m = Image.fromarray((mask[y0:y1, x0:x1] * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    return np.asarray(crop, dtype=np.float64), np.asarray(m, dtype=np.float64) / 255.0
+
+
+def subject_fidelity(img: object, name: str, size: int = 32) -> dict[str, float]:
+    """How much a generated object looks like a novel subject, from its analytic template (0..1 each).
+
+    shape: IoU of the object's silhouette (cropped to its box, resized) with the template's;
+    palette: share of object pixels whose nearest palette colour is one of the subject's two
+    colours; pattern: correlation of where the second colour sits (stripes, dots, rings,
+    checks) with the template, clipped at 0; score: mean of the three. No learned model.
+    """
+    from .procedural import SUBJECTS, subject_template
+    s = SUBJECTS[name]
+    a = as_array(img)
+    mask = largest_component(foreground_mask(a))
+    if mask.sum() < 9:
+        return {"shape": 0.0, "palette": 0.0, "pattern": 0.0, "score": 0.0}
+    crop, cmask = _crop_resize(a, mask, size)
+    tmpl, tmask = subject_template(name, size)
+    inside, tin = cmask > 0.5, tmask > 0.5
+    shape = float((inside & tin).sum() / max(1, (inside | tin).sum()))
+    c1, c2 = np.asarray(COLOURS[s.colour], dtype=np.float64), np.asarray(COLOURS[s.colour2], dtype=np.float64)
+    pix = crop[inside]
+    nearest = np.argmin(((pix[:, None, :] - _TABLE[None]) ** 2).sum(-1), axis=1)
+    own = {_NAMES.index(s.colour), _NAMES.index(s.colour2)}
+    palette = float(np.isin(nearest, list(own)).mean()) if len(pix) else 0.0
+
+    def second(x: np.ndarray) -> np.ndarray:
+        # 1 where a pixel is nearer the second colour than the first, soft in between.
+        d1, d2 = np.linalg.norm(x - c1, axis=-1), np.linalg.norm(x - c2, axis=-1)
+        return d1 / np.maximum(d1 + d2, 1e-6)
+
+    both = inside & tin
+    if both.sum() >= 9:
+        u, v = second(crop)[both], second(tmpl.astype(np.float64))[both]
+        corr = float(np.corrcoef(u, v)[0, 1]) if u.std() > 1e-6 and v.std() > 1e-6 else 0.0
+    else:
+        corr = 0.0
+    pattern = max(0.0, corr)
+    return {"shape": shape, "palette": palette, "pattern": pattern, "score": (shape + palette + pattern) / 3}
+
+
+def placement(img: object) -> dict:
+    """Background colour, object centroid position and area of the main object (any colours)."""
+    a = as_array(img)
+    mask = largest_component(foreground_mask(a))
+    return {"background": background_colour(a), "position": position_of(mask) if mask.any() else None,
+            "area": int(mask.sum())}
+
+
+def mean_pairwise_distance(images: Sequence[object]) -> float:
+    """Mean RMS pixel distance (0..1) over all pairs: a diversity measure (0 = identical images)."""
+    arrs = [as_array(im) / 255.0 for im in images]
+    if len(arrs) < 2:
+        return 0.0
+    d = [float(np.sqrt(((arrs[i] - arrs[j]) ** 2).mean())) for i in range(len(arrs)) for j in range(i + 1, len(arrs))]
+    return float(np.mean(d))
+
+
+def nearest_distance(img: object, references: Sequence[object]) -> float:
+    """RMS pixel distance (0..1) to the closest reference image (small = a near copy of a training image)."""
+    a = as_array(img) / 255.0
+    return float(min(np.sqrt(((a - as_array(r) / 255.0) ** 2).mean()) for r in references))
+
+
+def object_crop(img: object, size: int = 32) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The main object (largest region unlike the border) cropped to its box and resized: (rgb, mask)."""
+    a = as_array(img)
+    mask = largest_component(foreground_mask(a))
+    if mask.sum() < 9:
+        return None
+    return _crop_resize(a, mask, size)
+
+
+def crop_similarity(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """1 - mean absolute RGB difference (0..1) over the union of two object crops' silhouettes.
+
+    Pixels inside one silhouette but outside the other compare object against background, so
+    shape, colour and pattern all count; 1 means the same object.
+    """
+    (ca, ma), (cb, mb) = a, b
+    union = (ma > 0.5) | (mb > 0.5)
+    if not union.any():
+        return 0.0
+    return float(1.0 - (np.abs(ca - cb)[union]).mean() / 255.0)
+
+
+def subject_similarity(img: object, references: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Best crop similarity of an image's main object to reference object crops (0 if no object).
+
+    With references taken from the subject's training images after a round trip through the
+    model's own VAE, this is template matching against what the model can render at best.
+    """
+    crop = object_crop(img)
+    if crop is None or not references:
+        return 0.0
+    return max(crop_similarity(crop, r) for r in references)

@@ -142,6 +142,35 @@ def test_wide_checkpoint_computes_the_trained_twin(tiny_build, D):
     assert torch.allclose(decoded, twin_decoded, atol=1e-4)
 
 
+def test_hybrid_resblocks_compute_the_wide_unet(tiny_build, D):
+    """The benchmarks' speed-up (narrow ResBlocks inside the wide UNet) changes nothing, adapters included."""
+    import comfy.sd
+    import torch
+
+    import tlora
+    from proving.narrow import hybridize_resblocks
+    out, _, _ = tiny_build
+    cfg = D.BuildConfig.make(tiny=True)
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(out), output_vae=False, output_clip=False)
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(1)
+    paths = [n for n, _ in unet.named_modules() if n.endswith((".to_q", ".to_out.0"))]
+    adapters = {p: tlora.ModuleAdapter.create(tuple(unet.get_submodule(p).weight.shape), "trm:2", "lora:2",
+                                              generator=g, name=p) for p in paths}
+    for a in adapters.values():  # move off the identity/zero start so the adapters do something
+        for k, v in a.tensors.items():
+            if k != "tlora_scale":
+                v.add_(0.05 * torch.randn(v.shape, generator=g))
+    tlora.attach(unet, adapters)
+    x, c, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([9.0, 444.0])
+    with torch.no_grad():
+        wide = unet(x, t, context=c)
+        swapped = hybridize_resblocks(unet, cfg.unet_width, cfg.seed)
+        hybrid = unet(x, t, context=c)
+    assert len(swapped) == 5
+    assert (wide - hybrid).abs().max() <= 1e-5 * (1 + wide.abs().max())
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, D, monkeypatch):
     import torch
     cfg = D.BuildConfig.make(tiny=True)
@@ -183,14 +212,18 @@ def default_model(comfy_host, D):
 
 
 def test_default_model_follows_prompts(default_model, D):
-    """Anchor prompts, two seeds each: background, object colour, shape and place measured on the images."""
+    """Anchor prompts, three images each: background, object colour, shape and place measured on the images.
+
+    Thresholds sit below what the default build measures here (background 1.0, colour ~0.95,
+    shape ~0.7 on 24 images; see docs/QUALITY.md): shapes are the model's weak point.
+    """
     from proving import measure as M
     from proving import procedural as P
     model, clip, vae = default_model
     results: dict[str, list[bool]] = {}
     rows, per_prompt = [], {}
     for spec in P.ANCHOR_SPECS:
-        images = D.generate(model, clip, vae, spec.caption, seed=0, batch=2, steps=20, cfg=5.0)
+        images = D.generate(model, clip, vae, spec.caption, seed=0, batch=3, steps=20, cfg=5.0)
         rows.append(np.concatenate(list(images), 1))
         checks = [M.check_caption(im, spec) for im in images]
         per_prompt[spec.caption] = checks
@@ -200,8 +233,8 @@ def test_default_model_follows_prompts(default_model, D):
     grid = _save_grid(rows, "default_model_prompts.png")
     rates = {k: sum(v) / len(v) for k, v in results.items()}
     summary = f"rates {rates} (grid: {grid}); per prompt: {per_prompt}"
-    assert rates["background"] >= 0.75, summary
-    assert rates["colour"] >= 0.75, summary
+    assert rates["background"] >= 0.9, summary
+    assert rates["colour"] >= 0.8, summary
     assert rates["shape"] >= 0.6, summary
     red_circle = per_prompt["a red circle on a blue background"]
-    assert sum(c["background"] and c["colour"] for c in red_circle) >= 1, summary
+    assert sum(c["background"] and c["colour"] and c["shape"] for c in red_circle) >= 2, summary

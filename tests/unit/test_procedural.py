@@ -83,3 +83,26 @@ def test_subjects_images_and_held_out_prompts() -> None:
 def test_unknown_subject_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="known"):
         P.subject_images("nope")
+
+
+def test_subject_metrics_prefer_the_subject_over_others() -> None:
+    for name in P.SUBJECTS:
+        images, _ = P.subject_images(name, 5, seed=0)
+        refs = [M.object_crop(im) for im in images]
+        rng = np.random.default_rng(7)
+        held = [P.render(P.subject_scene(name, p.background, p.position, p.size, rng))
+                for p in P.held_out_prompts(name) if p.size == "default"]
+        others = [im for n in P.SUBJECTS if n != name for im in P.subject_images(n, 2, seed=1)[0]]
+        own = np.mean([M.subject_similarity(im, refs) for im in held])
+        other = np.mean([M.subject_similarity(im, refs) for im in others])
+        assert own > 0.85 and own > other + 0.15, (name, own, other)
+        tmpl_own = np.mean([M.subject_fidelity(im, name)["score"] for im in images])
+        tmpl_other = np.mean([M.subject_fidelity(im, name)["score"] for im in others])
+        assert tmpl_own > tmpl_other + 0.3, (name, tmpl_own, tmpl_other)
+
+
+def test_diversity_and_nearest_distance() -> None:
+    images, _ = P.subject_images("quib", 4, seed=0)
+    assert M.mean_pairwise_distance([images[0], images[0]]) == 0.0
+    assert M.mean_pairwise_distance(images) > 0.05
+    assert M.nearest_distance(images[1], images) == 0.0

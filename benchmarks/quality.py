@@ -1,0 +1,831 @@
+#!/usr/bin/env python3
+"""Quality benchmark on the proving-ground model: novel subjects and the weight-delta simulation.
+
+    .venv/bin/python benchmarks/quality.py --quick        # a few minutes: one subject, five methods
+    .venv/bin/python benchmarks/quality.py                # the full run documented in docs/QUALITY.md
+    .venv/bin/python benchmarks/quality.py --parts sim    # only the simulation (core + model, no sampling)
+
+Two parts, both on the embedded default model (built first if missing, see
+scripts/build_default_model.py), all metrics analytic (no downloaded models):
+
+* subjects: each adapter family learns a novel procedural subject from 5 images (same images,
+  captions, steps, batches, noise and schedule for every method; learning rates tuned per
+  method on a validation prompt set), then renders held-out prompts. Metrics: subject fidelity
+  (silhouette IoU, palette, texture pattern against the subject's template), prompt fidelity
+  (requested background and place), diversity (pairwise pixel distance across seeds), and
+  overfitting (distance to the nearest training image, backgrounds copied from training images).
+  TLoRA variants run activation-side (tlora.attach); LoRA/LoHa/LoKr/OFT are ComfyUI's own
+  weight adapters (comfy.weight_adapter create_train) applied as weight functions.
+* sim: the paper's simulation. Full fine-tunes of the attention weights give real deltas; each
+  family is fitted to them at several budgets (closed-form optima for LoRA, LoKr and OFT;
+  gradient fits for the tensorised ones) and the relative error is plotted against parameters.
+
+Writes out/quality/results.json and PNG plots to out/quality/ (and docs/quality/ with --docs).
+Attention-only adapters let the wide UNet's ResBlocks run as their exact narrow twins
+(proving.narrow.hybridize_resblocks, checked at start-up); step times are measured on the
+plain wide model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from proving import default_model as D  # noqa: E402
+from proving import measure as M  # noqa: E402
+from proving import procedural as P  # noqa: E402
+
+OUT = ROOT / "out" / "quality"
+DOCS = ROOT / "docs" / "quality"
+
+
+# --------------------------------------------------------------------------- methods
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One adapter configuration: a TLoRA (transform, residual) pair or a ComfyUI algorithm and rank."""
+
+    name: str
+    kind: str                  # "tlora" or "comfy"
+    transform: str = "none"
+    residual: str = "none"
+    algo: str = ""
+    rank: int = 0
+    lr: float = 3e-3           # base learning rate (the grid is base x LR_GRID)
+
+
+METHODS = [
+    Method("TLoRA(2,6)", "tlora", "trm:2", "tr:6"),
+    Method("TLoRA*(2,4)", "tlora", "trm:2", "lora:4"),
+    Method("Kron+TR(1,6)", "tlora", "trm:1", "tr:6"),
+    Method("TR(8)", "tlora", "none", "tr:8"),
+    Method("LoRA r1", "comfy", algo="LoRA", rank=1),
+    Method("LoRA r2", "comfy", algo="LoRA", rank=2),
+    Method("LoRA r4", "comfy", algo="LoRA", rank=4),
+    Method("LoRA r8", "comfy", algo="LoRA", rank=8),
+    Method("LoHa r2", "comfy", algo="LoHa", rank=2),
+    Method("LoKr f8", "comfy", algo="LoKr", rank=8),
+    Method("OFT b8", "comfy", algo="OFT", rank=8, lr=1e-2),  # its rotation is norm-capped: larger steps
+]
+QUICK_METHODS = ("TLoRA(2,6)", "TLoRA*(2,4)", "LoRA r4", "LoKr f8", "OFT b8")
+# Subjects whose silhouettes and colours survive the default model's 8x-downsampling VAE; the
+# zorb's thin red/yellow stripes blur to orange, so it stays out of the default set.
+SUBJECTS_FULL, SUBJECT_QUICK = "quib,vemo,plon", "quib"
+LR_GRID = (0.3, 1.0, 3.0)
+SAMPLE_STEPS = 16  # euler steps when evaluating (20 in the default-model test; fewer here to save time)
+
+
+# --------------------------------------------------------------------------- the model under test
+
+class Bench:
+    """The default model loaded as ComfyUI loads it, with cached conditionings and latents."""
+
+    def __init__(self, path: Path, hybrid: bool = True):
+        import torch
+        self.torch = torch
+        self.patcher, self.clip, self.vae = D.load(path)
+        self.base = self.patcher.model
+        self.unet = self.base.diffusion_model
+        self.unet.requires_grad_(False)
+        self.config = _config_of(path)
+        self.alphas = D._schedule()
+        self.targets = [n for n, _ in self.unet.named_modules()
+                        if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) and ".attn" in n]
+        self._conds: dict[str, Any] = {}
+        self.hybrid = False
+        if hybrid:
+            self.step_probe = self._probe()
+            from proving.narrow import hybridize_resblocks
+            hybridize_resblocks(self.unet, self.config.unet_width, self.config.seed)
+            self.unet.requires_grad_(False)
+            got = self._probe()
+            err = float((got - self.step_probe).abs().max())
+            if err > 1e-4 * (1 + float(self.step_probe.abs().max())):
+                raise RuntimeError(f"hybrid UNet differs from the wide one by {err}")
+            self.hybrid = True
+
+    def _probe(self) -> Any:
+        """One fixed forward pass (to check that the hybrid computes what the wide model does)."""
+        torch = self.torch
+        g = torch.Generator().manual_seed(11)
+        x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
+        with torch.no_grad():
+            return self.unet(x, torch.tensor([5.0, 600.0]), context=c)
+
+    def cond(self, text: str) -> Any:
+        """(1, 77, 768) conditioning of a prompt (cached)."""
+        if text not in self._conds:
+            self._conds[text] = D.encode(self.clip, text)[0][0].float()
+        return self._conds[text]
+
+    def latents(self, images: np.ndarray) -> Any:
+        """UNet-space latents of uint8 (N, 64, 64, 3) images (VAEEncode, then the model's latent scaling)."""
+        torch = self.torch
+        x = torch.from_numpy(images).float() / 255.0
+        with torch.no_grad():
+            return self.base.process_latent_in(self.vae.encode(x)).float()
+
+    def generate(self, prompt: str, seeds: list[int], patcher: Any = None, steps: int = SAMPLE_STEPS,
+                 cfg: float = 5.0) -> np.ndarray:
+        """uint8 (len(seeds), 64, 64, 3): one image per seed (each seed its own noise, so runs compare)."""
+        pos = [[self.cond(prompt), {}]]
+        neg = [[self.cond(""), {}]]
+        out = [D.generate(patcher or self.patcher, self.clip, self.vae, prompt, seed=s, steps=steps, cfg=cfg,
+                          positive_cond=pos, negative_cond=neg)[0] for s in seeds]
+        return np.stack(out)
+
+
+def _config_of(path: Path) -> Any:
+    """The BuildConfig stored in a default model's metadata."""
+    from tlora.format import read_metadata
+    meta = read_metadata(str(path))
+    cfg = json.loads(meta["tlora.proving.config"])
+    if "vae_blocks" in cfg:
+        cfg["vae_blocks"] = tuple(tuple(b) for b in cfg["vae_blocks"])
+    known = {f.name for f in dataclasses.fields(D.BuildConfig)}
+    return D.BuildConfig(**{k: v for k, v in cfg.items() if k in known})
+
+
+# --------------------------------------------------------------------------- attaching adapters
+
+@dataclasses.dataclass
+class Attached:
+    """Adapters live on the model: trainable parameters, how to sample with them, how to remove them."""
+
+    params: list
+    patcher: Any
+    detach: Callable[[], None]
+    export: Callable[[], dict]
+    num_params: int
+
+
+def attach(bench: Bench, method: Method, seed: int) -> Attached:
+    """Put fresh adapters of a method on every attention projection (seeded init)."""
+    torch = bench.torch
+    if method.kind == "tlora":
+        import tlora
+        from tlora.format import state_dict as tlora_state_dict
+        gen = torch.Generator().manual_seed(int(seed) * 101 + 7)
+        adapters = {p: tlora.ModuleAdapter.create(tuple(bench.unet.get_submodule(p).weight.shape), method.transform,
+                                                  method.residual, "paper", generator=gen, name=p)
+                    for p in bench.targets}
+        wrapped = tlora.attach(bench.unet, adapters)
+        params = [q for m in wrapped.values() for q in m.adapter_params.values()]
+        return Attached(params, bench.patcher, lambda: tlora.detach(bench.unet, list(wrapped)),
+                        lambda: tlora_state_dict({f"diffusion_model.{k}": m for k, m in
+                                                  ((k, v.to_adapter()) for k, v in wrapped.items())}),
+                        sum(a.num_params() for a in adapters.values()))
+    import comfy.weight_adapter as wa
+    torch.manual_seed(int(seed) * 101 + 7)  # ComfyUI's create_train draws from the global generator
+    patcher = bench.patcher.clone()
+    diffs = {}
+    for p in bench.targets:
+        module = bench.unet.get_submodule(p)
+        diff = wa.adapter_maps[method.algo].create_train(module.weight, method.rank, 1.0)
+        diff.requires_grad_(True)
+        diff.alpha.requires_grad_(False)
+        module.weight_function = [diff]
+        patcher.add_weight_wrapper(f"diffusion_model.{p}.weight", diff)
+        diffs[p] = diff
+
+    def detach() -> None:
+        for p in diffs:
+            bench.unet.get_submodule(p).weight_function = []
+
+    def export() -> dict:
+        return {f"diffusion_model.{p}.{k}": v.detach().float().contiguous()
+                for p, d in diffs.items() for k, v in d.state_dict().items() if k != "alpha"}
+
+    params = [q for d in diffs.values() for q in d.parameters() if q.requires_grad]
+    return Attached(params, patcher, detach, export, sum(q.numel() for q in params))
+
+
+# --------------------------------------------------------------------------- training
+
+@dataclasses.dataclass
+class SubjectData:
+    """A subject's training latents, conditionings, images and reference object crops."""
+
+    name: str
+    latents: Any
+    conds: Any
+    images: np.ndarray
+    captions: list[str]
+    references: list  # object crops of the training images after a VAE round trip
+
+
+def subject_data(bench: Bench, name: str, n_images: int) -> SubjectData:
+    """The subject's training set (images from proving.procedural, seed 0) encoded by the model.
+
+    References for subject similarity are the training images decoded back by the model's own
+    VAE: the best rendering of the subject this model can produce, blur included.
+    """
+    images, captions = P.subject_images(name, n_images, seed=0)
+    conds = bench.torch.cat([bench.cond(c) for c in captions])
+    latents = bench.latents(images)
+    with bench.torch.no_grad():
+        decoded = bench.vae.decode(bench.base.process_latent_out(latents)).clamp(0, 1)
+    round_trip = (decoded * 255).round().byte().cpu().numpy()
+    refs = [c for c in (M.object_crop(im) for im in round_trip) if c is not None]
+    return SubjectData(name, latents, conds, images, captions, refs)
+
+
+def train(bench: Bench, params: list, data: SubjectData, steps: int, lr: float, seed: int, batch: int = 2,
+          log_every: int = 0, skip_times: int = 0) -> dict:
+    """Denoising-MSE training of `params` (AdamW, constant lr, clip 1.0); batches and noise from the seed only."""
+    torch = bench.torch
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-4)
+    losses, times = [], []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
+        pick = torch.randint(len(data.latents), (batch,), generator=g)
+        x0 = data.latents[pick]
+        t = torch.randint(len(bench.alphas), (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = bench.alphas[t].view(-1, 1, 1, 1)
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            pred = bench.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), context=data.conds[pick])
+            loss = (pred - noise).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            print(f"    step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
+    return {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
+            "step_time": float(np.median(times[skip_times:] or times))}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def validation_prompts(name: str) -> list[P.SubjectPrompt]:
+    """Tuning prompts: training backgrounds in new places (disjoint from the held-out test prompts)."""
+    bgs = [b for b in P.SUBJECT_TRAIN_BACKGROUNDS if b not in (P.SUBJECTS[name].colour, P.SUBJECTS[name].colour2)]
+    return [P.SubjectPrompt(P.subject_caption(name, bgs[0], "top"), bgs[0], "top"),
+            P.SubjectPrompt(P.subject_caption(name, bgs[1], "bottom"), bgs[1], "bottom")]
+
+
+def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds: list[int],
+             train_prompts: int = 1) -> tuple[dict, list]:
+    """Metrics over prompts x seeds (plus a training caption): subject, prompt fidelity, diversity, overfitting."""
+    name = data.name
+    train_bgs = {M.background_colour(im) for im in data.images}
+    rows, fid, bg_ok, pos_ok, leak, near, div = [], [], [], [], [], [], []
+    for prompt in prompts:
+        images = bench.generate(prompt.text, seeds, patcher)
+        rows.append(images)
+        div.append(M.mean_pairwise_distance(images))
+        for im in images:
+            f = M.subject_fidelity(im, name)
+            f["similarity"] = M.subject_similarity(im, data.references)
+            fid.append(f)
+            where = M.placement(im)
+            bg_ok.append(where["background"] == prompt.background)
+            leak.append(where["background"] in train_bgs)
+            if prompt.position != "centre":
+                pos_ok.append(where["position"] == prompt.position)
+            near.append(M.nearest_distance(im, data.images))
+    seen = []
+    for caption in data.captions[:train_prompts]:
+        images = bench.generate(caption, seeds, patcher)
+        rows.append(images)
+        seen += [M.subject_similarity(im, data.references) for im in images]
+    metrics = {
+        "subject": float(np.mean([f["similarity"] for f in fid])),
+        "subject_template": float(np.mean([f["score"] for f in fid])),
+        "subject_shape": float(np.mean([f["shape"] for f in fid])),
+        "subject_palette": float(np.mean([f["palette"] for f in fid])),
+        "subject_pattern": float(np.mean([f["pattern"] for f in fid])),
+        "background": float(np.mean(bg_ok)),
+        "position": float(np.mean(pos_ok)) if pos_ok else float("nan"),
+        "prompt": float(np.mean(bg_ok + pos_ok)),
+        "diversity": float(np.mean(div)),
+        "copied_background": float(np.mean(leak)),
+        "nearest_train": float(np.mean(near)),
+        "subject_train_prompt": float(np.mean(seen)) if seen else float("nan"),
+    }
+    return metrics, rows
+
+
+def run_one(bench: Bench, method: Method, data: SubjectData, lr: float, seed: int, steps: int,
+            prompts: list, eval_seeds: list[int]) -> tuple[dict, list]:
+    """Attach, train, evaluate, detach; returns the record and the image rows."""
+    torch = bench.torch
+    import comfy.model_management as mm
+    from safetensors.torch import save as st_save
+    att = attach(bench, method, seed)
+    try:
+        stats = train(bench, att.params, data, steps, lr, seed)
+        with torch.no_grad():
+            metrics, rows = evaluate(bench, att.patcher, data, prompts, eval_seeds)
+        size = len(st_save(att.export()))
+    finally:
+        mm.unload_all_models()
+        att.detach()
+    return {"method": method.name, "subject": data.name, "seed": seed, "lr": lr, "steps": steps,
+            "params": att.num_params, "file_bytes": size, **stats, **metrics}, rows
+
+
+def wide_step_times(path: Path, methods: list[Method], data_name: str, steps: int = 8) -> dict[str, float]:
+    """Median training step time of each method on the plain (non-hybrid) wide model, batch 2.
+
+    The first three steps are dropped: TLoRA layers time their activation-side forms on first use.
+    """
+    bench = Bench(path, hybrid=False)
+    data = subject_data(bench, data_name, 5)
+    out = {}
+    for method in methods:
+        att = attach(bench, method, 0)
+        try:
+            out[method.name] = train(bench, att.params, data, steps, method.lr, 0, skip_times=3)["step_time"]
+        finally:
+            att.detach()
+    return out
+
+
+# --------------------------------------------------------------------------- the simulation
+
+def full_finetune_deltas(bench: Bench, data: SubjectData, steps: int, lr: float, seed: int = 0) -> dict:
+    """{module: (W0, W*)} after fine-tuning every attention weight in full (other weights frozen)."""
+    torch = bench.torch
+    weights = {p: bench.unet.get_submodule(p).weight for p in bench.targets}
+    w0 = {p: w.detach().clone() for p, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        train(bench, list(weights.values()), data, steps, lr, seed)
+        return {p: (w0[p], w.detach().clone()) for p, w in weights.items()}
+    finally:
+        with torch.no_grad():
+            for p, w in weights.items():
+                w.copy_(w0[p])
+                w.requires_grad_(False)
+
+
+def _lowrank(delta: Any, r: int) -> Any:
+    """Best rank-r approximation (truncated SVD)."""
+    torch = __import__("torch")
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+def fit_lora(w0: Any, w1: Any, r: int) -> tuple[Any, int]:
+    """LoRA's optimum: truncated SVD of the delta."""
+    return w0 + _lowrank(w1 - w0, r), r * (w0.shape[0] + w0.shape[1])
+
+
+def fit_lokr(w0: Any, w1: Any, factor: int) -> tuple[Any, int]:
+    """LoKr's optimum (one Kronecker product, ComfyUI's factorisation): Van Loan-Pitsianis rank-1 SVD."""
+    import torch
+    from comfy.weight_adapter.base import factorization
+    o1, o2 = factorization(w0.shape[0], factor)
+    i1, i2 = factorization(w0.shape[1], factor)
+    d = (w1 - w0).reshape(o1, o2, i1, i2).permute(0, 2, 1, 3).reshape(o1 * i1, o2 * i2)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    a = (u[:, 0] * s[0].sqrt()).reshape(o1, i1)
+    b = (vh[0] * s[0].sqrt()).reshape(o2, i2)
+    return w0 + torch.kron(a, b), o1 * i1 + o2 * i2
+
+
+def fit_oft(w0: Any, w1: Any, factor: int) -> tuple[Any, int]:
+    """OFT's optimum (block-diagonal orthogonal R on the outputs, ComfyUI's blocks): per-block Procrustes."""
+    import torch
+    from comfy.weight_adapter.base import factorization
+    size, num = factorization(w0.shape[0], factor)
+    a, b = w0.reshape(num, size, -1), w1.reshape(num, size, -1)
+    u, _, vh = torch.linalg.svd(b @ a.transpose(1, 2))
+    r = u @ vh
+    return (r @ a).reshape(w0.shape), num * size * size  # ComfyUI stores full blocks
+
+
+def _merge(cores: list) -> Any:
+    """Batched contraction of consecutive TRM cores over their shared ring index: -> (b, P, P, R, R)."""
+    import torch
+    p = cores[0]
+    for a in cores[1:]:
+        b, n1, _, r, _ = p.shape
+        n2 = a.shape[1]
+        p = torch.einsum("bijrs,bklst->bikjlrt", p, a).reshape(b, n1 * n2, n1 * n2, r, a.shape[-1])
+    return p
+
+
+def _trm_dense(cores: list) -> Any:
+    """Batched dense TRM transforms: cores (b, n, n, R, R) -> (b, I, I) (tlora.functional.trm's convention).
+
+    One GEMM over the ring pair of a prefix/suffix split, as tlora.functional.trm.dense does per module.
+    """
+    import torch
+
+    from tlora.functional import trm
+    if len(cores) == 1:
+        return cores[0].diagonal(dim1=-2, dim2=-1).sum(-1)
+    split = trm.best_split([int(c.shape[1]) for c in cores])
+    pre, suf = _merge(cores[:split]), _merge(cores[split:])
+    b, p, _, r, _ = pre.shape
+    q = suf.shape[1]
+    t4 = torch.bmm(pre.reshape(b, p * p, r * r), suf.permute(0, 4, 3, 1, 2).reshape(b, r * r, q * q))
+    return t4.reshape(b, p, p, q, q).permute(0, 1, 3, 2, 4).reshape(b, p * q, p * q)
+
+
+def _ring_chain(cores: list) -> Any:
+    """Batched product of ring cores along the chain: (b, n_d, R, R)... -> (b, prod n, R, R)."""
+    out = cores[0]
+    for c in cores[1:]:
+        out = __import__("torch").einsum("bprs,bist->bpirt", out, c).reshape(out.shape[0], -1, out.shape[2], c.shape[-1])
+    return out
+
+
+def _tr_dense(out_cores: list, in_cores: list) -> Any:
+    """Batched dense TR residuals (b, O, I) (same convention as tlora.functional.tr)."""
+    u, v = _ring_chain(out_cores), _ring_chain(in_cores)
+    return __import__("torch").einsum("bars,bcsr->bac", u, v)
+
+
+def fit_tlora_group(w0: Any, w1: Any, transform: str, residual: str, iters: int, seed: int = 0,
+                    random_start: bool = False) -> tuple[Any, int]:
+    """Gradient fit (Adam, cosine lr) of W0 T + s Delta to W* for a batch of same-shaped modules.
+
+    Starts where TLoRA starts (T = I, Delta = 0, TLoRA's own seeded cores). LoRA residuals are
+    solved exactly (variable projection: Delta = SVD_r(W* - W0 T), refreshed every 10 steps), so
+    TRM+LoRA is never worse than LoRA. `random_start` draws every TR core at random (the earlier
+    tensor-ring PEFT practice the paper argues against). Returns (fits (b, O, I), params per module).
+    """
+    import torch
+
+    import tlora
+    b = w0.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    ads = [tlora.ModuleAdapter.create(tuple(w0.shape[1:]), transform, residual, "paper", generator=gen)
+           for _ in range(b)]
+    ad = ads[0]
+    stacked = {k: torch.stack([a.tensors[k] for a in ads]) for k in ad.tensors if k != "tlora_scale"}
+    if random_start and ad.residual.kind == "tr":
+        n0 = stacked["tlora_r.out.0"]
+        stacked["tlora_r.out.0"] = torch.randn(n0.shape, generator=gen) / math.sqrt(n0.shape[-1])
+    if ad.residual.kind == "lora":
+        stacked.pop("tlora_r.up")
+        stacked.pop("tlora_r.down")
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in stacked.items()}
+    scale = ad.scale
+    t_keys = sorted((k for k in params if k.startswith("tlora_t.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    out_keys = sorted((k for k in params if k.startswith("tlora_r.out.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    in_keys = sorted((k for k in params if k.startswith("tlora_r.in.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    # W0 T only needs the rows of T that meet non-zero columns of W0 (the default model's
+    # zero-padded inputs make that a fifth of them for most projections).
+    nz = (w0 != 0).any(1).any(0).nonzero().flatten()
+    w0_nz = w0[:, :, nz]
+    norm = torch.clamp((w1 - w0).pow(2).sum((1, 2)), min=1e-20)
+    lora_delta: dict[str, Any] = {}
+
+    def weight(refresh: bool) -> Any:
+        w = torch.bmm(w0_nz, _trm_dense([params[k] for k in t_keys])[:, nz]) if t_keys else w0
+        if out_keys:
+            w = w + scale * _tr_dense([params[k] for k in out_keys], [params[k] for k in in_keys])
+        if ad.residual.kind == "lora":
+            # The residual's optimum for the current T, held fixed in the gradient (at the optimum the
+            # partial gradient in T is the full one); refreshed every few steps since SVDs cost.
+            if refresh or "d" not in lora_delta:
+                u, sv, vh = torch.linalg.svd((w1 - w).detach(), full_matrices=False)
+                r = ad.residual.rank
+                lora_delta["d"] = (u[..., :r] * sv[..., None, :r]) @ vh[..., :r, :]
+            w = w + lora_delta["d"]
+        return w
+
+    if not params:
+        return weight(True), ad.num_params()
+    # lr 1e-2 with 300 cosine steps lands within ~1.5% of the 1500-step error (checked on TR(8),
+    # TRM2+TR(6) and TRM1+TR(6) fits of real deltas).
+    opt = torch.optim.Adam(list(params.values()), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
+    # Each module keeps its best iterate (a fit is never reported worse than where it started).
+    best_loss = torch.full((b,), float("inf"))
+    best_fit = w0.clone()
+    for i in range(iters + 1):
+        with torch.enable_grad():
+            fit = weight(i % 10 == 0 or i == iters)
+            per_module = (fit - w1).pow(2).sum((1, 2)) / norm
+            better = per_module.detach() < best_loss
+            best_loss = torch.where(better, per_module.detach(), best_loss)
+            best_fit = torch.where(better[:, None, None], fit.detach(), best_fit)
+            if i == iters:
+                break
+            opt.zero_grad()
+            per_module.sum().backward()
+        opt.step()
+        sched.step()
+    return best_fit, ad.num_params()
+
+
+QUICK_SIM_FAMILIES = ["LoRA", "TR (zero start)", "TRM2+TR", "TRM2+LoRA", "LoKr", "OFT (block-orthogonal)"]
+SIM_FAMILIES: dict[str, list[tuple[str, Any]]] = {
+    "LoRA": [("r%d" % r, ("lora", r)) for r in (1, 2, 4, 8, 16, 32)],
+    "TR (zero start)": [("R%d" % r, ("tlora", "none", f"tr:{r}")) for r in (2, 4, 6, 8, 12, 16)],
+    "TR (random start)": [("R%d" % r, ("tlora-random", "none", f"tr:{r}")) for r in (2, 4, 6, 8, 12, 16)],
+    "TRM2+TR": [("(2,%d)" % r, ("tlora", "trm:2", f"tr:{r}")) for r in (2, 4, 6, 8, 12)],
+    "TRM1+TR (Kronecker)": [("(1,%d)" % r, ("tlora", "trm:1", f"tr:{r}")) for r in (2, 4, 6, 8, 12)],
+    "TRM2+LoRA": [("(2,%d)" % r, ("tlora", "trm:2", f"lora:{r}")) for r in (1, 2, 4, 8, 16)],
+    "LoKr": [("f%d" % f, ("lokr", f)) for f in (4, 8, 16, -1)],
+    "OFT (block-orthogonal)": [("b%d" % f, ("oft", f)) for f in (2, 4, 8, 16)],
+}
+
+
+def simulate(deltas: dict, iters: int, families: Optional[list[str]] = None, log: Callable = print) -> list[dict]:
+    """Fit every family/budget to every module's delta; aggregated relative error per configuration.
+
+    Relative error = sqrt(sum over modules ||fit - W*||^2 / sum ||W* - W0||^2).
+    """
+    import torch
+    groups: dict[tuple, list[str]] = {}
+    for p, (w0, _) in deltas.items():
+        nz = int((w0 != 0).any(0).sum())
+        groups.setdefault((tuple(w0.shape), nz), []).append(p)
+    out = []
+    for family, configs in SIM_FAMILIES.items():
+        if families and family not in families:
+            continue
+        for label, spec in configs:
+            t0 = time.perf_counter()
+            err2, norm2, params = 0.0, 0.0, 0
+            for paths in groups.values():
+                w0 = torch.stack([deltas[p][0].float() for p in paths])
+                w1 = torch.stack([deltas[p][1].float() for p in paths])
+                if spec[0] in ("lora", "lokr", "oft"):
+                    fn = {"lora": fit_lora, "lokr": fit_lokr, "oft": fit_oft}[spec[0]]
+                    fits = [fn(a, b, spec[1]) for a, b in zip(w0, w1)]
+                    fit, n = torch.stack([f for f, _ in fits]), fits[0][1]
+                else:
+                    fit, n = fit_tlora_group(w0, w1, spec[1], spec[2], iters, random_start=spec[0] == "tlora-random")
+                err2 += float((fit - w1).pow(2).sum())
+                norm2 += float((w1 - w0).pow(2).sum())
+                params += n * len(paths)
+            rec = {"family": family, "config": label, "params": params, "rel_error": math.sqrt(err2 / norm2),
+                   "seconds": time.perf_counter() - t0}
+            log(f"  sim {family:24s} {label:7s} params {params:8d}  rel.error {rec['rel_error']:.4f}"
+                f"  ({rec['seconds']:.0f} s)")
+            out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plots", file=sys.stderr)
+        return None
+
+
+def plot_simulation(records: list[dict], path: Path, title: str) -> None:
+    """Relative error vs parameters, one line per family (log x)."""
+    plt = _plt()
+    if plt is None or not records:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for family in dict.fromkeys(r["family"] for r in records):
+        pts = sorted((r["params"], r["rel_error"]) for r in records if r["family"] == family)
+        ax.plot([p for p, _ in pts], [e for _, e in pts], marker="o", label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (all 32 attention projections)")
+    ax.set_ylabel("relative error ||fit - W*|| / ||W* - W0||")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_subjects(records: list[dict], path: Path) -> None:
+    """Per method: subject fidelity vs prompt fidelity (mean and spread over subjects x seeds), sized by params."""
+    plt = _plt()
+    if plt is None or not records:
+        return
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for m in methods:
+        rs = [r for r in records if r["method"] == m]
+        sx, sy = np.array([r["subject"] for r in rs]), np.array([r["prompt"] for r in rs])
+        axes[0].errorbar(sx.mean(), sy.mean(), xerr=sx.std(), yerr=sy.std(), fmt="o", capsize=3, label=m)
+        axes[1].errorbar(rs[0]["params"], sx.mean(), yerr=sx.std(), fmt="o", capsize=3, label=m)
+    axes[0].set_xlabel("subject fidelity (template score)")
+    axes[0].set_ylabel("prompt fidelity (background + place)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("trainable parameters")
+    axes[1].set_ylabel("subject fidelity")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_grid(rows: list[np.ndarray], path: Path, labels: Optional[list[str]] = None) -> None:
+    """Rows of uint8 images as one PNG (2x nearest), with an optional text label per row."""
+    from PIL import Image, ImageDraw
+    strips = [np.concatenate(list(r), 1) for r in rows]
+    width = max(s.shape[1] for s in strips)
+    strips = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0))) for s in strips]
+    img = Image.fromarray(np.concatenate(strips, 0)).resize((width * 2, sum(s.shape[0] for s in strips) * 2),
+                                                            Image.NEAREST)
+    if labels:
+        pad = 130
+        canvas = Image.new("RGB", (img.width + pad, img.height), "white")
+        canvas.paste(img, (pad, 0))
+        draw = ImageDraw.Draw(canvas)
+        y = 0
+        for s, label in zip(strips, labels):
+            draw.text((4, y + 4), label, fill="black")
+            y += s.shape[0] * 2
+        img = canvas
+    img.save(path)
+
+
+# --------------------------------------------------------------------------- driver
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean and standard deviation of every metric per method (over subjects x seeds)."""
+    keys = ["subject", "subject_template", "subject_shape", "subject_palette", "subject_pattern", "background", "position", "prompt",
+            "diversity", "copied_background", "nearest_train", "subject_train_prompt", "loss_last", "step_time"]
+    out = []
+    for m in dict.fromkeys(r["method"] for r in records):
+        rs = [r for r in records if r["method"] == m]
+        row = {"method": m, "runs": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"],
+               "lr": rs[0]["lr"]}
+        for k in keys:
+            v = np.array([r[k] for r in rs], dtype=np.float64)
+            v = v[np.isfinite(v)]
+            row[k] = float(v.mean()) if len(v) else float("nan")
+            row[k + "_sd"] = float(v.std()) if len(v) else float("nan")
+        out.append(row)
+    return out
+
+
+def markdown_table(summary: list[dict], wide_times: dict[str, float]) -> str:
+    """The summary as a Markdown table (mean +- sd over subjects x seeds)."""
+    head = ("| method | params | file KiB | lr | subject | shape | palette | pattern | background | place | "
+            "diversity | copied bg | nearest train | train-prompt subject | step s (wide) |")
+    lines = [head, "|" + "---|" * 15]
+    for r in summary:
+        def f(k: str, d: int = 2) -> str:
+            return f"{r[k]:.{d}f} ± {r[k + '_sd']:.{d}f}"
+        lines.append(f"| {r['method']} | {r['params']:,} | {r['file_bytes'] / 1024:.0f} | {r['lr']:.0e} | "
+                     f"{f('subject')} | {f('subject_shape')} | {f('subject_palette')} | {f('subject_pattern')} | "
+                     f"{f('background')} | {f('position')} | {f('diversity', 3)} | {f('copied_background')} | "
+                     f"{f('nearest_train', 3)} | {f('subject_train_prompt')} | "
+                     f"{wide_times.get(r['method'], float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Parse arguments and run the selected parts."""
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few minutes: one subject, five methods, short runs")
+    ap.add_argument("--parts", default="sim,subjects", help="comma list of sim, subjects (default both)")
+    ap.add_argument("--model", default=None, help="checkpoint (default: the built default model; built if missing)")
+    ap.add_argument("--subjects", default=None, help=f"comma list (default {SUBJECTS_FULL}; quick: {SUBJECT_QUICK})")
+    ap.add_argument("--seeds", default=None, help="comma list of training seeds (default 0,1; quick: 0)")
+    ap.add_argument("--methods", default=None,
+                    help="semicolon list of method names, e.g. 'TLoRA(2,6);LoRA r4' (default all; quick: five)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 150; quick 50)")
+    ap.add_argument("--no-tune", action="store_true", help="use base learning rates (quick always does)")
+    ap.add_argument("--lr-factor", type=float, default=1.0, help="multiply every base learning rate")
+    ap.add_argument("--sim-steps", type=int, default=None, help="full fine-tune steps (default 150; quick 40)")
+    ap.add_argument("--sim-iters", type=int, default=None, help="gradient-fit iterations (default 300; quick 100)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default TLORA_TORCH_THREADS or 1)")
+    ap.add_argument("--no-hybrid", action="store_true", help="run the plain wide UNet (about 2x slower)")
+    ap.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT.relative_to(ROOT)})")
+    ap.add_argument("--docs", action="store_true", help="also copy the plots to docs/quality/")
+    a = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    quick = a.quick
+    subjects = (a.subjects or (SUBJECT_QUICK if quick else SUBJECTS_FULL)).split(",")
+    seeds = [int(s) for s in (a.seeds or ("0" if quick else "0,1")).split(",")]
+    names = [n.strip() for n in a.methods.split(";")] if a.methods else (list(QUICK_METHODS) if quick else [m.name for m in METHODS])
+    methods = [m for m in METHODS if m.name in names]
+    unknown = set(names) - {m.name for m in methods}
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; known: {[m.name for m in METHODS]}")
+    steps = a.steps or (50 if quick else 150)
+    sim_steps, sim_iters = a.sim_steps or (40 if quick else 150), a.sim_iters or (100 if quick else 300)
+    parts = set(a.parts.split(","))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    path = Path(a.model) if a.model else D.make_default_model(log=lambda m: print(m, file=sys.stderr))
+    D.ensure_host()
+    import torch
+    torch.set_num_threads(int(a.threads or os.environ.get("TLORA_TORCH_THREADS", "1")))
+    bench = Bench(path, hybrid=not a.no_hybrid)
+    results: dict[str, Any] = {"model": str(path), "quick": quick, "steps": steps, "subjects": subjects,
+                               "seeds": seeds, "hybrid": bench.hybrid, "threads": torch.get_num_threads()}
+    results_path = out / "results.json"
+
+    def dump() -> None:
+        results["seconds"] = time.perf_counter() - t_start
+        results_path.write_text(json.dumps(results, indent=1))
+
+    if "sim" in parts:
+        print(f"simulation: full fine-tunes ({sim_steps} steps) and fits ({sim_iters} iterations)", flush=True)
+        sim_records = []
+        for name in subjects[:1]:
+            data = subject_data(bench, name, 5)
+            deltas = full_finetune_deltas(bench, data, sim_steps, 2e-4)
+            if quick:  # a third of the modules: same families, a rougher average
+                deltas = dict(list(deltas.items())[::3])
+            rel = math.sqrt(sum(float((w1 - w0).pow(2).sum()) for w0, w1 in deltas.values())
+                            / sum(float(w0.pow(2).sum()) for w0, _ in deltas.values()))
+            print(f"  {name}: |W*-W0|/|W0| = {rel:.4f} over {len(deltas)} modules", flush=True)
+            recs = simulate(deltas, sim_iters, QUICK_SIM_FAMILIES if quick else None)
+            for r in recs:
+                r["subject"] = name
+                r["delta_rel_norm"] = rel
+            sim_records += recs
+            plot_simulation(recs, out / f"simulation_{name}.png",
+                            f"fitting real full fine-tune deltas ({name}, {sim_steps} steps)")
+        results["simulation"] = sim_records
+        dump()
+
+    if "subjects" in parts:
+        methods = [dataclasses.replace(m, lr=m.lr * a.lr_factor) for m in methods]
+        lrs = {m.name: m.lr for m in methods}
+        # Held-out: three new backgrounds, a new place, a new size (quick: the backgrounds only).
+        prompts_of = {n: [p for p in P.held_out_prompts(n) if p.position != "bottom"][: 3 if quick else 5]
+                      for n in subjects}
+        eval_seeds = [100] if quick else [100, 101]
+        if not (quick or a.no_tune):
+            print(f"tuning learning rates on {subjects[0]} (seed {seeds[0]}, validation prompts)", flush=True)
+            data = subject_data(bench, subjects[0], 5)
+            tuning = []
+            for m in methods:
+                best = None
+                for factor in LR_GRID:
+                    rec, _ = run_one(bench, m, data, m.lr * factor, seeds[0], steps,
+                                     validation_prompts(subjects[0]), [100])
+                    score = rec["subject"] + rec["prompt"]
+                    tuning.append({**rec, "score": score})
+                    print(f"  {m.name:14s} lr {m.lr * factor:.0e}: subject {rec['subject']:.3f} "
+                          f"prompt {rec['prompt']:.2f} -> {score:.3f}", flush=True)
+                    if best is None or score > best[0]:
+                        best = (score, m.lr * factor)
+                lrs[m.name] = best[1]
+            results["tuning"] = tuning
+            dump()
+        records, grids = [], {}
+        for name in subjects:
+            data = subject_data(bench, name, 5)
+            for seed in seeds:
+                for m in methods:
+                    t0 = time.perf_counter()
+                    rec, rows = run_one(bench, m, data, lrs[m.name], seed, steps, prompts_of[name], eval_seeds)
+                    records.append(rec)
+                    print(f"  {name} seed {seed} {m.name:14s} subject {rec['subject']:.3f} bg {rec['background']:.2f} "
+                          f"place {rec['position']:.2f} div {rec['diversity']:.3f} copied {rec['copied_background']:.2f}"
+                          f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    if seed == seeds[0]:
+                        grids.setdefault(name, []).append((m.name, np.concatenate([r for r in rows], 0)))
+                    results["subjects"] = records
+                    dump()
+            base_rows = [bench.generate(p.text, eval_seeds) for p in prompts_of[name]]
+            labels = ["training images", "base model"] + [g[0] for g in grids[name]]
+            save_grid([data.images, np.concatenate(base_rows, 0)] + [g[1] for g in grids[name]],
+                      out / f"samples_{name}.png", labels)
+        summary = summarize(records)
+        times = wide_step_times(path, methods, subjects[0])
+        results["summary"], results["wide_step_time"] = summary, times
+        table = markdown_table(summary, times)
+        (out / "summary.md").write_text(table + "\n")
+        print(table)
+        plot_subjects(records, out / "subjects.png")
+        dump()
+
+    if a.docs:
+        DOCS.mkdir(parents=True, exist_ok=True)
+        for png in out.glob("*.png"):
+            (DOCS / png.name).write_bytes(png.read_bytes())
+    print(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
