@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,14 +158,29 @@ def _registry() -> Any:
     return engine.RUNS
 
 
-def _latest_sample(run_id: str) -> dict[str, str] | None:
-    """The newest preview the ComfyUI glue wrote for this run (a /view reference), if any."""
+_SAMPLE_NAME = re.compile(r"^(?P<run>[A-Za-z0-9_-]{1,64})_(?P<step>[0-9]{1,9})\.png$")
+
+
+def view_url(filename: str, subfolder: str, kind: str) -> str:
+    """ComfyUI's /view address of a temp/output file (relative: the frontend adds its API base)."""
+    return "/view?" + urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
+
+
+def _latest_sample(run_id: str) -> dict[str, Any] | None:
+    """The newest preview the ComfyUI glue wrote for this run (a /view reference with its step), if any."""
     try:
         folder = os.path.join(folder_paths.get_temp_directory(), "tlora")
         names = sorted(n for n in os.listdir(folder) if n.startswith(run_id + "_") and n.endswith(".png"))
     except OSError:
         return None
-    return {"filename": names[-1], "subfolder": "tlora", "type": "temp"} if names else None
+    if not names:
+        return None
+    match = _SAMPLE_NAME.match(names[-1])
+    ref: dict[str, Any] = {"filename": names[-1], "subfolder": "tlora", "type": "temp",
+                           "url": view_url(names[-1], "tlora", "temp")}
+    if match and match.group("run") == run_id:
+        ref["step"] = int(match.group("step"))
+    return ref
 
 
 def _file_summary(file_name: str | None) -> dict[str, Any]:
@@ -186,15 +202,27 @@ STATE_FIELDS = ("step", "steps", "loss", "mse", "lr", "step_time", "eta", "grad_
 SUMMARY_FIELDS = ("steps_done", "final_loss", "partial", "message")
 
 
-def _sample_ref(value: Any) -> dict[str, str] | None:
-    """A /view reference made of plain names only (ComfyUI's /view checks again; this keeps paths out)."""
+def _sample_ref(value: Any) -> dict[str, Any] | None:
+    """A /view reference made of plain names only, with its step and URL (rebuilt here, never passed through)."""
     if not isinstance(value, Mapping):
         return None
     name, sub, kind = (str(value.get(k, "")) for k in ("filename", "subfolder", "type"))
     if not name or name != os.path.basename(name) or "\\" in name or ".." in sub or os.path.isabs(sub) \
-            or kind not in ("temp", "output"):
+            or "\\" in sub or "\x00" in name + sub or kind not in ("temp", "output"):
         return None
-    return {"filename": name, "subfolder": sub, "type": kind}
+    ref: dict[str, Any] = {"filename": name, "subfolder": sub, "type": kind, "url": view_url(name, sub, kind)}
+    step = value.get("step")
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        ref["step"] = step
+    return ref
+
+
+def _public_message(value: Any) -> str | None:
+    """An error message fit to leave the server: absolute paths replaced by their last part."""
+    if value is None:
+        return None
+    text = str(value)[:500]
+    return _ABS_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "…", text)
 
 
 def public_run(run: Mapping[str, Any], with_history: bool = True, since: int = 0) -> dict[str, Any]:
@@ -211,9 +239,18 @@ def public_run(run: Mapping[str, Any], with_history: bool = True, since: int = 0
     out["state"] = state
     raw_summary = dict(run.get("summary") or {})
     summary = {k: raw_summary[k] for k in SUMMARY_FIELDS if k in raw_summary}
+    if "message" in summary:
+        summary["message"] = _public_message(summary["message"])
     if run.get("status") != "running":
-        summary["file"] = public_file_name(raw_summary.get("path")) or out["file"]
-        summary.update({k: v for k, v in _file_summary(summary["file"]).items() if v is not None})
+        if "file_name" in raw_summary:  # the file this run saved (None: it saved nothing)
+            saved = raw_summary["file_name"]
+            summary["file"] = os.path.basename(saved) if isinstance(saved, str) and saved else None
+        else:  # records of older trainers
+            summary["file"] = public_file_name(raw_summary.get("path")) or out["file"]
+        # The registry knows how the run ended; the file adds its size and parameter count.
+        for key, value in _file_summary(summary["file"]).items():
+            if value is not None:
+                summary.setdefault(key, value)
     out["summary"] = summary
     if with_history:
         out["history"] = [{k: h[k] for k in ("step", "loss", "mse", "lr") if k in h}

@@ -343,8 +343,14 @@ def send_event(data: Mapping[str, Any]) -> None:
         log.debug("TLoRA: could not send %s: %s", EVENT, err)
 
 
-def save_preview(image: Tensor, run_id: str, step: int) -> dict[str, str] | None:
-    """Write a sample to ComfyUI's temp folder; the /view reference the UI can show."""
+def view_url(filename: str, subfolder: str, kind: str) -> str:
+    """ComfyUI's /view address of a file in its temp/output folders."""
+    from urllib.parse import urlencode
+    return "/view?" + urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
+
+
+def save_preview(image: Tensor, run_id: str, step: int) -> dict[str, Any] | None:
+    """Write a sample to ComfyUI's temp folder; the /view reference the UI can show (with its step)."""
     try:
         from PIL import Image
         folder = os.path.join(folder_paths.get_temp_directory(), "tlora")
@@ -352,10 +358,25 @@ def save_preview(image: Tensor, run_id: str, step: int) -> dict[str, str] | None
         name = f"{run_id}_{step:06d}.png"
         array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype("uint8")
         Image.fromarray(array).save(os.path.join(folder, name))
-        return {"filename": name, "subfolder": "tlora", "type": "temp"}
+        return {"filename": name, "subfolder": "tlora", "type": "temp", "step": int(step),
+                "url": view_url(name, "tlora", "temp")}
     except Exception as err:
         log.debug("TLoRA: preview not saved: %s", err)
         return None
+
+
+def current_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI is executing (None outside an execution)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        context = get_executing_context()
+        if context is not None and getattr(context, "prompt_id", None):
+            return str(context.prompt_id)
+    except Exception:  # older/newer hosts without the context helper
+        pass
+    srv = _server()
+    value = getattr(srv, "last_prompt_id", None) if srv is not None else None
+    return str(value) if isinstance(value, str) and value else None
 
 
 def to_pil(image: Tensor) -> Any:
@@ -367,23 +388,29 @@ def to_pil(image: Tensor) -> Any:
 class ComfyProgress:
     """Engine observer: UI progress bar (with the latest sample as preview), events, cancel checks."""
 
-    def __init__(self, steps: int, node_id: str | None, run_id: str):
+    def __init__(self, steps: int, node_id: str | None, run_id: str, registry: E.RunRegistry | None = None):
         self.bar = comfy.utils.ProgressBar(steps, node_id=node_id) if node_id is not None else comfy.utils.ProgressBar(steps)
         self.node_id, self.run_id = node_id, run_id
-        self.preview = None
+        self.registry = registry if registry is not None else E.RUNS
+        self.preview = None  # the latest sample, as ComfyUI's preview tuple
+        self.sample_ref: dict[str, Any] | None = None
 
     def __call__(self, report: E.StepReport) -> None:
-        sample_ref = None
+        new_preview = ref = None
         if report.sample is not None:
-            self.preview = ("JPEG", to_pil(report.sample), 512)
-            sample_ref = save_preview(report.sample, report.run_id, report.step)
+            self.preview = new_preview = ("JPEG", to_pil(report.sample), 512)
+            ref = save_preview(report.sample, report.run_id, report.step)
+            if ref is not None:
+                self.sample_ref = ref
+                self.registry.set_sample(report.run_id, ref)
         send_event({"node": self.node_id, "run_id": report.run_id, "step": report.step, "steps": report.steps,
                     "loss": report.loss, "mse": report.mse, "lr": report.lr, "step_time": report.step_time,
                     "eta": report.eta, "grad_norm": report.grad_norm if math.isfinite(report.grad_norm) else None,
-                    **({"sample": sample_ref} if sample_ref else {})})
-        # ProgressBar's hook raises the user's Cancel in a server; the explicit check covers
-        # in-process runs whose hook is not installed.
-        self.bar.update_absolute(report.step, report.steps, self.preview)
+                    **({"sample": dict(ref)} if report.sample is not None and ref is not None else {})})
+        # A new sample becomes the node's progress-bar preview (the frontend keeps showing it
+        # until the next one). ProgressBar's hook raises the user's Cancel in a server; the
+        # explicit check covers in-process runs whose hook is not installed.
+        self.bar.update_absolute(report.step, report.steps, new_preview)
         mm.throw_exception_if_processing_interrupted()
 
 
@@ -452,85 +479,137 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
           settings: RunSettings, class_images: Sequence[Tensor] = (), node_id: str | None = None,
           run_id: str | None = None, prompt: Mapping[str, Any] | None = None,
           ) -> tuple[E.TrainResult, str, str | None]:
-    """Train on a ComfyUI model; returns (result, saved file name, arch). Cancel saves a partial file."""
+    """Train on a ComfyUI model; returns (result, saved file name, arch). Cancel saves a partial file.
+
+    The run is in `engine.RUNS` (node id, prompt id, file name, every step, the latest sample,
+    how it ended) and every step and the end go out as `tlora.train` events; a run that raises
+    ends with a `cancelled`, `diverged` or `failed` event before the exception reaches ComfyUI.
+    """
     path, file_name = output_path(settings.output_name, settings.resume_path)
+    run_id = run_id or f"{int(time.time())}-{os.urandom(3).hex()}"
+    registry = E.RUNS
+    run_info = {"node": node_id, "prompt_id": current_prompt_id(), "file_name": file_name}
     base = model.model
     device = mm.get_torch_device()
-    with torch.inference_mode(False):
-        # Weights on the device with any upstream patches (stacked LoRAs) applied, then made
-        # usable by autograd; the adapters wrap these live layers.
-        mm.load_models_gpu([model], force_full_load=True)
-        prepared = prepare_data(base, clip, vae, images, captions, settings.instance_prompt, settings.resolution,
-                                settings.aspect_buckets, settings.class_prompt, settings.num_class_images,
-                                class_images, settings.sample_prompt, settings.sample_every, device)
-        mm.load_models_gpu([model], force_full_load=True)  # the VAE/CLIP may have displaced it
-        make_trainable(base.diffusion_model)
-        root = base.diffusion_model
-        paths = E.select_targets(root, settings.targets, settings.with_convs)
-        groups = [E.AdapterGroup(root, UNET_PREFIX, E.create_adapters(
-            root, paths, settings.transform, settings.residual, settings.shapes, settings.seed, UNET_PREFIX))]
-        encode = None
-        if settings.train_text_encoder:
-            groups.append(_text_group(clip, settings))
-            encode = _text_encode(base, clip, prepared, vae, device)
-        arch = arch_of(base)
-        config = E.TrainConfig(
-            steps=settings.steps, learning_rate=settings.learning_rate, batch_size=settings.batch_size,
-            grad_accum=settings.grad_accum, lr_schedule=settings.lr_schedule, warmup_steps=settings.warmup_steps,
-            loss=settings.loss, dco_beta=settings.dco_beta, prior_loss_weight=settings.prior_loss_weight,
-            precision=pick_precision(settings.precision, device),
-            gradient_checkpointing=settings.gradient_checkpointing, seed=settings.seed,
-            save_every=settings.save_every, sample_every=settings.sample_every, sample_steps=settings.sample_steps,
-            progress_bar=comfy.utils.PROGRESS_BAR_ENABLED)
-        run_id = run_id or f"{int(time.time())}-{os.urandom(3).hex()}"
-        progress = ComfyProgress(settings.steps, node_id, run_id)
+    hooks: list[Any] = []
+    try:
+        with torch.inference_mode(False):
+            result, arch = _run(model, clip, vae, images, captions, settings, class_images, node_id, run_id, prompt,
+                                path, file_name, base, device, registry, run_info, hooks)
+    except BaseException as err:
+        _report_end(err, registry, run_id, run_info, settings)
+        raise
+    finally:
+        for hook in hooks:
+            hook.remove()
+    send_event({"node": node_id, "run_id": run_id, "status": "done", "step": result.steps_done,
+                "steps": settings.steps, "steps_done": result.steps_done, "file": file_name, "partial": False,
+                "loss": result.final_loss})
+    return result, file_name, arch
 
-        def decode(latent: Tensor) -> Tensor:
+
+def _run(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: Sequence[str], settings: RunSettings,
+         class_images: Sequence[Tensor], node_id: str | None, run_id: str, prompt: Mapping[str, Any] | None,
+         path: str, file_name: str, base: Any, device: torch.device, registry: E.RunRegistry,
+         run_info: Mapping[str, Any], hooks: list[Any]) -> tuple[E.TrainResult, str | None]:
+    """train()'s body (under inference_mode(False)); text-encoder hooks go into `hooks` for the caller to remove."""
+    # Weights on the device with any upstream patches (stacked LoRAs) applied, then made
+    # usable by autograd; the adapters wrap these live layers.
+    mm.load_models_gpu([model], force_full_load=True)
+    prepared = prepare_data(base, clip, vae, images, captions, settings.instance_prompt, settings.resolution,
+                            settings.aspect_buckets, settings.class_prompt, settings.num_class_images,
+                            class_images, settings.sample_prompt, settings.sample_every, device)
+    mm.load_models_gpu([model], force_full_load=True)  # the VAE/CLIP may have displaced it
+    make_trainable(base.diffusion_model)
+    root = base.diffusion_model
+    paths = E.select_targets(root, settings.targets, settings.with_convs)
+    groups = [E.AdapterGroup(root, UNET_PREFIX, E.create_adapters(
+        root, paths, settings.transform, settings.residual, settings.shapes, settings.seed, UNET_PREFIX))]
+    encode = None
+    if settings.train_text_encoder:
+        groups.append(_text_group(clip, settings))
+        encode = _text_encode(base, clip, prepared, vae, device)
+    arch = arch_of(base)
+    config = E.TrainConfig(
+        steps=settings.steps, learning_rate=settings.learning_rate, batch_size=settings.batch_size,
+        grad_accum=settings.grad_accum, lr_schedule=settings.lr_schedule, warmup_steps=settings.warmup_steps,
+        loss=settings.loss, dco_beta=settings.dco_beta, prior_loss_weight=settings.prior_loss_weight,
+        precision=pick_precision(settings.precision, device),
+        gradient_checkpointing=settings.gradient_checkpointing, seed=settings.seed,
+        save_every=settings.save_every, sample_every=settings.sample_every, sample_steps=settings.sample_steps,
+        progress_bar=comfy.utils.PROGRESS_BAR_ENABLED)
+    progress = ComfyProgress(settings.steps, node_id, run_id, registry)
+
+    def decode(latent: Tensor) -> Tensor:
+        # Called by the engine under no_grad with the model's own modules in place (host_view).
+        with torch.inference_mode(False), torch.no_grad():
             pixels = vae.decode(base.process_latent_out(latent.float()))
             mm.load_models_gpu([model], force_full_load=True)  # back on the device after the VAE
-            return pixels[0, ..., :3].float().cpu()
+            # If the VAE displaced the model, reloading may have brought back inference-mode
+            # weights (e.g. restored from ComfyUI's backups): autograd must be able to save them.
+            make_trainable(base.diffusion_model)
+        return pixels[0, ..., :3].detach().float().cpu().clone()
 
-        metadata = {
-            "tlora.train.resolution": str(settings.resolution),
-            "tlora.train.base_model": base_model_name(model, prompt, node_id),
-            "tlora.train.instance_prompt": settings.instance_prompt,
-            "tlora.train.targets": settings.targets + ("+convs" if settings.with_convs else ""),
-            "tlora.train.text_encoder": "true" if settings.train_text_encoder else "false",
-            "tlora.train.aspect_buckets": "true" if settings.aspect_buckets else "false",
-            "ss_resolution": f"({settings.resolution}, {settings.resolution})",
-            "ss_output_name": file_name[: -len(".safetensors")],
-        }
-        if settings.class_prompt:
-            metadata["tlora.train.class_prompt"] = settings.class_prompt
-        file_config = {"transform": settings.transform, "residual": settings.residual, "targets": settings.targets,
-                       "shapes": settings.shapes, "with_convs": settings.with_convs,
-                       "text_encoder": settings.train_text_encoder}
-        if arch:
-            file_config["arch"] = arch
-        trainer = E.Trainer(
-            groups, make_denoiser(base), schedule_for(base), prepared.data, config, output_path=path,
-            metadata=metadata, file_config=file_config, resume_path=settings.resume_path,
-            checkpoint_modules=checkpoint_blocks(root), interrupt_types=(mm.InterruptProcessingException,),
-            observer=progress, decode=decode if settings.sample_every else None, sample_cond=prepared.sample_cond,
-            sample_uncond=prepared.sample_uncond, sample_shape=prepared.sample_shape, encode=encode,
-            device=device, run_id=run_id)
-        hooks = autograd_safe_norms(clip.cond_stage_model) if settings.train_text_encoder else []
-        try:
-            result = trainer.run()
-        except mm.InterruptProcessingException:
-            send_event({"node": node_id, "run_id": run_id, "status": "cancelled", "step": trainer.step,
-                        "steps": settings.steps, "file": file_name if os.path.exists(path) else None})
-            raise
-        except E.TrainingDiverged as err:
-            send_event({"node": node_id, "run_id": run_id, "status": "diverged", "step": trainer.step,
-                        "steps": settings.steps, "message": str(err)})
-            raise
-        finally:
-            for hook in hooks:
-                hook.remove()
-        send_event({"node": node_id, "run_id": run_id, "status": "done", "step": result.steps_done,
-                    "steps": settings.steps, "file": file_name, "loss": result.final_loss})
-    return result, file_name, arch
+    metadata = {
+        "tlora.train.resolution": str(settings.resolution),
+        "tlora.train.base_model": base_model_name(model, prompt, node_id),
+        "tlora.train.instance_prompt": settings.instance_prompt,
+        "tlora.train.targets": settings.targets + ("+convs" if settings.with_convs else ""),
+        "tlora.train.text_encoder": "true" if settings.train_text_encoder else "false",
+        "tlora.train.aspect_buckets": "true" if settings.aspect_buckets else "false",
+        "ss_resolution": f"({settings.resolution}, {settings.resolution})",
+        "ss_output_name": file_name[: -len(".safetensors")],
+    }
+    if settings.class_prompt:
+        metadata["tlora.train.class_prompt"] = settings.class_prompt
+    file_config = {"transform": settings.transform, "residual": settings.residual, "targets": settings.targets,
+                   "shapes": settings.shapes, "with_convs": settings.with_convs,
+                   "text_encoder": settings.train_text_encoder}
+    if arch:
+        file_config["arch"] = arch
+    trainer = E.Trainer(
+        groups, make_denoiser(base), schedule_for(base), prepared.data, config, output_path=path,
+        metadata=metadata, file_config=file_config, resume_path=settings.resume_path,
+        checkpoint_modules=checkpoint_blocks(root), interrupt_types=(mm.InterruptProcessingException,),
+        observer=progress, decode=decode if settings.sample_every else None, sample_cond=prepared.sample_cond,
+        sample_uncond=prepared.sample_uncond, sample_shape=prepared.sample_shape, encode=encode,
+        device=device, run_id=run_id, registry=registry, run_info=run_info)
+    if settings.train_text_encoder:
+        hooks.extend(autograd_safe_norms(clip.cond_stage_model))
+    return trainer.run(), arch
+
+
+def _report_end(err: BaseException, registry: E.RunRegistry, run_id: str, run_info: Mapping[str, Any],
+                settings: RunSettings) -> None:
+    """A run raised: make sure the registry says how it ended, and tell the web UI (never raises)."""
+    try:
+        if isinstance(err, (mm.InterruptProcessingException, KeyboardInterrupt)):
+            status = "cancelled"
+        elif isinstance(err, E.TrainingDiverged):
+            status = "diverged"
+        else:
+            status = "failed"
+        record = registry.get(run_id)
+        if record is None:
+            # It failed before training started (images, captions, resume file...).
+            registry.start(run_id, **{**run_info, "steps": settings.steps, "start_step": 0, "loss_kind": settings.loss})
+            registry.finish(run_id, status, steps_done=0, final_loss=None, partial=True, file_name=None,
+                            message=(str(err) or type(err).__name__)[:500] if status != "cancelled" else None)
+            record = registry.get(run_id)
+        elif record.get("status") == "running":
+            registry.finish(run_id, status, **{**record.get("summary", {}), "partial": True})
+            record = registry.get(run_id)
+        summary = dict((record or {}).get("summary") or {})
+        status = (record or {}).get("status", status)
+        event = {"node": run_info.get("node"), "run_id": run_id, "status": status,
+                 "step": summary.get("steps_done", 0), "steps": settings.steps,
+                 "steps_done": summary.get("steps_done", 0), "file": summary.get("file_name"),
+                 "partial": True, "loss": summary.get("final_loss")}
+        if status in ("diverged", "failed"):
+            event["message"] = summary.get("message") or (str(err) or type(err).__name__)[:500]
+        send_event(event)
+    except Exception as report_err:  # the original error matters more
+        log.debug("TLoRA: could not report the end of run %s: %s", run_id, report_err)
 
 
 def _text_group(clip: Any, settings: RunSettings) -> E.AdapterGroup:

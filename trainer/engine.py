@@ -317,9 +317,16 @@ class TrainConfig:
                 raise TrainingError(message)
 
 
-# ----- run-state registry (read by a future web UI route) --------------------------------
+# ----- run-state registry (read by the web UI's /tlora/runs route) -------------------------
 class RunRegistry:
-    """Latest state, loss history and summary of recent runs, by run id (thread-safe)."""
+    """Latest state, loss history and summary of recent runs, by run id (thread-safe).
+
+    A record: run_id, status (running/done/cancelled/diverged/failed), started, finished,
+    whatever start() was given (steps, start_step, loss_kind, path, and from a host: node,
+    prompt_id, file_name), `state` (the latest step's figures plus the latest `sample`),
+    `history` (step, loss, lr per step) and `summary` (steps_done, final_loss, partial,
+    file_name when this run saved a file, message when it stopped on an error).
+    """
 
     def __init__(self, keep: int = 32):
         self._lock = threading.Lock()
@@ -340,8 +347,18 @@ class RunRegistry:
             run = self._runs.get(run_id)
             if run is None:
                 return
+            previous = run["state"]
             run["state"] = dict(state)
+            if "sample" not in state and "sample" in previous:
+                run["state"]["sample"] = previous["sample"]  # the latest sample stays until a newer one
             run["history"].append({k: state[k] for k in ("step", "loss", "lr") if k in state})
+
+    def set_sample(self, run_id: str, sample: Mapping[str, Any]) -> None:
+        """Record the run's newest sample (e.g. a host's image reference with its step)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run["state"] = {**run["state"], "sample": dict(sample)}
 
     def finish(self, run_id: str, status: str, **summary: Any) -> None:
         """Mark a run done/cancelled/diverged/failed with a summary."""
@@ -628,7 +645,7 @@ class Trainer:
                  sample_cond: Cond | None = None, sample_uncond: Cond | None = None,
                  sample_shape: Sequence[int] | None = None, encode: Callable[[list[str]], Cond] | None = None,
                  device: torch.device | str | None = None, run_id: str | None = None,
-                 registry: RunRegistry = RUNS):
+                 registry: RunRegistry = RUNS, run_info: Mapping[str, Any] | None = None):
         config.validate()
         if not data.instance:
             raise TrainingError("no training images: connect at least one image")
@@ -646,6 +663,8 @@ class Trainer:
         self.device = torch.device(device) if device is not None else data.instance[0].latent.device
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.registry = registry
+        self.run_info = dict(run_info or {})  # extra registry fields from the host (node id, prompt id...)
+        self.saved_path: str | None = None  # set once this run has written its file
         self.run_token = uuid.uuid4().hex
         self.modules: dict[str, TLoRAModule] = {}
         self.history: list[dict[str, float]] = []
@@ -699,11 +718,36 @@ class Trainer:
         """Train; save; return the result. Interrupts save a partial file and re-raise."""
         # ComfyUI (and others) run nodes under inference_mode: training needs autograd back.
         with torch.inference_mode(False), torch.enable_grad():
-            self.open()
+            try:
+                self.open()
+            except BaseException as err:
+                # Nothing trained yet (bad resume file, class images failed...): the registry
+                # still learns that this run ended, and how.
+                self.close()
+                status = "cancelled" if isinstance(err, self.interrupt_types) else "failed"
+                if self.registry.get(self.run_id) is None:
+                    self._register()
+                self.registry.finish(self.run_id, status, **self._summary(status, err))
+                raise
             try:
                 return self._loop()
             finally:
                 self.close()
+
+    def _register(self) -> None:
+        cfg = self.config
+        self.registry.start(self.run_id, **{**self.run_info, "steps": cfg.steps, "path": self.output_path,
+                                            "loss_kind": cfg.loss, "start_step": self.step})
+
+    def _summary(self, status: str, error: BaseException | None = None) -> dict[str, Any]:
+        """The registry's summary of a run that ended with `status`."""
+        summary: dict[str, Any] = {
+            "steps_done": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
+            "path": self.output_path, "partial": status != "done",
+            "file_name": os.path.basename(self.saved_path) if self.saved_path else None}
+        if error is not None and status in ("diverged", "failed"):
+            summary["message"] = (str(error) or type(error).__name__)[:500]
+        return summary
 
     def open(self) -> None:
         """Attach the adapters, build optimizer and schedule (restoring a resume state), make class images.
@@ -770,8 +814,7 @@ class Trainer:
         self._gen_state = generator.get_state()
         self._optimizer, self._scheduler, self._scaler = optimizer, scheduler, scaler
         self._times: list[float] = []
-        self.registry.start(self.run_id, steps=cfg.steps, path=self.output_path, loss_kind=cfg.loss,
-                            start_step=self.step)
+        self._register()
         self._prior = self._prior_examples(self._amp_dtype)
 
     def close(self) -> None:
@@ -818,15 +861,16 @@ class Trainer:
         self._times.append(elapsed)
         point = {"step": self.step, "loss": loss_sum, "mse": mse_sum, "lr": lr}
         self.history.append(point)
+        recent = self._times[-20:]
+        eta = max(cfg.steps - self.step, 0) * (sum(recent) / len(recent))
+        # The step is done: the registry knows it before previews or saves can fail.
+        self.registry.update(self.run_id, {**point, "step_time": elapsed, "eta": eta,
+                                           "grad_norm": grad_norm, "steps": cfg.steps})
         sample, sample_latent = self._maybe_sample(self._amp_dtype)
         if self.output_path and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
             self.save(self.output_path, partial=True)
-        recent = self._times[-20:]
-        eta = max(cfg.steps - self.step, 0) * (sum(recent) / len(recent))
         report = StepReport(self.run_id, self.step, cfg.steps, loss_sum, mse_sum, lr, elapsed, eta,
                             grad_norm, sample, sample_latent)
-        self.registry.update(self.run_id, {**point, "step_time": elapsed, "eta": eta,
-                                           "grad_norm": grad_norm, "steps": cfg.steps})
         if self.observer is not None:
             self.observer(report)
         return report
@@ -837,6 +881,7 @@ class Trainer:
         if cfg.progress_bar and tqdm is not None:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="Training TLoRA", smoothing=0.05)
         status = "failed"
+        error: BaseException | None = None
         try:
             while self.step < cfg.steps:
                 report = self.train_step()
@@ -850,8 +895,11 @@ class Trainer:
             status = "cancelled"
             self._save_partial("cancelled")
             raise
-        except TrainingDiverged:
-            status = "diverged"
+        except TrainingDiverged as err:
+            status, error = "diverged", err
+            raise
+        except BaseException as err:
+            error = err
             raise
         finally:
             if bar is not None:
@@ -859,9 +907,7 @@ class Trainer:
             if status == "failed" and self.step > self._start_step and self.output_path:
                 # Any other crash: the steps done so far are still worth keeping.
                 self._save_partial("failed")
-            summary = {"steps_done": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
-                       "path": self.output_path}
-            self.registry.finish(self.run_id, status, **summary)
+            self.registry.finish(self.run_id, status, **self._summary(status, error))
 
     def _diverged(self, what: str, value: float) -> None:
         kept = ""
@@ -989,8 +1035,12 @@ class Trainer:
         latent = self.sample(amp_dtype)
         image = None
         if self.decode is not None:
-            with self.host_view():
+            # Inference only: no graph may reach into the host's decoder (its weights can be
+            # inference tensors, which autograd refuses to save), and none is needed.
+            with self.host_view(), torch.no_grad():
                 image = self.decode(latent)
+            if isinstance(image, Tensor):
+                image = image.detach()
         self.last_sample = image
         return image, latent
 
@@ -1079,6 +1129,8 @@ class Trainer:
         # (step/run token mismatch) and then falls back to the adapter's weights.
         atomic_write(state_path_for(path), state.to_bytes())
         tformat.save_file(self.current_adapters(), path, metadata=metadata, config=self.file_config)
+        if self.output_path and os.path.abspath(path) == os.path.abspath(self.output_path):
+            self.saved_path = path
         return metadata
 
     def _finish(self, partial: bool) -> TrainResult:

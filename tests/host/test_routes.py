@@ -294,3 +294,36 @@ def test_run_records_are_allow_listed(comfy_host):
     assert "/secret" not in text and "prompt" not in out and "output_path" not in out
     assert out["file"] == "x.safetensors" and out["state"]["loss"] is None and "sample" not in out["state"]
     assert out["history"] == [{"step": 1, "loss": 1.0, "lr": 1e-4}, {"step": 2, "loss": None}]
+
+
+def test_run_record_sample_summary_and_messages(comfy_host):
+    """The latest sample keeps its step and gets a /view URL built from its plain names; a run that saved
+    nothing names no file; error messages lose their absolute paths."""
+    import importlib
+    import urllib.parse as up
+
+    from tests.support import comfy_host as ch
+    comfy_host.require_pack()
+    routes = importlib.import_module(f"{ch.pack_module_name()}.nodes.routes")
+    record = {"run_id": "2-abc", "status": "failed", "steps": 5, "node": "7", "prompt_id": "p-1",
+              "path": "/secret/loras/y.safetensors", "file_name": "y.safetensors",
+              "state": {"step": 0, "sample": {"filename": "2-abc_000004.png", "subfolder": "tlora", "type": "temp",
+                                              "step": 4, "url": "http://evil.example/x"}},
+              "summary": {"steps_done": 0, "partial": True, "file_name": None,
+                          "message": "could not read /secret/data/img.png: broken"}}
+    out = routes.public_run(record)
+    text = json.dumps(out, allow_nan=False)
+    assert "/secret" not in text and "evil" not in text
+    sample = out["state"]["sample"]
+    assert sample["step"] == 4 and sample["filename"] == "2-abc_000004.png"
+    query = dict(up.parse_qsl(up.urlsplit(sample["url"]).query))
+    assert sample["url"].startswith("/view?") and query == {"filename": "2-abc_000004.png", "subfolder": "tlora",
+                                                             "type": "temp"}
+    assert (out["node"], out["prompt_id"], out["file"]) == ("7", "p-1", "y.safetensors")
+    summary = out["summary"]
+    assert summary["file"] is None and summary["partial"] is True and summary["steps_done"] == 0
+    assert summary["message"] == "could not read img.png: broken"
+    for bad in ({"filename": "x.png", "subfolder": "../up", "type": "temp"},
+                {"filename": "x.png", "subfolder": "tlora", "type": "input"},
+                {"filename": "a\\b.png", "subfolder": "tlora", "type": "temp"}):
+        assert "sample" not in routes.public_run({**record, "run_id": "3-abc", "state": {"sample": bad}})["state"]

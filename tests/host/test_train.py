@@ -141,6 +141,11 @@ def test_loss_goes_down_and_outputs(sd15, loras_dir, comfy_host):
     engine = pack("trainer.engine")
     record = engine.RUNS.get(last["run_id"])
     assert record["status"] == "done" and len(record["history"]) == 30
+    assert record["file_name"] == "down.safetensors" and record["start_step"] == 0
+    summary = record["summary"]
+    assert summary["steps_done"] == 30 and summary["partial"] is False and summary["file_name"] == "down.safetensors"
+    done = [d for d in events if d.get("status") == "done" and d["run_id"] == last["run_id"]][-1]
+    assert done["file"] == "down.safetensors" and done["partial"] is False and done["steps_done"] == 30
 
 
 def test_file_roundtrips_through_loaders(sd15, loras_dir, tm):
@@ -190,6 +195,20 @@ def test_dco_prior_preservation_and_previews(sd15, loras_dir, comfy_host):
                                        samples[-1]["filename"]))
 
 
+def test_dco_loss_starts_at_log2_and_prior_adds_to_it(sd15, loras_dir):
+    """DCO really runs: with the adapter at its identity start the model equals its reference, so the
+    first step's loss is -log sigmoid(0) = ln 2; the prior-preservation term comes on top of it."""
+    model, clip, vae = sd15
+    plain = train(model, clip, vae, steps=1, loss="dco", output_name="dco_ln2")[2]
+    assert plain["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    prior = train(model, clip, vae, steps=1, loss="dco", output_name="dco_prior", class_prompt="a photo of a dog",
+                  num_class_images=1, prior_loss_weight=2.0)[2]
+    assert prior["history"][0]["loss"] > math.log(2) + 1e-4
+    mse = train(model, clip, vae, steps=1, loss="mse", output_name="mse_one")[2]
+    assert mse["history"][0]["loss"] == pytest.approx(mse["history"][0]["mse"])
+    assert abs(mse["history"][0]["loss"] - math.log(2)) > 1e-3
+
+
 def test_supplied_class_images_and_captions(sd15, loras_dir):
     model, clip, vae = sd15
     _, _, payload, _, _ = train(model, clip, vae, steps=1, output_name="cap", class_prompt="a dog",
@@ -200,10 +219,11 @@ def test_supplied_class_images_and_captions(sd15, loras_dir):
 
 
 # ----- never lose work --------------------------------------------------------------------------
-def test_cancel_in_process_keeps_partial_file(sd15, loras_dir, interrupt_at):
+def test_cancel_in_process_keeps_partial_file(sd15, loras_dir, interrupt_at, comfy_host):
     import comfy.model_management as mm
     model, clip, vae = sd15
     interrupt_at(4)  # the 4th UNet forward: inside step 4 (one forward per MSE step)
+    start = len(comfy_host.server.events)
     with pytest.raises(mm.InterruptProcessingException):
         train(model, clip, vae, steps=10, output_name="cancel")
     fmt = pack("tlora.format")
@@ -212,6 +232,13 @@ def test_cancel_in_process_keeps_partial_file(sd15, loras_dir, interrupt_at):
     assert loaded.metadata["tlora.train.steps"] == "3" and loaded.metadata["tlora.train.stopped"] == "cancelled"
     assert (loras_dir / "cancel.tlora-state").is_file()
     assert wrappers_left(model) == 0
+    end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
+    assert end["status"] == "cancelled" and end["steps_done"] == 3 and end["step"] == 3
+    assert end["file"] == "cancel.safetensors" and end["partial"] is True
+    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    assert record["status"] == "cancelled" and [h["step"] for h in record["history"]] == [1, 2, 3]
+    assert record["summary"]["steps_done"] == 3 and record["summary"]["file_name"] == "cancel.safetensors"
+    assert record["summary"]["partial"] is True
 
 
 def test_resume_equals_uninterrupted(sd15, loras_dir, interrupt_at):
@@ -240,7 +267,7 @@ def test_new_run_never_overwrites(sd15, loras_dir):
     assert (first, second) == ("keep.safetensors", "keep_2.safetensors")
 
 
-def test_nan_stops_cleanly(sd15, loras_dir):
+def test_nan_stops_cleanly(sd15, loras_dir, comfy_host):
     import torch
     model, clip, vae = sd15
     engine = pack("trainer.engine")
@@ -257,8 +284,85 @@ def test_nan_stops_cleanly(sd15, loras_dir):
         handle.remove()
     loaded = pack("tlora.format").load(str(loras_dir / "nan.safetensors"))
     assert loaded.metadata["tlora.train.steps"] == "2" and loaded.metadata["tlora.train.stopped"] == "diverged"
+    assert loaded.metadata["tlora.train.partial"] == "true"
     assert all(bool(torch.isfinite(t).all()) for a in loaded.adapters.values() for t in a.tensors.values())
     assert wrappers_left(model) == 0
+    # The kept adapter is the one of the last good step: what a clean 2-step run (same seed) trains.
+    good = train(model, clip, vae, steps=2, output_name="nan_ref")[2]
+    for key, adapter in good["adapters"].items():
+        for suffix, tensor in adapter.tensors.items():
+            torch.testing.assert_close(loaded.adapters[key].tensors[suffix], tensor, atol=0, rtol=0)
+    end = [d for d in comfy_host.server.events_named("tlora.train") if d.get("status") == "diverged"][-1]
+    assert "step 3" in end["message"] and end["file"] == "nan.safetensors"
+    record = engine.RUNS.get(end["run_id"])
+    assert record["status"] == "diverged" and record["summary"]["steps_done"] == 2
+
+
+def test_crash_mid_run_is_reported_and_kept(sd15, loras_dir, comfy_host):
+    """Any other error: partial file of the steps done, registry `failed` with steps_done, a `failed` event."""
+    model, clip, vae = sd15
+    calls = {"n": 0}
+
+    def boom(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside step 3 (one UNet forward per MSE step)
+            raise RuntimeError("boom in the third forward")
+    handle = model.model.diffusion_model.register_forward_pre_hook(boom)
+    start = len(comfy_host.server.events)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            train(model, clip, vae, steps=6, output_name="crash")
+    finally:
+        handle.remove()
+    end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
+    assert end["status"] == "failed" and "boom in the third forward" in end["message"]
+    assert end["steps_done"] == 2 and end["file"] == "crash.safetensors" and end["partial"] is True
+    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    assert record["status"] == "failed" and record["summary"]["steps_done"] == 2
+    assert [h["step"] for h in record["history"]] == [1, 2] and record["state"]["step"] == 2
+    meta = pack("tlora.format").read_metadata(str(loras_dir / "crash.safetensors"))
+    assert (meta["tlora.train.steps"], meta["tlora.train.partial"], meta["tlora.train.stopped"]) == ("2", "true", "failed")
+    assert wrappers_left(model) == 0
+
+
+def test_crash_while_sampling_counts_the_finished_step(sd15, loras_dir, comfy_host, monkeypatch):
+    """A preview that fails after step 2 finished: step 2 is done, recorded and saved."""
+    model, clip, vae = sd15
+    real = vae.decode
+    calls = {"n": 0}
+
+    def decode(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("decoder broke")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(vae, "decode", decode)
+    start = len(comfy_host.server.events)
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        train(model, clip, vae, steps=5, output_name="crash_sample", sample_every=1)
+    events = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"]
+    assert [d["step"] for d in events if "status" not in d] == [1]  # step 2's event never went out
+    end = events[-1]
+    assert end["status"] == "failed" and end["steps_done"] == 2
+    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    assert [h["step"] for h in record["history"]] == [1, 2] and record["summary"]["steps_done"] == 2
+    assert record["state"]["sample"]["step"] == 1  # the latest sample that was made
+    meta = pack("tlora.format").read_metadata(str(loras_dir / "crash_sample.safetensors"))
+    assert meta["tlora.train.steps"] == "2" and meta["tlora.train.stopped"] == "failed"
+
+
+def test_failure_before_training_is_reported(sd15, loras_dir, comfy_host):
+    """Bad settings found while preparing: nothing saved, the registry and an event say it failed."""
+    model, clip, vae = sd15
+    start = len(comfy_host.server.events)
+    with pytest.raises(Exception, match="multiple of 64"):
+        train(model, clip, vae, steps=3, output_name="never", resolution=96)
+    end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
+    assert end["status"] == "failed" and "multiple of 64" in end["message"]
+    assert end["steps_done"] == 0 and end["file"] is None
+    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    assert record["status"] == "failed" and record["file_name"] == "never.safetensors"
+    assert not (loras_dir / "never.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["../evil", "/tmp/abs", "a/b", "sub\\x", "..", "", "  ", ".hidden", "C:evil",
@@ -344,6 +448,19 @@ def test_cancel_over_http_keeps_partial(comfy_server):
     assert meta["tlora.train.base_model"] == "tlora-tiny-sd15.safetensors"
     adapters = fmt.load(str(path)).adapters
     assert adapters and all(".attn1." in k or ".attn2." in k for k in adapters)
+    run = comfy_server.get_json(f"/tlora/runs/{data['run_id']}")
+    assert run["status"] == "cancelled" and run["summary"]["partial"] is True
+    assert run["summary"]["file"] == "http_cancel.safetensors"
+    assert run["summary"]["steps_done"] == int(meta["tlora.train.steps"]) == len(run["history"])
+    # The partial file is a normal adapter: ComfyUI's server loads it with our loader and samples with it.
+    from tests.support.graphs import txt2img
+    graph = txt2img("tlora-tiny-sd15.safetensors", steps=1)
+    graph["lora"] = {"class_type": "TLoRALoaderModelOnly", "inputs": {
+        "model": ["ckpt", 0], "adapter_name": "http_cancel.safetensors", "strength_model": 1.0}}
+    graph["sampler"]["inputs"]["model"] = ["lora", 0]
+    from tests.support.server import history_error, history_ok
+    entry = comfy_server.run(graph, timeout=240)
+    assert history_ok(entry), history_error(entry)
 
 
 def test_text_encoder_training_patches_clip(sd15, loras_dir, tm):
@@ -399,3 +516,54 @@ def test_dataset_loader_graph(comfy_host, host_checkpoint, loras_dir):
     meta = adapter["metadata"]
     assert meta["tlora.train.dataset_size"] == "2" and meta["tlora.train.base_model"] == host_checkpoint
     assert "images" in res.ui["train"]  # the loss curve shows on the node
+
+
+@pytest.mark.server
+def test_samples_during_training_over_http(comfy_server):
+    """sample_every in the real server: previews on the progress bar and in events, training finishes."""
+    comfy_server.assert_pack_imported()
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tlora-tiny-sd15.safetensors"}},
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 8421504}},
+        "train": {"class_type": "TLoRATrain", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["img", 0],
+            **{**DEFAULTS, "steps": 4, "output_name": "http_sample", "sample_every": 2, "save_every": 0}}},
+    }
+    with comfy_server.events() as ev:
+        pid = comfy_server.post_prompt(graph, client_id=ev.client_id)
+        end = ev.wait_done(pid, timeout=300)
+        messages = list(ev.messages)
+    assert end["type"] == "execution_success", (end, comfy_server.log_tail(40))
+    events = [m["data"] for m in messages if m.get("type") == "tlora.train"]
+    steps = [e for e in events if "status" not in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    sampled = {e["step"]: e["sample"] for e in steps if "sample" in e}
+    assert sorted(sampled) == [2, 4], sampled
+    for step, ref in sampled.items():
+        assert ref["type"] == "temp" and ref["subfolder"] == "tlora" and ref["step"] == step
+        status, body = comfy_server.request("GET", ref["url"])
+        assert status == 200 and isinstance(body, bytes) and body[:8] == b"\x89PNG\r\n\x1a\n"
+    # Training went on after each sample: every step's loss is finite and the run is complete.
+    assert all(math.isfinite(e["loss"]) for e in steps)
+    final = [e for e in events if e.get("status")]
+    assert final[-1]["status"] == "done" and final[-1]["partial"] is False
+    assert final[-1]["file"] == "http_sample.safetensors"
+    from tlora import format as fmt
+    meta = fmt.read_metadata(str(comfy_server.loras_dir / "http_sample.safetensors"))
+    assert meta["tlora.train.steps"] == "4" and meta["tlora.train.partial"] == "false"
+    # ComfyUI's progress bar on the node went 1..4 of 4, and each new sample was its preview
+    # (binary preview messages: 1/2 = (un)encoded preview, 4 = preview with metadata).
+    progress = [(d["value"], d["max"]) for d in (m["data"] for m in messages if m.get("type") == "progress")
+                if d.get("node") == "train" and d.get("prompt_id") == pid]
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)], progress
+    previews = [m for m in messages if m.get("type") == "binary" and m.get("event") in (1, 2, 4)]
+    assert len(previews) == 2 and all(m["size"] > 100 for m in previews), previews
+    # The console shows tqdm's bar (in the server's log).
+    assert any("Training TLoRA" in line and "4/4" in line for line in comfy_server.log_text().splitlines())
+    # The registry (read by the web UI after a reload) has the node, prompt, file and latest sample.
+    run = comfy_server.get_json(f"/tlora/runs/{steps[0]['run_id']}")
+    assert (run["node"], run["prompt_id"], run["file"]) == ("train", pid, "http_sample.safetensors")
+    assert run["state"]["sample"]["step"] == 4 and run["state"]["sample"]["filename"] == sampled[4]["filename"]
+    assert run["state"]["sample"]["url"] == sampled[4]["url"]
+    assert run["summary"]["file"] == "http_sample.safetensors" and run["summary"]["partial"] is False
+    assert run["summary"]["steps_done"] == 4 and [h["step"] for h in run["history"]] == [1, 2, 3, 4]

@@ -131,6 +131,8 @@ export class TrainPanel {
       run.message = data.message || "";
       if (Number.isFinite(data.step)) run.latest.step = data.step;
       run.summary = { ...(run.summary || {}), file: data.file ?? run.summary?.file, final_loss: data.loss };
+      if (typeof data.partial === "boolean") run.summary.partial = data.partial;
+      if (Number.isFinite(data.steps_done)) run.summary.steps_done = data.steps_done;
       this.render();
       this.refresh(); // the route adds parameter count, size and the partial flag
       return;
