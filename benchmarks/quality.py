@@ -322,6 +322,40 @@ def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds
     return metrics, rows
 
 
+def reference_records(bench: Bench, data: SubjectData, prompts: list, eval_seeds: list[int]) -> tuple[list, list]:
+    """Two reference rows per subject: the floor and the ceiling of the subject metrics.
+
+    * "base model": the default model without any adapter on the held-out prompts (it has never
+      seen the subject's word, so this is what the metrics give an unrelated object);
+    * "VAE round trip": the training images encoded and decoded by the model's own VAE, each
+      compared with the *other* training images' crops (leave one out). No adapter can beat the
+      VAE it renders through, so this is the best reachable subject score; the 8x-downsampling
+      VAE erases most of the texture pattern (see docs/QUALITY.md).
+    Returns (records, image rows of the base model).
+    """
+    torch = bench.torch
+    with torch.no_grad():
+        base, rows = evaluate(bench, bench.patcher, data, prompts, eval_seeds)
+        decoded = bench.vae.decode(bench.base.process_latent_out(data.latents)).clamp(0, 1)
+    round_trip = (decoded * 255).round().byte().cpu().numpy()
+    fid = [M.subject_fidelity(im, data.name) for im in round_trip]
+    crops = [M.object_crop(im) for im in round_trip]
+    loo = [M.subject_similarity(im, [c for j, c in enumerate(crops) if j != i and c is not None])
+           for i, im in enumerate(round_trip)]
+    nan = float("nan")
+    ceiling = {k: nan for k in base}
+    ceiling.update({"subject": float(np.mean(loo)),
+                    "subject_template": float(np.mean([f["score"] for f in fid])),
+                    "subject_shape": float(np.mean([f["shape"] for f in fid])),
+                    "subject_palette": float(np.mean([f["palette"] for f in fid])),
+                    "subject_pattern": float(np.mean([f["pattern"] for f in fid]))})
+    common = {"subject_name": data.name, "seed": 0, "lr": nan, "steps": 0, "params": 0, "file_bytes": 0,
+              "loss_first": nan, "loss_last": nan, "step_time": nan}
+    return ([{**common, **base, "method": "base model (no adapter)", "reference": True},
+             {**common, **ceiling, "method": "VAE round trip (ceiling)", "reference": True}],
+            rows)
+
+
 def run_one(bench: Bench, method: Method, data: SubjectData, lr: float, seed: int, steps: int,
             prompts: list, eval_seeds: list[int]) -> tuple[dict, list]:
     """Attach, train, evaluate, detach; returns the record and the image rows."""
@@ -337,7 +371,7 @@ def run_one(bench: Bench, method: Method, data: SubjectData, lr: float, seed: in
     finally:
         mm.unload_all_models()
         att.detach()
-    return {"method": method.name, "subject": data.name, "seed": seed, "lr": lr, "steps": steps,
+    return {"method": method.name, "subject_name": data.name, "seed": seed, "lr": lr, "steps": steps,
             "params": att.num_params, "file_bytes": size, **stats, **metrics}, rows
 
 
@@ -615,19 +649,32 @@ def plot_simulation(records: list[dict], path: Path, title: str) -> None:
 
 
 def plot_subjects(records: list[dict], path: Path) -> None:
-    """Per method: subject fidelity vs prompt fidelity (mean and spread over subjects x seeds), sized by params."""
+    """Per method: subject vs prompt fidelity, and subject fidelity vs parameters (mean +- sd over subjects x seeds).
+
+    The reference rows (base model, VAE round trip) are drawn as horizontal lines on the right.
+    """
     plt = _plt()
     if plt is None or not records:
         return
     methods = list(dict.fromkeys(r["method"] for r in records))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for m in methods:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    markers = "osD^v<>phX*P"
+    for i, m in enumerate(methods):
         rs = [r for r in records if r["method"] == m]
-        sx, sy = np.array([r["subject"] for r in rs]), np.array([r["prompt"] for r in rs])
-        axes[0].errorbar(sx.mean(), sy.mean(), xerr=sx.std(), yerr=sy.std(), fmt="o", capsize=3, label=m)
-        axes[1].errorbar(rs[0]["params"], sx.mean(), yerr=sx.std(), fmt="o", capsize=3, label=m)
-    axes[0].set_xlabel("subject fidelity (template score)")
-    axes[0].set_ylabel("prompt fidelity (background + place)")
+        sx = np.array([r["subject"] for r in rs], dtype=np.float64)
+        if rs[0].get("reference"):
+            axes[1].axhline(np.nanmean(sx), ls="--", lw=1, color="gray" if "base" in m else "black", label=m)
+            if "base" in m:
+                sy = np.array([r["prompt"] for r in rs], dtype=np.float64)
+                axes[0].errorbar(sx.mean(), sy.mean(), xerr=sx.std(), yerr=sy.std(), fmt="x", color="gray",
+                                 capsize=3, label=m)
+            continue
+        sy = np.array([r["prompt"] for r in rs], dtype=np.float64)
+        mk = markers[i % len(markers)]
+        axes[0].errorbar(sx.mean(), sy.mean(), xerr=sx.std(), yerr=sy.std(), fmt=mk, capsize=3, label=m)
+        axes[1].errorbar(rs[0]["params"], sx.mean(), yerr=sx.std(), fmt=mk, capsize=3, label=m)
+    axes[0].set_xlabel("subject fidelity (crop similarity to the subject, 0..1)")
+    axes[0].set_ylabel("prompt fidelity (background + place right)")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("trainable parameters")
     axes[1].set_ylabel("subject fidelity")
@@ -662,17 +709,20 @@ def save_grid(rows: list[np.ndarray], path: Path, labels: Optional[list[str]] = 
 
 # --------------------------------------------------------------------------- driver
 
+KEYS = ["subject", "subject_template", "subject_shape", "subject_palette", "subject_pattern", "background", "position",
+        "prompt", "diversity", "copied_background", "nearest_train", "subject_train_prompt", "loss_last", "step_time"]
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean and standard deviation of every metric per method (over subjects x seeds)."""
-    keys = ["subject", "subject_template", "subject_shape", "subject_palette", "subject_pattern", "background", "position", "prompt",
-            "diversity", "copied_background", "nearest_train", "subject_train_prompt", "loss_last", "step_time"]
+    """Mean and standard deviation of every metric per method (over subjects x seeds; NaNs left out)."""
     out = []
     for m in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == m]
+        lrs = sorted({r["lr"] for r in rs if np.isfinite(r["lr"])})
         row = {"method": m, "runs": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"],
-               "lr": rs[0]["lr"]}
-        for k in keys:
-            v = np.array([r[k] for r in rs], dtype=np.float64)
+               "lr": lrs[0] if len(lrs) == 1 else float("nan"), "reference": bool(rs[0].get("reference"))}
+        for k in KEYS:
+            v = np.array([r.get(k, float("nan")) for r in rs], dtype=np.float64)
             v = v[np.isfinite(v)]
             row[k] = float(v.mean()) if len(v) else float("nan")
             row[k + "_sd"] = float(v.std()) if len(v) else float("nan")
@@ -681,19 +731,80 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict], wide_times: dict[str, float]) -> str:
-    """The summary as a Markdown table (mean +- sd over subjects x seeds)."""
+    """The summary as a Markdown table (mean +- sd over subjects x seeds; '-' where a metric does not apply)."""
     head = ("| method | params | file KiB | lr | subject | shape | palette | pattern | background | place | "
             "diversity | copied bg | nearest train | train-prompt subject | step s (wide) |")
     lines = [head, "|" + "---|" * 15]
     for r in summary:
         def f(k: str, d: int = 2) -> str:
+            if not np.isfinite(r[k]):
+                return "-"
             return f"{r[k]:.{d}f} ± {r[k + '_sd']:.{d}f}"
-        lines.append(f"| {r['method']} | {r['params']:,} | {r['file_bytes'] / 1024:.0f} | {r['lr']:.0e} | "
+        ref = r.get("reference")
+        t = wide_times.get(r["method"], float("nan"))
+        lines.append(f"| {r['method']} | {'-' if ref else format(r['params'], ',')} | "
+                     f"{'-' if ref else format(r['file_bytes'] / 1024, '.0f')} | "
+                     f"{format(r['lr'], '.0e') if np.isfinite(r['lr']) else '-'} | "
                      f"{f('subject')} | {f('subject_shape')} | {f('subject_palette')} | {f('subject_pattern')} | "
                      f"{f('background')} | {f('position')} | {f('diversity', 3)} | {f('copied_background')} | "
                      f"{f('nearest_train', 3)} | {f('subject_train_prompt')} | "
-                     f"{wide_times.get(r['method'], float('nan')):.2f} |")
+                     f"{format(t, '.2f') if np.isfinite(t) else '-'} |")
     return "\n".join(lines)
+
+
+def per_subject_table(records: list[dict], key: str = "subject") -> str:
+    """One metric per method and subject (mean +- sd over seeds) as a Markdown table."""
+    names = list(dict.fromkeys(r["subject_name"] for r in records))
+    lines = ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for m in dict.fromkeys(r["method"] for r in records):
+        cells = []
+        for n in names:
+            v = np.array([r[key] for r in records if r["method"] == m and r["subject_name"] == n], dtype=np.float64)
+            v = v[np.isfinite(v)]
+            cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_reports(results: dict, out: Path) -> None:
+    """summary.md, subjects.png and simulation plots from a results dict (also used by --merge)."""
+    records = results.get("subjects", [])
+    if records:
+        summary = summarize(records)
+        results["summary"] = summary
+        times = results.get("wide_step_time", {})
+        text = (markdown_table(summary, times) + "\n\nSubject fidelity per subject (mean ± sd over seeds):\n\n"
+                + per_subject_table(records) + "\n\nPrompt fidelity per subject:\n\n"
+                + per_subject_table(records, "prompt") + "\n")
+        (out / "summary.md").write_text(text)
+        print(text)
+        plot_subjects(records, out / "subjects.png")
+    sim = results.get("simulation", [])
+    for name in dict.fromkeys(r["subject"] for r in sim):
+        recs = [r for r in sim if r["subject"] == name]
+        plot_simulation(recs, out / f"simulation_{name}.png",
+                        f"fitting real full fine-tune deltas ({name}, {results.get('sim_steps', '?')} steps)")
+    if sim:
+        lines = ["| family | config | params | relative error |", "|---|---|---|---|"]
+        lines += [f"| {r['family']} | {r['config']} | {r['params']:,} | {r['rel_error']:.4f} |" for r in sim]
+        (out / "simulation.md").write_text("\n".join(lines) + "\n")
+
+
+def merge(paths: list[str], out: Path) -> dict:
+    """Combine results.json files of runs split across processes (records, simulation, tuning, times)."""
+    merged: dict[str, Any] = {"merged_from": paths, "subjects": [], "simulation": [], "tuning": [],
+                              "wide_step_time": {}, "seconds_each": []}
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        for k in ("subjects", "simulation", "tuning"):
+            merged[k] += r.get(k, [])
+        merged["wide_step_time"].update(r.get("wide_step_time", {}))
+        merged["seconds_each"].append(r.get("seconds"))
+        for k in ("model", "steps", "sim_steps", "sim_iters", "seeds", "eval_seeds", "threads", "hybrid", "quick",
+                  "lrs", "lr_grid"):
+            if k in r:
+                merged.setdefault(k, r[k])
+    return merged
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -704,23 +815,46 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint (default: the built default model; built if missing)")
     ap.add_argument("--subjects", default=None, help=f"comma list (default {SUBJECTS_FULL}; quick: {SUBJECT_QUICK})")
     ap.add_argument("--seeds", default=None, help="comma list of training seeds (default 0,1; quick: 0)")
+    ap.add_argument("--eval-seeds", default="100,101", help="sampling seeds per prompt (at least 2: diversity)")
     ap.add_argument("--methods", default=None,
                     help="semicolon list of method names, e.g. 'TLoRA(2,6);LoRA r4' (default all; quick: five)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 150; quick 50)")
     ap.add_argument("--no-tune", action="store_true", help="use base learning rates (quick always does)")
+    ap.add_argument("--lr-grid", default=",".join(str(f) for f in LR_GRID),
+                    help="tuning factors of each method's base learning rate (default %(default)s)")
+    ap.add_argument("--lrs", default=None, help="JSON {method: lr} or a results.json whose tuned 'lrs' to use "
+                                                "(skips tuning for those methods)")
     ap.add_argument("--lr-factor", type=float, default=1.0, help="multiply every base learning rate")
     ap.add_argument("--sim-steps", type=int, default=None, help="full fine-tune steps (default 150; quick 40)")
     ap.add_argument("--sim-iters", type=int, default=None, help="gradient-fit iterations (default 300; quick 100)")
+    ap.add_argument("--no-references", action="store_true",
+                    help="skip the base-model and VAE round-trip rows (when another process of a split run has them)")
+    ap.add_argument("--no-wide-times", action="store_true", help="skip the step-time measurement on the wide model")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default TLORA_TORCH_THREADS or 1)")
     ap.add_argument("--no-hybrid", action="store_true", help="run the plain wide UNet (about 2x slower)")
     ap.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT.relative_to(ROOT)})")
+    ap.add_argument("--merge", default=None, help="comma list of results.json files: merge them into --out and "
+                                                  "write the reports (no model runs)")
     ap.add_argument("--docs", action="store_true", help="also copy the plots to docs/quality/")
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    if a.merge:
+        results = merge(a.merge.split(","), out)
+        write_reports(results, out)
+        results_path.write_text(json.dumps(results, indent=1))
+        _copy_docs(a.docs, out)
+        return 0
+
     quick = a.quick
     subjects = (a.subjects or (SUBJECT_QUICK if quick else SUBJECTS_FULL)).split(",")
     seeds = [int(s) for s in (a.seeds or ("0" if quick else "0,1")).split(",")]
+    eval_seeds = [int(s) for s in a.eval_seeds.split(",")]
+    if len(eval_seeds) < 2:
+        ap.error("--eval-seeds needs at least two seeds (diversity is measured across them)")
     names = [n.strip() for n in a.methods.split(";")] if a.methods else (list(QUICK_METHODS) if quick else [m.name for m in METHODS])
     methods = [m for m in METHODS if m.name in names]
     unknown = set(names) - {m.name for m in methods}
@@ -728,18 +862,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"unknown methods {sorted(unknown)}; known: {[m.name for m in METHODS]}")
     steps = a.steps or (50 if quick else 150)
     sim_steps, sim_iters = a.sim_steps or (40 if quick else 150), a.sim_iters or (100 if quick else 300)
+    lr_grid = [float(f) for f in a.lr_grid.split(",")]
     parts = set(a.parts.split(","))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     path = Path(a.model) if a.model else D.make_default_model(log=lambda m: print(m, file=sys.stderr))
     D.ensure_host()
     import torch
     torch.set_num_threads(int(a.threads or os.environ.get("TLORA_TORCH_THREADS", "1")))
     bench = Bench(path, hybrid=not a.no_hybrid)
-    results: dict[str, Any] = {"model": str(path), "quick": quick, "steps": steps, "subjects": subjects,
-                               "seeds": seeds, "hybrid": bench.hybrid, "threads": torch.get_num_threads()}
-    results_path = out / "results.json"
+    results: dict[str, Any] = {"model": str(path), "quick": quick, "steps": steps, "subjects_run": subjects,
+                               "seeds": seeds, "eval_seeds": eval_seeds, "hybrid": bench.hybrid,
+                               "threads": torch.get_num_threads(), "sim_steps": sim_steps, "sim_iters": sim_iters,
+                               "lr_grid": lr_grid, "argv": sys.argv[1:] if argv is None else argv}
 
     def dump() -> None:
         results["seconds"] = time.perf_counter() - t_start
@@ -761,70 +895,105 @@ def main(argv: Optional[list[str]] = None) -> int:
                 r["subject"] = name
                 r["delta_rel_norm"] = rel
             sim_records += recs
-            plot_simulation(recs, out / f"simulation_{name}.png",
-                            f"fitting real full fine-tune deltas ({name}, {sim_steps} steps)")
-        results["simulation"] = sim_records
-        dump()
+            results["simulation"] = sim_records
+            dump()
+        write_reports({"simulation": sim_records, "sim_steps": sim_steps}, out)
 
     if "subjects" in parts:
         methods = [dataclasses.replace(m, lr=m.lr * a.lr_factor) for m in methods]
         lrs = {m.name: m.lr for m in methods}
-        # Held-out: three new backgrounds, a new place, a new size (quick: the backgrounds only).
-        prompts_of = {n: [p for p in P.held_out_prompts(n) if p.position != "bottom"][: 3 if quick else 5]
-                      for n in subjects}
-        eval_seeds = [100] if quick else [100, 101]
-        if not (quick or a.no_tune):
-            print(f"tuning learning rates on {subjects[0]} (seed {seeds[0]}, validation prompts)", flush=True)
+        given: dict[str, float] = {}
+        if a.lrs:
+            src = Path(a.lrs)
+            given = json.loads(src.read_text()).get("lrs", {}) if src.is_file() else json.loads(a.lrs)
+            lrs.update({k: float(v) for k, v in given.items() if k in lrs})
+        prompts_of = {n: subject_prompts(n, quick) for n in subjects}
+        to_tune = [m for m in methods if m.name not in given]
+        if to_tune and not (quick or a.no_tune):
+            print(f"tuning learning rates on {subjects[0]} (seed {seeds[0]}, validation prompts, "
+                  f"factors {lr_grid})", flush=True)
             data = subject_data(bench, subjects[0], 5)
             tuning = []
-            for m in methods:
+            for m in to_tune:
                 best = None
-                for factor in LR_GRID:
+                for factor in lr_grid:
+                    t0 = time.perf_counter()
                     rec, _ = run_one(bench, m, data, m.lr * factor, seeds[0], steps,
-                                     validation_prompts(subjects[0]), [100])
+                                     validation_prompts(subjects[0]), eval_seeds[:2])
                     score = rec["subject"] + rec["prompt"]
                     tuning.append({**rec, "score": score})
                     print(f"  {m.name:14s} lr {m.lr * factor:.0e}: subject {rec['subject']:.3f} "
-                          f"prompt {rec['prompt']:.2f} -> {score:.3f}", flush=True)
+                          f"prompt {rec['prompt']:.2f} -> {score:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
                     if best is None or score > best[0]:
                         best = (score, m.lr * factor)
                 lrs[m.name] = best[1]
-            results["tuning"] = tuning
-            dump()
+                results["tuning"] = tuning
+                dump()
+        results["lrs"] = lrs
+        dump()
+        image_dir = out / "images"  # every evaluated image, so that metrics can be recomputed (--rescore)
+        image_dir.mkdir(exist_ok=True)
+
+        def keep(name: str, method: str, seed: int, rows: list, texts: list) -> None:
+            tag = "".join(ch if ch.isalnum() else "_" for ch in method)
+            np.savez_compressed(image_dir / f"{name}__{tag}__{seed}.npz", images=np.stack(rows),
+                                prompts=np.array(texts))
         records, grids = [], {}
         for name in subjects:
             data = subject_data(bench, name, 5)
+            t0 = time.perf_counter()
+            if a.no_references:
+                refs, base_rows = [], [bench.generate(p.text, eval_seeds) for p in prompts_of[name]]
+            else:
+                refs, base_rows = reference_records(bench, data, prompts_of[name], eval_seeds)
+            records += refs
+            texts = [p.text for p in prompts_of[name]] + list(data.captions[:1])
+            if refs:
+                keep(name, "base model (no adapter)", 0, base_rows, texts)
+            for r in refs:
+                print(f"  {name} {r['method']:24s} subject {r['subject']:.3f} shape {r['subject_shape']:.2f} "
+                      f"palette {r['subject_palette']:.2f} pattern {r['subject_pattern']:.2f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
             for seed in seeds:
                 for m in methods:
                     t0 = time.perf_counter()
                     rec, rows = run_one(bench, m, data, lrs[m.name], seed, steps, prompts_of[name], eval_seeds)
                     records.append(rec)
+                    keep(name, m.name, seed, rows, texts)
                     print(f"  {name} seed {seed} {m.name:14s} subject {rec['subject']:.3f} bg {rec['background']:.2f} "
                           f"place {rec['position']:.2f} div {rec['diversity']:.3f} copied {rec['copied_background']:.2f}"
-                          f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+                          f" loss {rec['loss_last']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
                     if seed == seeds[0]:
                         grids.setdefault(name, []).append((m.name, np.concatenate([r for r in rows], 0)))
                     results["subjects"] = records
                     dump()
-            base_rows = [bench.generate(p.text, eval_seeds) for p in prompts_of[name]]
             labels = ["training images", "base model"] + [g[0] for g in grids[name]]
             save_grid([data.images, np.concatenate(base_rows, 0)] + [g[1] for g in grids[name]],
                       out / f"samples_{name}.png", labels)
-        summary = summarize(records)
-        times = wide_step_times(path, methods, subjects[0])
-        results["summary"], results["wide_step_time"] = summary, times
-        table = markdown_table(summary, times)
-        (out / "summary.md").write_text(table + "\n")
-        print(table)
-        plot_subjects(records, out / "subjects.png")
+        results["subjects"] = records
+        if not a.no_wide_times:
+            results["wide_step_time"] = wide_step_times(path, methods, subjects[0])
+        write_reports(results, out)
         dump()
 
-    if a.docs:
+    _copy_docs(a.docs, out)
+    print(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {results_path}")
+    return 0
+
+
+def subject_prompts(name: str, quick: bool = False) -> list[P.SubjectPrompt]:
+    """Held-out test prompts: three new backgrounds, a new place, a new size (quick: one of each kind)."""
+    held = [p for p in P.held_out_prompts(name) if p.position != "bottom"]
+    if quick:
+        return [held[0]] + [p for p in held if p.position != "centre"][:1] + [p for p in held if p.size != "default"][:1]
+    return held[:5]
+
+
+def _copy_docs(enabled: bool, out: Path) -> None:
+    if enabled:
         DOCS.mkdir(parents=True, exist_ok=True)
         for png in out.glob("*.png"):
             (DOCS / png.name).write_bytes(png.read_bytes())
-    print(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {results_path}")
-    return 0
 
 
 if __name__ == "__main__":
