@@ -200,19 +200,49 @@ def test_adapter_card_shows_what_was_picked(ui: ComfyPage, comfy_server: Any) ->
         (comfy_server.loras_dir / lora_name).unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer: sampling during training fails in the server "
-                                       "('Inference tensors cannot be saved for backward' in VAE decode)")
 def test_sample_preview_on_the_panel(ui: ComfyPage, comfy_server: Any) -> None:
-    """With sample_every, the newest training sample shows on the panel."""
+    """With sample_every, the newest training sample shows on the panel (live and after a reload) and is the
+    node's progress-bar preview."""
     graph = base_graph()
     graph["3"] = {"class_type": "TLoRATrain", "inputs": train_inputs(2, unique("browser_sample"), sample_every=1)}
     ui.load_api_graph(graph, "tlora_browser_sample.json", positions={"1": (20, 80), "2": (20, 300), "3": (420, 80)})
+    ui.record_events()
+    # ComfyUI's own preview messages (what its progress bar shows on a node).
+    ui.js("""() => { window.__tloraPreviews = [];
+                     const api = comfyAPI.api.api;
+                     api.addEventListener('b_preview_with_metadata', e => window.__tloraPreviews.push(
+                         String(e.detail?.nodeId ?? e.detail?.displayNodeId)));
+                     api.addEventListener('b_preview', () => window.__tloraPreviews.push('?')); }""")
     ui.queue()
-    ui.wait_js("() => ['done', 'cancelled', 'diverged', 'failed'].includes(app.graph.getNodeById(3)?.tloraPanel?.run?.status)",
-               timeout=600, what="the run to end")
+    ui.wait_runs_final([3], timeout=600)
     panel = ui.panel(3)
-    assert panel["run"]["status"] == "done", panel["run"]
-    assert panel["run"]["sample"] and panel["run"]["sample"]["step"] == 2
-    assert ui.js("() => { const img = app.graph.getNodeById(3).tloraPanel.sampleImg; "
-                 "return img.complete && img.naturalWidth > 0; }")
+    run = panel["run"]
+    assert run["status"] == "done" and panel["badge"] == "complete", run
+    samples = [e for e in ui.events() if str(e.get("node")) == "3" and e.get("sample")]
+    assert [e["sample"]["step"] for e in samples] == [1, 2], samples
+    assert run["sample"]["step"] == 2 and run["sample"]["filename"] == samples[-1]["sample"]["filename"]
+    previews = ui.js("() => window.__tloraPreviews")
+    assert len(previews) >= 2 and set(previews) <= {"3", "?"}, previews
+
+    def shown() -> dict:
+        ui.wait_js("() => { const img = app.graph.getNodeById(3).tloraPanel.sampleImg; "
+                   "return img.complete && img.naturalWidth > 0; }", timeout=30, what="the sample image to load")
+        return ui.js("""() => { const p = app.graph.getNodeById(3).tloraPanel;
+                                return {src: p.sampleImg.src, text: p.sampleText.textContent,
+                                        visible: !p.sampleBox.hidden && p.sampleImg.getClientRects().length > 0,
+                                        width: p.sampleImg.naturalWidth}; }""")
+    live = shown()
+    assert live["visible"] and live["width"] == 64 and live["text"] == "sample at step 2", live
+    assert samples[-1]["sample"]["filename"] in live["src"] and "/view?" in live["src"]
+    box = ui.node_box(3)
+    ui.view(box["x"] - 90, box["y"] + box["h"] - 900, 1.0)
+    ui.screenshot("browser_sample")
+
+    # After a reload the latest sample comes back from /tlora/runs (no events).
+    ui.reload()
+    ui.wait_runs_final([3], timeout=60)
+    again = ui.panel(3)["run"]
+    assert again["sources"] == {"event": 0, "route": 2} and again["sample"]["step"] == 2, again
+    restored = shown()
+    assert restored["visible"] and restored["text"] == "sample at step 2" and restored["src"] == live["src"]
     ui.console.assert_clean()
