@@ -272,11 +272,14 @@ def nearest_distance(img: object, references: Sequence[object]) -> float:
     return float(min(np.sqrt(((a - as_array(r) / 255.0) ** 2).mean()) for r in references))
 
 
-def object_crop(img: object, size: int = 32) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """The main object (largest region unlike the border) cropped to its box and resized: (rgb, mask)."""
+def object_crop(img: object, size: int = 32, min_area: int = 9) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The main object (largest region unlike the border) cropped to its box and resized: (rgb, mask).
+
+    None when that region has fewer than `min_area` pixels (no object).
+    """
     a = as_array(img)
     mask = largest_component(foreground_mask(a))
-    if mask.sum() < 9:
+    if mask.sum() < max(1, min_area):
         return None
     return _crop_resize(a, mask, size)
 
@@ -294,13 +297,30 @@ def crop_similarity(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.nd
     return float(1.0 - (np.abs(ca - cb)[union]).mean() / 255.0)
 
 
-def subject_similarity(img: object, references: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+def subject_similarity(img: object, references: Sequence[tuple[np.ndarray, np.ndarray]], min_area: int = 9
+                       ) -> float:
     """Best crop similarity of an image's main object to reference object crops (0 if no object).
 
     With references taken from the subject's training images after a round trip through the
     model's own VAE, this is template matching against what the model can render at best.
+    Objects smaller than `min_area` pixels count as no object (a speck is not a rendering).
     """
-    crop = object_crop(img)
+    crop = object_crop(img, min_area=min_area)
     if crop is None or not references:
         return 0.0
     return max(crop_similarity(crop, r) for r in references)
+
+
+def recognise_subject(img: object, references: dict[str, Sequence[tuple[np.ndarray, np.ndarray]]],
+                      min_area: int = 9) -> Optional[str]:
+    """Which subject an image's main object resembles most (best crop similarity over each subject's references).
+
+    None when there is no object. With every subject's VAE round-trip crops as references this
+    is a nearest-neighbour classifier over the subjects: an image "shows the quib" when its
+    object is closer to some quib reference than to any reference of the other subjects.
+    """
+    crop = object_crop(img, min_area=min_area)
+    if crop is None:
+        return None
+    best = {name: max((crop_similarity(crop, r) for r in refs), default=-1.0) for name, refs in references.items()}
+    return max(best, key=best.get)

@@ -106,3 +106,17 @@ def test_diversity_and_nearest_distance() -> None:
     assert M.mean_pairwise_distance([images[0], images[0]]) == 0.0
     assert M.mean_pairwise_distance(images) > 0.05
     assert M.nearest_distance(images[1], images) == 0.0
+
+
+def test_recognise_subject_among_all_subjects_and_min_area() -> None:
+    refs = {n: [M.object_crop(im) for im in P.subject_images(n, 5, seed=0)[0]] for n in P.SUBJECTS}
+    for name in P.SUBJECTS:
+        for im in P.subject_images(name, 3, seed=5)[0]:
+            assert M.recognise_subject(im, refs) == name
+    blank = np.full((64, 64, 3), 128, dtype=np.uint8)
+    assert M.recognise_subject(blank, refs) is None and M.subject_similarity(blank, refs["quib"]) == 0.0
+    speck = blank.copy()
+    speck[30:34, 30:34] = P.COLOURS["purple"]  # 16 pixels: an object by default, a speck with min_area=40
+    assert M.subject_similarity(speck, refs["quib"]) > 0.0
+    assert M.subject_similarity(speck, refs["quib"], min_area=40) == 0.0
+    assert M.recognise_subject(speck, refs, min_area=40) is None
