@@ -101,6 +101,16 @@ class TLoRAModule(nn.Module):
             return tr.factor_matrices(out_cores, in_cores)
         return self._p("tlora_r.up").to(dtype), self._p("tlora_r.down").to(dtype).transpose(0, 1)
 
+    def _raw_residual(self, dtype: torch.dtype) -> tuple | None:
+        """The residual's raw tensors for `trm.linear` (which builds U, V inside its node)."""
+        if self.residual_kind == "tr":
+            return ("tr", [self._p(f"tlora_r.out.{d}").to(dtype) for d in range(self._n_out)],
+                    [self._p(f"tlora_r.in.{d}").to(dtype) for d in range(self._n_in)], self.scale)
+        if self.residual_kind == "lora":
+            return ("lora", self._p("tlora_r.up").to(dtype), self._p("tlora_r.down").to(dtype).transpose(0, 1),
+                    self.scale)
+        return None
+
     def residual_output(self, x: Tensor) -> Tensor:
         """s Delta x (unweighted by strength)."""
         up, down = self.residual_factors(x.dtype)
@@ -151,13 +161,10 @@ class TLoRAModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """base(x + sigma (T x - x)) + sigma s Delta x."""
         if self._fusable(x):
-            up = down = None
-            if self.residual_kind != "none":
-                up, down = self.residual_factors(x.dtype)
-                up = up * (self.strength * self.scale.to(x.dtype))
             weight = self.base.weight
             form = self.resolve_form(x, "linear", weight)
-            return trm.linear(x, weight, self.base.bias, self._cores(x.dtype), form, self.strength, up, down)
+            return trm.linear(x, weight, self.base.bias, self._cores(x.dtype), form, self.strength,
+                              residual=self._raw_residual(x.dtype))
         out = self.base(self.transformed_input(x))
         if self.residual_kind != "none" and self.strength != 0:
             out = out + self.strength * self.residual_output(x).to(out.dtype)

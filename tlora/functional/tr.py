@@ -13,12 +13,25 @@ import torch
 from torch import Tensor
 
 
+def _chain_prefixes(cores: Sequence[Tensor]) -> list[Tensor]:
+    """Prefix products of the ring chain, each laid out (R, n_1...n_k, R): P[a, p, c] = prod[p][a, c].
+
+    In this layout every step is one plain GEMM, (R P, R) @ (R, n R), with no permute of the
+    growing product (only of the small next core).
+    """
+    c = cores[0].permute(1, 0, 2)
+    out = [c]
+    for core in cores[1:]:
+        r = c.shape[0]
+        c = torch.mm(c.reshape(r * c.shape[1], c.shape[2]), core.permute(1, 0, 2).reshape(core.shape[1], -1))
+        c = c.view(r, -1, core.shape[2])
+        out.append(c)
+    return out
+
+
 def chain(cores: Sequence[Tensor]) -> Tensor:
     """Product of ring cores along their chain: (n_1, R, R)... -> (n_1...n_D, R, R)."""
-    out = cores[0]
-    for core in cores[1:]:
-        out = torch.einsum("iab,jbc->ijac", out, core).reshape(-1, out.shape[1], core.shape[2])
-    return out
+    return _chain_prefixes(cores)[-1].permute(1, 0, 2)
 
 
 def init_cores(out_factors: Sequence[int], in_factors: Sequence[int], rank: int,
@@ -40,10 +53,45 @@ def init_cores(out_factors: Sequence[int], in_factors: Sequence[int], rank: int,
 
 def factor_matrices(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """(U, V) with Delta = U @ V.T: U[a, (r, s)] = Bchain[a][r, s], V[b, (r, s)] = Cchain[b][s, r]."""
-    up = chain(out_cores)
-    down = chain(in_cores)
-    rank = up.shape[1]
-    return up.reshape(up.shape[0], rank * rank), down.transpose(1, 2).reshape(down.shape[0], rank * rank)
+    up = _chain_prefixes(out_cores)[-1]  # (r, O, s)
+    down = _chain_prefixes(in_cores)[-1]  # (s, I, r)
+    return (up.permute(1, 0, 2).reshape(up.shape[1], -1),
+            down.permute(1, 2, 0).reshape(down.shape[1], -1))
+
+
+def factor_matrices_detached(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """`factor_matrices` without autograd (for fused nodes with a hand-written backward)."""
+    with torch.no_grad():
+        return factor_matrices([c.detach() for c in out_cores], [c.detach() for c in in_cores])
+
+
+def _chain_backward(cores: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
+    """Core gradients from the gradient (R, P, R) of the chain's product (`_chain_prefixes` layout)."""
+    prefixes = _chain_prefixes(cores)
+    grads: list[Tensor] = [grad] * len(cores)
+    g = grad
+    for k in range(len(cores) - 1, 0, -1):
+        prev, core = prefixes[k - 1], cores[k]
+        r, p, rb = prev.shape
+        gm = g.reshape(r * p, -1)  # (R P, n R)
+        left = prev.reshape(r * p, rb)
+        grads[k] = (left.t() @ gm).view(rb, core.shape[0], core.shape[2]).permute(1, 0, 2)
+        g = (gm @ core.permute(1, 0, 2).reshape(rb, -1).t()).view(r, p, rb)
+    grads[0] = g.permute(1, 0, 2)
+    return grads
+
+
+def factor_matrices_backward(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor], grad_up: Tensor,
+                             grad_down: Tensor) -> list[Tensor]:
+    """Gradients of out_cores + in_cores from those of (U, V) = factor_matrices(...) (no autograd)."""
+    with torch.no_grad():
+        out_cores = [c.detach() for c in out_cores]
+        in_cores = [c.detach() for c in in_cores]
+        r_out = out_cores[0].shape[1]
+        r_in = in_cores[0].shape[1]
+        g_up = grad_up.view(grad_up.shape[0], r_out, -1).permute(1, 0, 2)  # (r, O, s)
+        g_down = grad_down.view(grad_down.shape[0], -1, r_in).permute(2, 0, 1)  # (s, I, r)
+        return _chain_backward(out_cores, g_up) + _chain_backward(in_cores, g_down)
 
 
 def dense(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor]) -> Tensor:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import tr
+
 FORMS = ("factored", "merged", "dense")
 # Token-block size of the factored engine on CPU: a block's largest intermediate
 # (R^2 * I * block floats) stays cache-sized, and no buffer crosses the allocator's mmap
@@ -192,21 +194,45 @@ class _Chain:
         self.rank = int(rank)
         self.width = math.prod(self.sizes)
 
+    def _layout(self, d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(core permutation, operand shape) of stage d's matrix."""
+        r, n, d_last = self.rank, self.sizes[d], len(self.sizes) - 1
+        if d == 0:
+            return ((0, 2, 3, 1) if d_last == 1 else (2, 0, 3, 1)), (n * r * r, n)
+        if d < d_last:
+            return (0, 3, 2, 1), (n * r, r * n)
+        if d_last == 1:
+            return (0, 3, 2, 1), (n, r * r * n)
+        return (3, 0, 2, 1), (r, n, r * n)
+
     def operands(self, cores: Sequence[Tensor]) -> list[Tensor]:
         """Stage matrices from the (super-)cores (differentiable views/permutes)."""
-        r, d_last = self.rank, len(self.sizes) - 1
         ops = []
-        for d, (a, n) in enumerate(zip(cores, self.sizes)):
-            if d == 0:
-                perm = (0, 2, 3, 1) if d_last == 1 else (2, 0, 3, 1)
-                ops.append(a.permute(*perm).reshape(n * r * r, n))
-            elif d < d_last:
-                ops.append(a.permute(0, 3, 2, 1).reshape(n * r, r * n))
-            elif d_last == 1:
-                ops.append(a.permute(0, 3, 2, 1).reshape(n, r * r * n))
-            else:
-                ops.append(a.permute(3, 0, 2, 1).reshape(r, n, r * n))
+        for d, a in enumerate(cores):
+            perm, shape = self._layout(d)
+            ops.append(a.permute(*perm).reshape(shape))
         return [op.contiguous() for op in ops]
+
+    def operands_detached(self, cores: Sequence[Tensor], strength: float) -> list[Tensor]:
+        """`operands` without autograd (for the fused node), strength folded into the last."""
+        ops = []
+        for d, a in enumerate(cores):
+            perm, shape = self._layout(d)
+            ops.append(a.detach().permute(*perm).reshape(shape).contiguous())
+        if strength != 1:
+            ops[-1] = ops[-1] * strength  # never in place: contiguous() may alias the core
+        return ops
+
+    def core_grads(self, op_grads: Sequence[Tensor], cores: Sequence[Tensor], strength: float) -> list[Tensor]:
+        """Gradients of the (super-)cores from those of `operands_detached`'s matrices."""
+        out = []
+        for d, (g, a) in enumerate(zip(op_grads, cores)):
+            perm, _ = self._layout(d)
+            inverse = sorted(range(4), key=perm.__getitem__)
+            out.append(g.view([a.shape[p] for p in perm]).permute(*inverse))
+        if strength != 1:
+            out[-1] = out[-1] * strength
+        return out
 
     def block_size(self, tokens: int, device: torch.device) -> int:
         """Tokens per block: everything at once on accelerators, cache-sized on CPU."""
@@ -294,16 +320,30 @@ def _blocks(total: int, size: int) -> list[tuple[int, int]]:
 
 
 class _RowsChain(torch.autograd.Function):
-    """Factored T on rows x (N, I), optionally fused with the frozen linear and a low-rank term:
+    """Factored T on rows x (N, I), fused with the frozen linear and a low-rank residual:
 
-    y = W0 (keep x + T x) + bias + up (down^T x)   (W0 given), or keep x + T x (W0 None).
+    y = W0 (keep x + T x) + bias + f up (down^T x)   (W0 given), or keep x + T x (W0 None).
+
+    One autograd node for the whole adapted layer: it takes the raw (super-)cores and the
+    residual's raw tensors (a TR's core lists, or LoRA up/down), builds the stage matrices
+    and the residual's factors itself without autograd, and maps their gradients back by
+    hand (permutes; the TR chain's few small GEMMs), so a step costs a handful of ops
+    beyond the GEMMs (the per-module fixed cost matters for small layers and token counts).
     Per token block: one transpose of x into token-inner layout, the chain, and W0's GEMM
     reading the block transposed (BLAS handles that for free); the backward forms
     (gy W0)^T per block directly as W0^T gy^T, again without a transpose copy.
+
+    spec = (number of transform cores, strength, residual kind None/"lora"/"tr", number of
+    TR output cores, residual multiplier); f = multiplier * res_scale (res_scale a 0-d
+    tensor or None); for "lora" the residual tensors are up (O, k), down (I, k).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, up, down, keep, chain, *ops):  # noqa: D401
+    def forward(ctx, x, weight, bias, res_scale, chain, spec, *tensors):  # noqa: D401
+        n_cores, strength, kind, n_out, mult = spec
+        cores, res = tensors[:n_cores], tensors[n_cores:]
+        ops = chain.operands_detached(cores, strength)
+        keep = 1.0 - strength
         n_tok, width = x.shape
         block = chain.block_size(n_tok, x.device)
         out = x.new_empty(n_tok, weight.shape[0] if weight is not None else width)
@@ -321,12 +361,20 @@ class _RowsChain(torch.autograd.Function):
                 torch.addmm(bias, tb.t(), weight.t(), out=out[start:stop])
             else:
                 torch.mm(tb.t(), weight.t(), out=out[start:stop])
-        hidden = None
-        if up is not None:
+        up = down = hidden = factor = None
+        if kind is not None:
+            if kind == "tr":
+                up, down = tr.factor_matrices_detached(res[:n_out], res[n_out:])
+            else:
+                up, down = res[0].detach(), res[1].detach()
+            factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
+            up_s = up if isinstance(factor, float) and factor == 1 else up * factor
             hidden = x @ down
-            out.addmm_(hidden, up.t())
-        ctx.save_for_backward(x, weight, up, down, hidden, *ops)
-        ctx.keep, ctx.chain, ctx.has_bias = keep, chain, bias is not None
+            out.addmm_(hidden, up_s.t())
+        else:
+            up_s = None
+        ctx.save_for_backward(x, weight, up_s, down, hidden, res_scale, *tensors)
+        ctx.chain, ctx.spec, ctx.has_bias = chain, spec, bias is not None
         return out
 
     @staticmethod
@@ -338,12 +386,16 @@ class _RowsChain(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, saved, gy):
-        x, weight, up, down, hidden, *ops = saved
-        chain, keep = ctx.chain, ctx.keep
+        x, weight, up_s, down, hidden, res_scale, *tensors = saved
+        chain, (n_cores, strength, kind, n_out, mult) = ctx.chain, ctx.spec
+        cores, res = tensors[:n_cores], tensors[n_cores:]
+        ops = chain.operands_detached(cores, strength)
+        keep = 1.0 - strength
         gy = gy.contiguous()
         n_tok, width = x.shape
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_ops = any(ctx.needs_input_grad[7:])
+        need = ctx.needs_input_grad
+        need_x, need_w = need[0], need[1]
+        need_ops = any(need[6:6 + n_cores])
         grads = [torch.zeros_like(op) for op in ops]
         gx = torch.empty_like(x) if need_x else None
         gw = torch.zeros_like(weight) if need_w else None
@@ -371,15 +423,25 @@ class _RowsChain(torch.autograd.Function):
                             tb.add_(xb, alpha=keep)
                 if need_w:
                     gw.addmm_(gblk.t(), tb.t())
-        g_bias = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        g_up = g_down = None
-        if up is not None:
-            g_hidden = gy @ up
-            g_up = gy.t() @ hidden if ctx.needs_input_grad[3] else None
-            g_down = x.t() @ g_hidden if ctx.needs_input_grad[4] else None
+        core_grads = chain.core_grads(grads, cores, strength) if need_ops else [None] * n_cores
+        g_bias = gy.sum(0) if ctx.has_bias and need[2] else None
+        res_grads = [None] * len(res)
+        if kind is not None:
+            need_res = any(need[6 + n_cores:])
+            g_hidden = gy @ up_s
             if need_x:
                 gx.addmm_(g_hidden, down.t())
-        return (gx, gw, g_bias, g_up, g_down, None, None, *grads)
+            if need_res:
+                factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
+                g_up = gy.t() @ hidden
+                if not (isinstance(factor, float) and factor == 1):
+                    g_up = g_up * factor
+                g_down = x.t() @ g_hidden
+                if kind == "tr":
+                    res_grads = tr.factor_matrices_backward(res[:n_out], res[n_out:], g_up, g_down)
+                else:
+                    res_grads = [g_up, g_down]
+        return (gx, gw, g_bias, None, None, None, *core_grads, *res_grads)
 
 
 class _ChannelsChain(torch.autograd.Function):
@@ -443,12 +505,32 @@ def _groups(factors: Sequence[int], form: str) -> list[tuple[int, int]]:
     raise ValueError(f"unknown transform form {form!r}; expected one of {FORMS}")
 
 
-def _plan(cores: Sequence[Tensor], form: str, strength: float) -> tuple[_Chain, list[Tensor]]:
-    """The chain for a form and its operands (strength folded into the last one)."""
+_CHAINS: dict[tuple, "_Chain"] = {}
+
+
+def _chain(sizes: tuple[int, ...], rank: int) -> "_Chain":
+    """The (cached, immutable) stage plan for these super-core sizes and rank."""
+    key = (sizes, rank)
+    chain = _CHAINS.get(key)
+    if chain is None:
+        chain = _CHAINS[key] = _Chain(sizes, rank)
+    return chain
+
+
+def _supers(cores: Sequence[Tensor], form: str) -> tuple[_Chain, list[Tensor]]:
+    """The chain for a form and its (super-)cores (merged ones built with autograd)."""
     factors = [int(c.shape[0]) for c in cores]
     groups = _groups(factors, form)
-    supers = [cores[a] if b - a == 1 else merge_cores(cores[a:b]) for a, b in groups]
-    chain = _Chain([math.prod(factors[a:b]) for a, b in groups], int(cores[0].shape[2]))
+    if len(groups) == len(cores):
+        supers = list(cores)
+    else:
+        supers = [cores[a] if b - a == 1 else merge_cores(cores[a:b]) for a, b in groups]
+    return _chain(tuple(math.prod(factors[a:b]) for a, b in groups), int(cores[0].shape[2])), supers
+
+
+def _plan(cores: Sequence[Tensor], form: str, strength: float) -> tuple[_Chain, list[Tensor]]:
+    """The chain for a form and its operands (strength folded into the last one; autograd)."""
+    chain, supers = _supers(cores, form)
     ops = chain.operands(supers)
     if strength != 1:
         ops[-1] = ops[-1] * strength
@@ -498,9 +580,9 @@ def apply(x: Tensor, cores: Sequence[Tensor], form: str = "factored", strength: 
     if len(cores) == 1 or form == "dense":
         return x @ dense_with_strength(cores, strength).transpose(0, 1)
     with _NoAutocast(x) as amp:
-        chain, ops = _plan([amp.cast(c) for c in cores], form, strength)
+        chain, supers = _supers([amp.cast(c) for c in cores], form)
         rows = amp.cast(x).reshape(-1, width)
-        out = _RowsChain.apply(rows, None, None, None, None, 1.0 - strength, chain, *ops)
+        out = _RowsChain.apply(rows, None, None, None, chain, (len(supers), float(strength), None, 0, 1.0), *supers)
     return out.reshape(*lead, width)
 
 
@@ -518,24 +600,43 @@ def apply_channels(x: Tensor, cores: Sequence[Tensor], form: str = "factored", s
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cores: Sequence[Tensor], form: str = "factored",
-           strength: float = 1.0, up: Tensor | None = None, down: Tensor | None = None) -> Tensor:
-    """W0 (x + sigma (T x - x)) + bias + up (down^T x) for rows x (..., I): the adapted linear.
+           strength: float = 1.0, up: Tensor | None = None, down: Tensor | None = None,
+           residual: tuple | None = None) -> Tensor:
+    """W0 (x + sigma (T x - x)) + bias + residual for rows x (..., I): the adapted linear.
 
-    `up` (O, k) and `down` (I, k) carry the residual already scaled (sigma s Delta = up down^T).
-    The factored forms run the frozen GEMM and the residual inside one autograd node.
+    Residual: either `up` (O, k) and `down` (I, k) already scaled (sigma s Delta = up down^T),
+    or `residual` = ("lora", up, down, s) or ("tr", out_cores, in_cores, s), which adds
+    sigma s U V^T x (U, V = up, down, or the TR's factor matrices; s a float, a 0-d tensor
+    or None for 1). The factored forms run the frozen GEMM, T and the residual (including
+    building U, V from TR cores) inside one autograd node.
     """
     _check_form(form)
     lead, width = x.shape[:-1], x.shape[-1]
+    kind, res, scale, mult, n_out = None, (), None, 1.0, 0
+    if residual is not None:
+        kind, first, second, scale = residual
+        mult = float(strength)
+        res = (*first, *second) if kind == "tr" else (first, second)
+        n_out = len(first) if kind == "tr" else 0
+    elif up is not None:
+        kind, res = "lora", (up, down)
     if len(cores) == 1 or form == "dense":
         out = torch.nn.functional.linear(x @ dense_with_strength(cores, strength).transpose(0, 1), weight, bias)
-        if up is not None:
-            out = out + (x @ down) @ up.transpose(0, 1)
+        if kind is not None:
+            u, v = tr.factor_matrices(res[:n_out], res[n_out:]) if kind == "tr" else res
+            factor = mult if scale is None else scale * mult
+            if not (isinstance(factor, float) and factor == 1):
+                u = u * factor
+            out = out + (x @ v) @ u.transpose(0, 1)
         return out
     with _NoAutocast(x) as amp:
-        chain, ops = _plan([amp.cast(c) for c in cores], form, strength)
+        chain, supers = _supers([amp.cast(c) for c in cores], form)
         rows = amp.cast(x).reshape(-1, width)
-        out = _RowsChain.apply(rows, amp.cast(weight), amp.cast(bias), amp.cast(up), amp.cast(down),
-                               1.0 - strength, chain, *ops)
+        if isinstance(scale, (int, float)):
+            mult, scale = mult * float(scale), None
+        spec = (len(supers), float(strength), kind, n_out, mult)
+        out = _RowsChain.apply(rows, amp.cast(weight), amp.cast(bias), scale, chain, spec, *supers,
+                               *[amp.cast(t) for t in res])
     return out.reshape(*lead, weight.shape[0])
 
 
