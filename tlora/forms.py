@@ -36,8 +36,10 @@ PREFILTER = 4.0
 _cache: dict[tuple, str] = {}
 
 # Cost-model machine constants: (flop/s of well-shaped GEMMs, bytes/s for intermediates,
-# seconds per kernel call). Rough CPU (2-16 cores) and datacenter-GPU figures.
-_MACHINE = {"cpu": (1.0e11, 8.0e9, 8e-6), "cuda": (4.0e13, 2.0e12, 6e-6)}
+# seconds per kernel call, efficiency of the dense form's GEMMs). Rough CPU (2-16 cores)
+# and datacenter-GPU figures; the CPU ones fitted (within ~20%) to measured per-form times
+# of the SD1.5 attention shapes at 1024 tokens, 1 thread (docs/BENCHMARKS.md).
+_MACHINE = {"cpu": (1.0e11, 1.2e10, 8e-6, 0.7), "cuda": (4.0e13, 2.0e12, 6e-6, 1.0)}
 
 
 def token_bucket(tokens: int) -> int:
@@ -54,17 +56,32 @@ def candidates(factors: Sequence[int]) -> tuple[str, ...]:
     return FORMS
 
 
+def trial_candidates(factors: Sequence[int], device_type: str = "cpu", requires_grad: bool = True) -> tuple[str, ...]:
+    """The candidates an auto layer considers: `candidates`, minus ``merged`` when training on CPU.
+
+    ``merged`` (two super-cores built from the cores each step, then the same chain engine;
+    never W0 T) does more multiply-adds than ``factored`` for fewer, larger GEMMs. Measured
+    on CPU with gradients (docs/BENCHMARKS.md) it was never faster than ``factored`` beyond
+    timing noise, so timing it there only adds chances of a noise-driven pick. It stays a
+    candidate without gradients and on accelerators.
+    """
+    options = candidates(factors)
+    if device_type == "cpu" and requires_grad and "merged" in options:
+        options = tuple(f for f in options if f != "merged")
+    return options
+
+
 def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
                   device_type: str = "cpu", requires_grad: bool = True) -> float:
     """Modelled seconds for applying T (forward, plus backward if requires_grad) to `tokens` rows."""
-    flops_rate, bandwidth, call = _MACHINE.get(device_type, _MACHINE["cuda"])
+    flops_rate, bandwidth, call, dense_efficiency = _MACHINE.get(device_type, _MACHINE["cuda"])
     width, r2, n = math.prod(factors), rank * rank, max(int(tokens), 1)
     if form == "dense" or len(factors) < 2:
         split = trm.best_split(factors) if len(factors) > 1 else 1
         p = math.prod(factors[:split])
         build = 2 * width * width * r2 + 2 * p ** 4 * r2
         passes = 3 if requires_grad else 1
-        return (passes * 2 * n * width * width + 3 * build) / flops_rate + 8 * call
+        return (passes * 2 * n * width * width + 3 * build) / (flops_rate * dense_efficiency) + 8 * call
     sizes = [math.prod(factors[a:b]) for a, b in trm._groups(factors, form)]
     fwd_time, inter_time = 0.0, 0.0
     for d, s in enumerate(sizes):
@@ -72,7 +89,7 @@ def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
         macs = n * width * s * ring
         # Small contraction sizes run far below a GEMM's peak.
         k = s if d == 0 else rank * s
-        efficiency = min(1.0, k / 64)
+        efficiency = min(1.0, (k + 16) / 64)
         written = n * width * (r2 if d < len(sizes) - 1 else 1) * 4
         stage = 2 * macs / (flops_rate * efficiency) + 2 * written / bandwidth
         fwd_time += stage
@@ -89,7 +106,7 @@ def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
 def choose_form(factors: Sequence[int], rank: int, tokens: int, device_type: str = "cpu",
                 requires_grad: bool = True) -> str:
     """The cost model's pick among the candidate forms (deterministic; the fallback)."""
-    options = candidates(factors)
+    options = trial_candidates(factors, device_type, requires_grad)
     return min(options, key=lambda f: (estimate_cost(f, factors, rank, tokens, device_type, requires_grad),
                                        FORMS.index(f)))
 
@@ -126,7 +143,7 @@ def _sync(device: torch.device) -> None:
 def benchmark_forms(factors: Sequence[int], rank: int, tokens: int, *, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, requires_grad: bool = True, layout: str = "linear",
                     weight: torch.Tensor | None = None, forms: Sequence[str] | None = None,
-                    repeats: int = 3) -> dict[str, float]:
+                    repeats: int = 5) -> dict[str, float]:
     """Seconds per call of each form on synthetic data (min over interleaved repeats)."""
     device = torch.device(device)
     width = math.prod(factors)
@@ -181,7 +198,7 @@ def select_form(factors: Sequence[int], rank: int, tokens: int, *, device: torch
     if forced is not None:
         return forced
     device = torch.device(device)
-    options = candidates(factors)
+    options = trial_candidates(factors, device.type, requires_grad)
     if len(options) == 1:
         return options[0]
     out_features = None if weight is None else int(weight.shape[0])

@@ -183,7 +183,7 @@ def test_candidates_and_cost_model_are_deterministic() -> None:
     for factors in ((4, 8, 10), (8, 10, 16), (16, 16)):
         for tokens in (1, 77, 1024, 4096):
             first = forms.choose_form(factors, 2, tokens, "cpu")
-            assert first in forms.candidates(factors)
+            assert first in forms.trial_candidates(factors, "cpu", True)
             assert forms.choose_form(factors, 2, tokens, "cpu") == first
     assert forms.token_bucket(1000) == 1024 and forms.token_bucket(1024) == 1024 and forms.token_bucket(1) == 1
 
@@ -202,17 +202,22 @@ def test_measured_choice_is_cached(monkeypatch) -> None:
     forms.clear_cache()
     calls = []
 
+    timed = []
+
     def fake(factors, rank, tokens, **kw):
         calls.append(tokens)
-        return {f: (0.5 if f == "merged" else 1.0) for f in kw["forms"]}
+        timed.append(tuple(kw["forms"]))
+        return {f: (0.5 if f == "dense" else 1.0) for f in kw["forms"]}
 
     monkeypatch.setattr(forms, "benchmark_forms", fake)
     monkeypatch.setattr(forms, "PREFILTER", float("inf"))
-    assert forms.select_form((4, 8, 10), 2, 1000) == "merged"
-    assert forms.select_form((4, 8, 10), 2, 1020) == "merged"  # same bucket: no new measurement
+    assert forms.select_form((4, 8, 10), 2, 1000) == "dense"
+    assert forms.select_form((4, 8, 10), 2, 1020) == "dense"  # same bucket: no new measurement
     assert len(calls) == 1
+    assert "merged" not in timed[0]  # CPU training: merged is not a candidate
     forms.select_form((4, 8, 10), 2, 1000, requires_grad=False)  # another key
     assert len(calls) == 2
+    assert "merged" in timed[1]
     monkeypatch.setenv(forms.ENV_AUTOTUNE, "0")
     forms.clear_cache()
     assert forms.select_form((4, 8, 10), 2, 1000) == forms.choose_form((4, 8, 10), 2, 1000, "cpu")
