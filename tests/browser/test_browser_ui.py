@@ -246,3 +246,30 @@ def test_sample_preview_on_the_panel(ui: ComfyPage, comfy_server: Any) -> None:
     restored = shown()
     assert restored["visible"] and restored["text"] == "sample at step 2" and restored["src"] == live["src"]
     ui.console.assert_clean()
+
+
+def test_failed_run_shows_why(ui: ComfyPage, comfy_server: Any) -> None:
+    """A run that fails before its first step says so on the panel, with the reason, also after a reload."""
+    graph = base_graph()
+    inputs = train_inputs(3, unique("browser_fail"))
+    inputs["transform"] = "bogus"  # a free-text input the editor passes as it is: refused when adapters are made
+    graph["3"] = {"class_type": "TLoRATrain", "inputs": inputs}
+    ui.load_api_graph(graph, "tlora_browser_fail.json", positions={"1": (20, 80), "2": (20, 300), "3": (420, 80)})
+    ui.record_events()
+    ui.queue()
+    ui.wait_js("() => { const r = app.graph.getNodeById(3)?.tloraPanel?.run; "
+               "return r?.status === 'failed' && r.syncedAt >= r.lastEventAt; }", timeout=300,
+               what="the failed run on the panel, re-read from the route")
+    ended = [e for e in ui.events() if str(e.get("node")) == "3" and e.get("status")]
+    assert ended and ended[-1]["status"] == "failed" and ended[-1]["file"] is None, ended
+    panel = ui.panel(3)
+    text = panel["summaryText"] or ""
+    assert "Failed" in text and "unknown transform kind 'bogus'" in text and "No file was saved." in text, text
+    assert panel["badge"] == "failed"
+    ui.reload()
+    ui.wait_js("() => app.graph.getNodeById(3)?.tloraPanel?.run?.status === 'failed'", timeout=60,
+               what="the failed run after a reload")
+    again = ui.panel(3)
+    assert again["run"]["id"] == ended[-1]["run_id"] and "unknown transform kind" in (again["summaryText"] or "")
+    # ComfyUI itself reports the node's error as an execution error (a console error is expected there).
+    ui.console.assert_clean()

@@ -209,6 +209,17 @@ def test_dco_loss_starts_at_log2_and_prior_adds_to_it(sd15, loras_dir):
     assert abs(mse["history"][0]["loss"] - math.log(2)) > 1e-3
 
 
+def test_trains_without_a_server(sd15, loras_dir, monkeypatch):
+    """No PromptServer instance (scripts, other hosts): events are skipped, training and samples still work."""
+    import server
+    model, clip, vae = sd15
+    monkeypatch.setattr(server.PromptServer, "instance", None)
+    _, _, payload, _, name = train(model, clip, vae, steps=2, output_name="no_server", sample_every=1)
+    assert payload["steps"] == 2 and (loras_dir / name).is_file()
+    record = pack("trainer.engine").RUNS.get(payload["metadata"]["tlora.train.run_id"])
+    assert record["status"] == "done" and record["state"]["sample"]["step"] == 2
+
+
 def test_supplied_class_images_and_captions(sd15, loras_dir):
     model, clip, vae = sd15
     _, _, payload, _, _ = train(model, clip, vae, steps=1, output_name="cap", class_prompt="a dog",

@@ -109,7 +109,7 @@ export class TrainPanel {
   _ensureRun(runId, steps, startStep) {
     if (this.run && this.run.id === runId) return false;
     this.run = { id: runId, steps: steps || 0, startStep: startStep || 0, status: "running", points: new Map(),
-                 latest: {}, sample: null, summary: null, message: "", lastEventAt: 0,
+                 latest: {}, sample: null, summary: null, message: "", lastEventAt: 0, syncedAt: 0,
                  sources: { event: 0, route: 0 } };
     try {
       sessionStorage.setItem(this.deps.storageKey, runId);
@@ -153,6 +153,7 @@ export class TrainPanel {
     if (!rec || typeof rec.run_id !== "string") return;
     this._ensureRun(rec.run_id, rec.steps, rec.start_step);
     const run = this.run;
+    run.syncedAt = Date.now();
     if (Number.isFinite(rec.steps)) run.steps = rec.steps;
     if (Number.isFinite(rec.start_step)) run.startStep = rec.start_step;
     for (const h of rec.history || []) {
@@ -168,6 +169,10 @@ export class TrainPanel {
     // An event may already have said how the run ended; the route only adds detail.
     if (rec.status && (!FINAL.has(run.status) || FINAL.has(rec.status))) run.status = rec.status;
     if (rec.summary && Object.keys(rec.summary).length) run.summary = { ...(run.summary || {}), ...rec.summary };
+    // Why a run stopped (diverged, failed) is in the registry too: a reloaded page shows it again.
+    if (typeof rec.summary?.message === "string" && rec.summary.message && !run.message) {
+      run.message = rec.summary.message.split("\n")[0].slice(0, 240);
+    }
     if (rec.file && !run.file) run.file = rec.file;
     this.render();
   }
@@ -222,13 +227,21 @@ export class TrainPanel {
 
   /** The node starts executing: remember which runs exist, to find its run if it dies before any event. */
   noteStart() {
+    this._startedAt = Date.now();
     this._before = this.deps.fetchJson("/tlora/runs").then((l) => new Set((l?.runs || []).map((r) => r.run_id)));
   }
 
-  /** The node's execution failed or was interrupted: show how its run ended (the trainer sends no event then). */
+  /** The node's execution failed or was interrupted: show how its run ended (if no event of the trainer said so). */
   async noteEnd(message) {
     const before = this._before ? await this._before : null;
     this._before = null;
+    const run = this.run;
+    if (run && FINAL.has(run.status) && run.lastEventAt >= (this._startedAt || 0)) {
+      // The trainer already said how this execution's run ended (and the route was asked then).
+      if (message && !run.message) run.message = String(message).split("\n")[0].slice(0, 240);
+      this.render();
+      return;
+    }
     if (!(this.run && this.run.status === "running") && before) {
       // No event of this execution arrived: the run it started (if any) is the one that is new.
       const list = await this.deps.fetchJson("/tlora/runs");
