@@ -19,8 +19,11 @@ test-host: bootstrap
 test-browser: bootstrap
 	$(PY) -m pytest tests/browser -q
 
+# Trains a TLoRA on a procedural subject in a headless ComfyUI on the embedded default model
+# (built once, ~20 min); TINY=1: the old fast path (random adapter, tiny checkpoint, no build);
+# CKPT=path: that fast path on your own SD1.5/SDXL checkpoint.
 demo: bootstrap
-	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")
+	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)") $(if $(TINY),--tiny)
 
 bench: bootstrap
 	$(PY) benchmarks/core.py

@@ -288,10 +288,9 @@ SAMPLE = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal
 
 def prepare_default_model(timeout: float = 3 * 3600) -> Path:
     """The embedded default model, built once by scripts/build_default_model.py (a finished build returns at once)."""
-    from proving.default_model import default_path
+    from proving.default_model import BuildConfig, default_path, is_built
     path = default_path()
-    manifest = path.with_suffix(".json")
-    if path.is_file() and manifest.is_file():
+    if is_built(path, BuildConfig.make()):  # the file and a manifest naming the current build config
         log(f"default model: {path.relative_to(ROOT)} (cached)")
         return path
     log("building the embedded default model (scripts/build_default_model.py): about 20 minutes on 2 CPU "
