@@ -398,7 +398,9 @@ class ComfyProgress:
     def __call__(self, report: E.StepReport) -> None:
         new_preview = ref = None
         if report.sample is not None:
-            self.preview = new_preview = ("JPEG", to_pil(report.sample), 512)
+            pil = to_pil(report.sample)
+            # ComfyUI fits previews into max_size (up or down): never blow a small sample up.
+            self.preview = new_preview = ("JPEG", pil, min(512, max(pil.size)))
             ref = save_preview(report.sample, report.run_id, report.step)
             if ref is not None:
                 self.sample_ref = ref

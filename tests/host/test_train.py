@@ -174,6 +174,12 @@ def test_sdxl_shaped_model_trains(tm, loras_dir):
     assert (loras_dir / file_name).is_file()
     assert any(".attn2.to_k" in k for k in payload["adapters"])
     assert wrappers_left(model) == 0
+    # It learned something: an untrained adapter is the identity (W0 T + s Delta = W0).
+    import torch
+    key = next(k for k in payload["adapters"] if ".attn2.to_k" in k)
+    w = torch.randn(*model.model.state_dict()[key + ".weight"].shape, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(payload["adapters"][key].patched_weight(w), w, atol=1e-7)
+    assert payload["metadata"]["tlora.train.loss"] == "dco"
 
 
 # ----- losses and prior preservation ----------------------------------------------------------
