@@ -215,6 +215,19 @@ def test_dco_loss_starts_at_log2_and_prior_adds_to_it(sd15, loras_dir):
     assert abs(mse["history"][0]["loss"] - math.log(2)) > 1e-3
 
 
+def test_samples_do_not_change_training(sd15, loras_dir):
+    """Previews run on their own generator, without gradients: the adapter is the one a run without them trains."""
+    import torch
+    model, clip, vae = sd15
+    plain = train(model, clip, vae, steps=3, learning_rate=1e-2, output_name="nosample")[2]
+    sampled = train(model, clip, vae, steps=3, learning_rate=1e-2, output_name="sampled", sample_every=1)[2]
+    assert [h["loss"] for h in sampled["history"]] == [h["loss"] for h in plain["history"]]
+    for key, adapter in plain["adapters"].items():
+        for suffix, tensor in adapter.tensors.items():
+            torch.testing.assert_close(sampled["adapters"][key].tensors[suffix], tensor, atol=0, rtol=0)
+    assert wrappers_left(model) == 0
+
+
 def test_trains_without_a_server(sd15, loras_dir, monkeypatch):
     """No PromptServer instance (scripts, other hosts): events are skipped, training and samples still work."""
     import server
@@ -584,3 +597,14 @@ def test_samples_during_training_over_http(comfy_server):
     assert run["state"]["sample"]["url"] == sampled[4]["url"]
     assert run["summary"]["file"] == "http_sample.safetensors" and run["summary"]["partial"] is False
     assert run["summary"]["steps_done"] == 4 and [h["step"] for h in run["history"]] == [1, 2, 3, 4]
+    # Training after a sample went on exactly as without samples (same seed: the same file tensors).
+    graph["train"]["inputs"].update(sample_every=0, output_name="http_nosample")
+    from tests.support.server import history_error, history_ok
+    entry = comfy_server.run(graph, timeout=300)
+    assert history_ok(entry), history_error(entry)
+    from safetensors.torch import load_file
+    with_samples = load_file(str(comfy_server.loras_dir / "http_sample.safetensors"))
+    without = load_file(str(comfy_server.loras_dir / "http_nosample.safetensors"))
+    assert with_samples.keys() == without.keys()
+    import torch
+    assert all(torch.equal(with_samples[k], without[k]) for k in without)
