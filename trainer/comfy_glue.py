@@ -575,7 +575,8 @@ def _run(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: Se
         checkpoint_modules=checkpoint_blocks(root), interrupt_types=(mm.InterruptProcessingException,),
         observer=progress, decode=decode if settings.sample_every else None, sample_cond=prepared.sample_cond,
         sample_uncond=prepared.sample_uncond, sample_shape=prepared.sample_shape, encode=encode,
-        device=device, run_id=run_id, registry=registry, run_info=run_info)
+        device=device, run_id=run_id, registry=registry, run_info=run_info,
+        interrupt_check=mm.throw_exception_if_processing_interrupted)
     if settings.train_text_encoder:
         hooks.extend(autograd_safe_norms(clip.cond_stage_model))
     return trainer.run(), arch

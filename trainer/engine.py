@@ -645,7 +645,8 @@ class Trainer:
                  sample_cond: Cond | None = None, sample_uncond: Cond | None = None,
                  sample_shape: Sequence[int] | None = None, encode: Callable[[list[str]], Cond] | None = None,
                  device: torch.device | str | None = None, run_id: str | None = None,
-                 registry: RunRegistry = RUNS, run_info: Mapping[str, Any] | None = None):
+                 registry: RunRegistry = RUNS, run_info: Mapping[str, Any] | None = None,
+                 interrupt_check: Callable[[], None] | None = None):
         config.validate()
         if not data.instance:
             raise TrainingError("no training images: connect at least one image")
@@ -658,6 +659,8 @@ class Trainer:
         self.file_config = dict(file_config or {})
         self.checkpoint_modules = list(checkpoint_modules)
         self.interrupt_types = tuple(interrupt_types) + (KeyboardInterrupt,)
+        # Raises one of interrupt_types when the user cancelled (polled where no observer runs).
+        self.interrupt_check = interrupt_check
         self.observer, self.decode, self.encode = observer, decode, encode
         self.sample_cond, self.sample_uncond, self.sample_shape = sample_cond, sample_uncond, sample_shape
         self.device = torch.device(device) if device is not None else data.instance[0].latent.device
@@ -1018,6 +1021,8 @@ class Trainer:
             self._set_strength(0.0)
             try:
                 for _ in range(missing):
+                    if self.interrupt_check is not None:
+                        self.interrupt_check()  # class images take a while: Cancel works between them
                     latent = ddim_sample(self.denoiser, self.schedule, data.prior_cond, data.prior_uncond,
                                          (1, *data.prior_shape), self.config.sample_steps, self.config.sample_cfg,
                                          gen, self.device, amp_dtype)

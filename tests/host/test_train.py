@@ -271,6 +271,23 @@ def test_cancel_in_process_keeps_partial_file(sd15, loras_dir, interrupt_at, com
     assert record["summary"]["partial"] is True
 
 
+def test_cancel_while_making_class_images(sd15, loras_dir, interrupt_at, comfy_host):
+    """Cancel during prior-preservation image generation stops before training: nothing saved, run cancelled."""
+    import comfy.model_management as mm
+    model, clip, vae = sd15
+    calls = interrupt_at(3)  # inside the first class image (DDIM with CFG: one UNet forward per sampler step)
+    start = len(comfy_host.server.events)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(model, clip, vae, steps=4, output_name="cancel_prior", class_prompt="a photo of a dog",
+              num_class_images=3)
+    assert calls["n"] <= 20, calls  # 20 DDIM steps: the second and third images were never started
+    assert not (loras_dir / "cancel_prior.safetensors").exists()
+    end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
+    assert end["status"] == "cancelled" and end["steps_done"] == 0 and end["file"] is None
+    assert pack("trainer.engine").RUNS.get(end["run_id"])["status"] == "cancelled"
+    assert wrappers_left(model) == 0
+
+
 def test_resume_equals_uninterrupted(sd15, loras_dir, interrupt_at):
     import torch
     import comfy.model_management as mm
