@@ -142,6 +142,8 @@ def _check_value(node: dict, name: str, kind, opts: dict, value) -> None:
         options = kind if isinstance(kind, list) else opts.get("options", [])
         if name in ("ckpt_name", "adapter_name", "lora_name"):  # the user's files
             assert isinstance(value, str) and value.endswith(".safetensors"), where
+        elif name in ("folder", "image"):  # the user's input folder: the demo fills it at run time
+            assert isinstance(value, str) and value and "/" not in value and ".." not in value, where
         else:
             assert value in options, f"{where} not in {options[:8]}..."
     elif kind == "INT":
