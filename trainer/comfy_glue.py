@@ -369,11 +369,15 @@ def current_prompt_id() -> str | None:
     """The id of the prompt ComfyUI is executing (None outside an execution)."""
     try:
         from comfy_execution.utils import get_executing_context
-        context = get_executing_context()
-        if context is not None and getattr(context, "prompt_id", None):
-            return str(context.prompt_id)
-    except Exception:  # older/newer hosts without the context helper
-        pass
+    except Exception:  # older hosts without the context helper: the server's last prompt
+        get_executing_context = None
+    if get_executing_context is not None:
+        try:
+            context = get_executing_context()
+        except Exception:
+            context = None
+        value = getattr(context, "prompt_id", None)
+        return str(value) if value else None  # a direct call outside an execution has none
     srv = _server()
     value = getattr(srv, "last_prompt_id", None) if srv is not None else None
     return str(value) if isinstance(value, str) and value else None

@@ -142,6 +142,7 @@ def test_loss_goes_down_and_outputs(sd15, loras_dir, comfy_host):
     record = engine.RUNS.get(last["run_id"])
     assert record["status"] == "done" and len(record["history"]) == 30
     assert record["file_name"] == "down.safetensors" and record["start_step"] == 0
+    assert record["node"] is None and record["prompt_id"] is None  # a direct call, outside an execution
     summary = record["summary"]
     assert summary["steps_done"] == 30 and summary["partial"] is False and summary["file_name"] == "down.safetensors"
     done = [d for d in events if d.get("status") == "done" and d["run_id"] == last["run_id"]][-1]
@@ -563,6 +564,8 @@ def test_dataset_loader_graph(comfy_host, host_checkpoint, loras_dir):
     meta = adapter["metadata"]
     assert meta["tlora.train.dataset_size"] == "2" and meta["tlora.train.base_model"] == host_checkpoint
     assert "images" in res.ui["train"]  # the loss curve shows on the node
+    record = pack("trainer.engine").RUNS.get(meta["tlora.train.run_id"])
+    assert (record["node"], record["prompt_id"], record["file_name"]) == ("train", res.prompt_id, file_name)
 
 
 @pytest.mark.server
