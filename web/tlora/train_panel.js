@@ -203,8 +203,10 @@ export class TrainPanel {
       runId = null;
     }
     const list = runs || [];
-    // A registry that records node ids lets any tab find the run of this node.
-    const mine = list.filter((r) => r.node !== undefined && r.node !== null && String(r.node) === String(this.node.id));
+    // A registry that records node ids lets any tab find the run of this node (node ids repeat
+    // across workflows: only a run that fits this node's settings counts).
+    const mine = list.filter((r) => r.node !== undefined && r.node !== null
+      && String(r.node) === String(this.node.id) && this.fits(r));
     const pick = list.find((r) => r.run_id === runId && this.fits(r)) || mine[mine.length - 1];
     if (!pick || (this.run && this.run.id !== pick.run_id && this.run.lastEventAt)) return;
     this._ensureRun(pick.run_id, pick.steps, pick.start_step);
