@@ -84,6 +84,8 @@ QUICK_METHODS = ("TLoRA(2,6)", "TLoRA*(2,4)", "LoRA r4", "LoKr f8", "OFT b8")
 # zorb's thin red/yellow stripes blur to orange, so it stays out of the default set.
 SUBJECTS_FULL, SUBJECT_QUICK = "quib,vemo,plon", "quib"
 LR_GRID = (0.3, 1.0, 3.0)
+# Objects under this many pixels count as no object (a small subject, radius 6-8.5 px, covers 80+).
+MIN_AREA = 40
 SAMPLE_STEPS = 16  # euler steps when evaluating (20 in the default-model test; fewer here to save time)
 
 
@@ -224,6 +226,8 @@ class SubjectData:
     images: np.ndarray
     captions: list[str]
     references: list  # object crops of the training images after a VAE round trip
+    round_trip: Optional[np.ndarray] = None  # those decoded images
+    others: Optional[dict] = None  # {subject: round-trip crops} of every subject (for recognition)
 
 
 def subject_data(bench: Bench, name: str, n_images: int) -> SubjectData:
@@ -239,7 +243,12 @@ def subject_data(bench: Bench, name: str, n_images: int) -> SubjectData:
         decoded = bench.vae.decode(bench.base.process_latent_out(latents)).clamp(0, 1)
     round_trip = (decoded * 255).round().byte().cpu().numpy()
     refs = [c for c in (M.object_crop(im) for im in round_trip) if c is not None]
-    return SubjectData(name, latents, conds, images, captions, refs)
+    return SubjectData(name, latents, conds, images, captions, refs, round_trip)
+
+
+def all_subject_references(bench: Bench) -> dict:
+    """{subject: VAE round-trip object crops of its 5 training images} for every subject (recognition)."""
+    return {n: subject_data(bench, n, 5).references for n in P.SUBJECTS}
 
 
 def train(bench: Bench, params: list, data: SubjectData, steps: int, lr: float, seed: int, batch: int = 2,
@@ -282,31 +291,43 @@ def validation_prompts(name: str) -> list[P.SubjectPrompt]:
 
 def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds: list[int],
              train_prompts: int = 1) -> tuple[dict, list]:
-    """Metrics over prompts x seeds (plus a training caption): subject, prompt fidelity, diversity, overfitting."""
+    """Sample prompts x seeds (plus training captions) and score them (see score_rows)."""
+    rows = [bench.generate(p.text, seeds, patcher) for p in prompts]
+    rows += [bench.generate(c, seeds, patcher) for c in data.captions[:train_prompts]]
+    return score_rows(data, prompts, rows), rows
+
+
+def score_rows(data: SubjectData, prompts: list, rows: list) -> dict:
+    """Metrics of image rows (one row of seeds per held-out prompt, then rows of training captions).
+
+    subject: crop similarity of the main object to the subject's VAE round-trip crops (0 when no
+    object of MIN_AREA pixels); recognised: share of images whose object is nearer this subject's
+    crops than any other subject's (needs data.others); subject_template/shape/palette/pattern:
+    against the analytic template; background/position: what the prompt asked; diversity: pixel
+    distance across seeds; overfitting: copied training backgrounds, distance to the nearest
+    training image, and the subject score on a training caption.
+    """
     name = data.name
     train_bgs = {M.background_colour(im) for im in data.images}
-    rows, fid, bg_ok, pos_ok, leak, near, div = [], [], [], [], [], [], []
-    for prompt in prompts:
-        images = bench.generate(prompt.text, seeds, patcher)
-        rows.append(images)
+    fid, bg_ok, pos_ok, leak, near, div, rec = [], [], [], [], [], [], []
+    for prompt, images in zip(prompts, rows):
         div.append(M.mean_pairwise_distance(images))
         for im in images:
             f = M.subject_fidelity(im, name)
-            f["similarity"] = M.subject_similarity(im, data.references)
+            f["similarity"] = M.subject_similarity(im, data.references, min_area=MIN_AREA)
             fid.append(f)
+            if data.others:
+                rec.append(M.recognise_subject(im, data.others, min_area=MIN_AREA) == name)
             where = M.placement(im)
             bg_ok.append(where["background"] == prompt.background)
             leak.append(where["background"] in train_bgs)
             if prompt.position != "centre":
                 pos_ok.append(where["position"] == prompt.position)
             near.append(M.nearest_distance(im, data.images))
-    seen = []
-    for caption in data.captions[:train_prompts]:
-        images = bench.generate(caption, seeds, patcher)
-        rows.append(images)
-        seen += [M.subject_similarity(im, data.references) for im in images]
-    metrics = {
+    seen = [M.subject_similarity(im, data.references, min_area=MIN_AREA) for r in rows[len(prompts):] for im in r]
+    return {
         "subject": float(np.mean([f["similarity"] for f in fid])),
+        "recognised": float(np.mean(rec)) if rec else float("nan"),
         "subject_template": float(np.mean([f["score"] for f in fid])),
         "subject_shape": float(np.mean([f["shape"] for f in fid])),
         "subject_palette": float(np.mean([f["palette"] for f in fid])),
@@ -319,7 +340,6 @@ def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds
         "nearest_train": float(np.mean(near)),
         "subject_train_prompt": float(np.mean(seen)) if seen else float("nan"),
     }
-    return metrics, rows
 
 
 def reference_records(bench: Bench, data: SubjectData, prompts: list, eval_seeds: list[int]) -> tuple[list, list]:
@@ -333,27 +353,37 @@ def reference_records(bench: Bench, data: SubjectData, prompts: list, eval_seeds
       VAE erases most of the texture pattern (see docs/QUALITY.md).
     Returns (records, image rows of the base model).
     """
-    torch = bench.torch
-    with torch.no_grad():
+    with bench.torch.no_grad():
         base, rows = evaluate(bench, bench.patcher, data, prompts, eval_seeds)
-        decoded = bench.vae.decode(bench.base.process_latent_out(data.latents)).clamp(0, 1)
-    round_trip = (decoded * 255).round().byte().cpu().numpy()
+    ceiling = ceiling_metrics(data)
+    common = {"subject_name": data.name, "seed": 0, "lr": float("nan"), "steps": 0, "params": 0, "file_bytes": 0,
+              "loss_first": float("nan"), "loss_last": float("nan"), "step_time": float("nan")}
+    return ([{**common, **base, "method": "base model (no adapter)", "reference": True},
+             {**common, **ceiling, "method": "VAE round trip (ceiling)", "reference": True}],
+            rows)
+
+
+def ceiling_metrics(data: SubjectData) -> dict:
+    """Subject metrics of the training images' VAE round trips, each against the *other* crops (leave one out)."""
+    round_trip = data.round_trip
     fid = [M.subject_fidelity(im, data.name) for im in round_trip]
     crops = [M.object_crop(im) for im in round_trip]
-    loo = [M.subject_similarity(im, [c for j, c in enumerate(crops) if j != i and c is not None])
+    loo = [M.subject_similarity(im, [c for j, c in enumerate(crops) if j != i and c is not None], min_area=MIN_AREA)
            for i, im in enumerate(round_trip)]
+    rec = []
+    if data.others:
+        for i, im in enumerate(round_trip):
+            refs = dict(data.others)
+            refs[data.name] = [c for j, c in enumerate(crops) if j != i and c is not None]
+            rec.append(M.recognise_subject(im, refs, min_area=MIN_AREA) == data.name)
     nan = float("nan")
-    ceiling = {k: nan for k in base}
-    ceiling.update({"subject": float(np.mean(loo)),
+    ceiling = {k: nan for k in KEYS}
+    ceiling.update({"subject": float(np.mean(loo)), "recognised": float(np.mean(rec)) if rec else nan,
                     "subject_template": float(np.mean([f["score"] for f in fid])),
                     "subject_shape": float(np.mean([f["shape"] for f in fid])),
                     "subject_palette": float(np.mean([f["palette"] for f in fid])),
                     "subject_pattern": float(np.mean([f["pattern"] for f in fid]))})
-    common = {"subject_name": data.name, "seed": 0, "lr": nan, "steps": 0, "params": 0, "file_bytes": 0,
-              "loss_first": nan, "loss_last": nan, "step_time": nan}
-    return ([{**common, **base, "method": "base model (no adapter)", "reference": True},
-             {**common, **ceiling, "method": "VAE round trip (ceiling)", "reference": True}],
-            rows)
+    return ceiling
 
 
 def run_one(bench: Bench, method: Method, data: SubjectData, lr: float, seed: int, steps: int,
@@ -709,12 +739,12 @@ def save_grid(rows: list[np.ndarray], path: Path, labels: Optional[list[str]] = 
 
 # --------------------------------------------------------------------------- driver
 
-KEYS = ["subject", "subject_template", "subject_shape", "subject_palette", "subject_pattern", "background", "position",
+KEYS = ["subject", "recognised", "subject_template", "subject_shape", "subject_palette", "subject_pattern", "background", "position",
         "prompt", "diversity", "copied_background", "nearest_train", "subject_train_prompt", "loss_last", "step_time"]
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean and standard deviation of every metric per method (over subjects x seeds; NaNs left out)."""
+    """Mean of every metric per method (over subjects x seeds; NaNs left out) and its spread over seeds."""
     out = []
     for m in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == m]
@@ -723,18 +753,21 @@ def summarize(records: list[dict]) -> list[dict]:
                "lr": lrs[0] if len(lrs) == 1 else float("nan"), "reference": bool(rs[0].get("reference"))}
         for k in KEYS:
             v = np.array([r.get(k, float("nan")) for r in rs], dtype=np.float64)
+            seed = np.array([r["seed"] for r in rs])[np.isfinite(v)]
             v = v[np.isfinite(v)]
+            # Spread over training seeds: the standard deviation of the per-seed means (over subjects).
+            per_seed = np.array([v[seed == s].mean() for s in sorted(set(seed.tolist()))])
             row[k] = float(v.mean()) if len(v) else float("nan")
-            row[k + "_sd"] = float(v.std()) if len(v) else float("nan")
+            row[k + "_sd"] = float(per_seed.std()) if len(v) else float("nan")
         out.append(row)
     return out
 
 
 def markdown_table(summary: list[dict], wide_times: dict[str, float]) -> str:
-    """The summary as a Markdown table (mean +- sd over subjects x seeds; '-' where a metric does not apply)."""
-    head = ("| method | params | file KiB | lr | subject | shape | palette | pattern | background | place | "
-            "diversity | copied bg | nearest train | train-prompt subject | step s (wide) |")
-    lines = [head, "|" + "---|" * 15]
+    """The summary as a Markdown table (mean over subjects x seeds ± sd over seeds; '-' where a metric does not apply)."""
+    head = ("| method | params | file KiB | lr | subject | recognised | shape | palette | pattern | background | "
+            "place | diversity | copied bg | nearest train | train-prompt subject | step s (wide) |")
+    lines = [head, "|" + "---|" * 16]
     for r in summary:
         def f(k: str, d: int = 2) -> str:
             if not np.isfinite(r[k]):
@@ -745,9 +778,26 @@ def markdown_table(summary: list[dict], wide_times: dict[str, float]) -> str:
         lines.append(f"| {r['method']} | {'-' if ref else format(r['params'], ',')} | "
                      f"{'-' if ref else format(r['file_bytes'] / 1024, '.0f')} | "
                      f"{format(r['lr'], '.0e') if np.isfinite(r['lr']) else '-'} | "
-                     f"{f('subject')} | {f('subject_shape')} | {f('subject_palette')} | {f('subject_pattern')} | "
+                     f"{f('subject')} | {f('recognised')} | {f('subject_shape')} | {f('subject_palette')} | {f('subject_pattern')} | "
                      f"{f('background')} | {f('position')} | {f('diversity', 3)} | {f('copied_background')} | "
                      f"{f('nearest_train', 3)} | {f('subject_train_prompt')} | "
+                     f"{format(t, '.2f') if np.isfinite(t) else '-'} |")
+    return "\n".join(lines)
+
+
+def key_table(summary: list[dict], wide_times: dict[str, float]) -> str:
+    """The headline columns: size, speed, subject and prompt fidelity, diversity, overfitting (mean ± sd)."""
+    lines = ["| method | params | file KiB | lr | subject sim. | recognised | prompt | diversity | nearest train "
+             "| step s |", "|" + "---|" * 10]
+    for r in summary:
+        def f(k: str, d: int = 2) -> str:
+            return f"{r[k]:.{d}f} ± {r[k + '_sd']:.{d}f}" if np.isfinite(r[k]) else "-"
+        ref = r.get("reference")
+        t = wide_times.get(r["method"], float("nan"))
+        lines.append(f"| {r['method']} | {'-' if ref else format(r['params'], ',')} | "
+                     f"{'-' if ref else format(r['file_bytes'] / 1024, '.0f')} | "
+                     f"{format(r['lr'], '.0e') if np.isfinite(r['lr']) else '-'} | {f('subject', 3)} | "
+                     f"{f('recognised')} | {f('prompt')} | {f('diversity', 3)} | {f('nearest_train', 3)} | "
                      f"{format(t, '.2f') if np.isfinite(t) else '-'} |")
     return "\n".join(lines)
 
@@ -759,7 +809,8 @@ def per_subject_table(records: list[dict], key: str = "subject") -> str:
     for m in dict.fromkeys(r["method"] for r in records):
         cells = []
         for n in names:
-            v = np.array([r[key] for r in records if r["method"] == m and r["subject_name"] == n], dtype=np.float64)
+            v = np.array([r.get(key, np.nan) for r in records if r["method"] == m and r["subject_name"] == n],
+                         dtype=np.float64)
             v = v[np.isfinite(v)]
             cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -773,9 +824,10 @@ def write_reports(results: dict, out: Path) -> None:
         summary = summarize(records)
         results["summary"] = summary
         times = results.get("wide_step_time", {})
-        text = (markdown_table(summary, times) + "\n\nSubject fidelity per subject (mean ± sd over seeds):\n\n"
-                + per_subject_table(records) + "\n\nPrompt fidelity per subject:\n\n"
-                + per_subject_table(records, "prompt") + "\n")
+        text = (key_table(summary, times) + "\n\nAll metrics:\n\n" + markdown_table(summary, times)
+                + "\n\nSubject similarity per subject (mean ± sd over seeds):\n\n" + per_subject_table(records)
+                + "\n\nRecognised per subject:\n\n" + per_subject_table(records, "recognised")
+                + "\n\nPrompt fidelity per subject:\n\n" + per_subject_table(records, "prompt") + "\n")
         (out / "summary.md").write_text(text)
         print(text)
         plot_subjects(records, out / "subjects.png")
@@ -790,20 +842,58 @@ def write_reports(results: dict, out: Path) -> None:
         (out / "simulation.md").write_text("\n".join(lines) + "\n")
 
 
+def image_file(folder: Path, name: str, method: str, seed: int) -> Path:
+    """Where a run's evaluated images are kept: images/<subject>__<method>__<seed>.npz."""
+    tag = "".join(ch if ch.isalnum() else "_" for ch in method)
+    return folder / f"{name}__{tag}__{seed}.npz"
+
+
+def rescore(bench: Bench, results: dict, folder: Path) -> None:
+    """Recompute the image metrics of every subject record from its saved images (current metric code)."""
+    others = all_subject_references(bench)
+    datas: dict[str, SubjectData] = {}
+    for rec in results.get("subjects", []):
+        name = rec["subject_name"]
+        if name not in datas:
+            datas[name] = subject_data(bench, name, 5)
+            datas[name].others = others
+        data = datas[name]
+        if rec["method"].startswith("VAE round trip"):
+            rec.update(ceiling_metrics(data))
+            continue
+        f = image_file(folder, name, rec["method"], rec["seed"])
+        if not f.is_file():
+            print(f"  no images for {name} {rec['method']} seed {rec['seed']}: kept its metrics", flush=True)
+            continue
+        z = np.load(f)
+        texts = [str(t) for t in z["prompts"]]
+        known = {p.text: p for p in P.held_out_prompts(name)}
+        prompts = [known[t] for t in texts if t in known]
+        rec.update(score_rows(data, prompts, list(z["images"])))
+    results["rescored"] = True
+
+
 def merge(paths: list[str], out: Path) -> dict:
-    """Combine results.json files of runs split across processes (records, simulation, tuning, times)."""
+    """Combine results.json files of runs split across processes (records, simulation, tuning, times, images)."""
     merged: dict[str, Any] = {"merged_from": paths, "subjects": [], "simulation": [], "tuning": [],
                               "wide_step_time": {}, "seconds_each": []}
+    (out / "images").mkdir(parents=True, exist_ok=True)
     for p in paths:
         r = json.loads(Path(p).read_text())
+        for f in (Path(p).parent / "images").glob("*.npz"):
+            if f.parent.resolve() != (out / "images").resolve():
+                (out / "images" / f.name).write_bytes(f.read_bytes())
         for k in ("subjects", "simulation", "tuning"):
             merged[k] += r.get(k, [])
         merged["wide_step_time"].update(r.get("wide_step_time", {}))
         merged["seconds_each"].append(r.get("seconds"))
-        for k in ("model", "steps", "sim_steps", "sim_iters", "seeds", "eval_seeds", "threads", "hybrid", "quick",
-                  "lrs", "lr_grid"):
+        keys = ["model", "threads", "hybrid", "quick", "lr_grid"]
+        keys += ["sim_steps", "sim_iters"] if r.get("simulation") else []
+        keys += ["steps", "seeds", "eval_seeds"] if r.get("subjects") else []
+        for k in keys:
             if k in r:
                 merged.setdefault(k, r[k])
+        merged.setdefault("lrs", {}).update(r.get("lrs", {}))
     return merged
 
 
@@ -811,13 +901,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Parse arguments and run the selected parts."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few minutes: one subject, five methods, short runs")
-    ap.add_argument("--parts", default="sim,subjects", help="comma list of sim, subjects (default both)")
+    ap.add_argument("--parts", default="sim,subjects",
+                    help="comma list of sim, subjects, wide (default sim,subjects; subjects measures wide step "
+                         "times too unless --no-wide-times; wide alone: only those)")
+    ap.add_argument("--tune-only", action="store_true", help="stop after tuning the learning rates (split runs)")
     ap.add_argument("--model", default=None, help="checkpoint (default: the built default model; built if missing)")
     ap.add_argument("--subjects", default=None, help=f"comma list (default {SUBJECTS_FULL}; quick: {SUBJECT_QUICK})")
     ap.add_argument("--seeds", default=None, help="comma list of training seeds (default 0,1; quick: 0)")
     ap.add_argument("--eval-seeds", default="100,101", help="sampling seeds per prompt (at least 2: diversity)")
     ap.add_argument("--methods", default=None,
                     help="semicolon list of method names, e.g. 'TLoRA(2,6);LoRA r4' (default all; quick: five)")
+    ap.add_argument("--prompts", type=int, default=5,
+                    help="held-out test prompts per subject, 3-5: new backgrounds, a new place, a new size (default 5)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 150; quick 50)")
     ap.add_argument("--no-tune", action="store_true", help="use base learning rates (quick always does)")
     ap.add_argument("--lr-grid", default=",".join(str(f) for f in LR_GRID),
@@ -835,6 +930,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT.relative_to(ROOT)})")
     ap.add_argument("--merge", default=None, help="comma list of results.json files: merge them into --out and "
                                                   "write the reports (no model runs)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="recompute every image metric from the images saved under --out/images (after --merge or "
+                         "on --out's results.json), then write the reports")
     ap.add_argument("--docs", action="store_true", help="also copy the plots to docs/quality/")
     a = ap.parse_args(argv)
 
@@ -842,11 +940,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    if a.merge:
-        results = merge(a.merge.split(","), out)
+    if a.merge or a.rescore:
+        results = merge(a.merge.split(","), out) if a.merge else json.loads(results_path.read_text())
+        if a.rescore:
+            path = Path(a.model or results.get("model") or D.default_path())
+            D.ensure_host()
+            import torch
+            torch.set_num_threads(int(a.threads or os.environ.get("TLORA_TORCH_THREADS", "1")))
+            rescore(Bench(path, hybrid=False), results, out / "images")
         write_reports(results, out)
         results_path.write_text(json.dumps(results, indent=1))
         _copy_docs(a.docs, out)
+        print(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {results_path}")
         return 0
 
     quick = a.quick
@@ -907,7 +1012,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             src = Path(a.lrs)
             given = json.loads(src.read_text()).get("lrs", {}) if src.is_file() else json.loads(a.lrs)
             lrs.update({k: float(v) for k, v in given.items() if k in lrs})
-        prompts_of = {n: subject_prompts(n, quick) for n in subjects}
+        prompts_of = {n: subject_prompts(n, quick, a.prompts) for n in subjects}
         to_tune = [m for m in methods if m.name not in given]
         if to_tune and not (quick or a.no_tune):
             print(f"tuning learning rates on {subjects[0]} (seed {seeds[0]}, validation prompts, "
@@ -931,16 +1036,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 dump()
         results["lrs"] = lrs
         dump()
+        if a.tune_only:
+            print(f"tuned learning rates: {json.dumps(lrs)}", flush=True)
+            return 0
         image_dir = out / "images"  # every evaluated image, so that metrics can be recomputed (--rescore)
         image_dir.mkdir(exist_ok=True)
 
         def keep(name: str, method: str, seed: int, rows: list, texts: list) -> None:
-            tag = "".join(ch if ch.isalnum() else "_" for ch in method)
-            np.savez_compressed(image_dir / f"{name}__{tag}__{seed}.npz", images=np.stack(rows),
+            np.savez_compressed(image_file(image_dir, name, method, seed), images=np.stack(rows),
                                 prompts=np.array(texts))
         records, grids = [], {}
+        others = all_subject_references(bench)
         for name in subjects:
             data = subject_data(bench, name, 5)
+            data.others = others
             t0 = time.perf_counter()
             if a.no_references:
                 refs, base_rows = [], [bench.generate(p.text, eval_seeds) for p in prompts_of[name]]
@@ -976,17 +1085,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_reports(results, out)
         dump()
 
+    if parts == {"wide"}:
+        results["wide_step_time"] = wide_step_times(path, methods, subjects[0])
+        dump()
     _copy_docs(a.docs, out)
     print(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {results_path}")
     return 0
 
 
-def subject_prompts(name: str, quick: bool = False) -> list[P.SubjectPrompt]:
-    """Held-out test prompts: three new backgrounds, a new place, a new size (quick: one of each kind)."""
+def subject_prompts(name: str, quick: bool = False, count: int = 5) -> list[P.SubjectPrompt]:
+    """Held-out test prompts: `count` - 2 new backgrounds (at most 3), a new place, a new size (quick: one of each)."""
     held = [p for p in P.held_out_prompts(name) if p.position != "bottom"]
+    backgrounds = [p for p in held if p.position == "centre" and p.size == "default"]
+    others = [p for p in held if p not in backgrounds][:2]
     if quick:
-        return [held[0]] + [p for p in held if p.position != "centre"][:1] + [p for p in held if p.size != "default"][:1]
-    return held[:5]
+        count = 3
+    return backgrounds[:max(1, min(3, count - len(others)))] + others
 
 
 def _copy_docs(enabled: bool, out: Path) -> None:
