@@ -87,6 +87,7 @@ LR_GRID = (0.3, 1.0, 3.0)
 # Objects under this many pixels count as no object (a small subject, radius 6-8.5 px, covers 80+).
 MIN_AREA = 40
 SAMPLE_STEPS = 16  # euler steps when evaluating (20 in the default-model test; fewer here to save time)
+TRAIN_PROMPTS = 1  # training captions sampled too (overfitting: the subject on a caption it was trained on)
 
 
 # --------------------------------------------------------------------------- the model under test
@@ -139,9 +140,10 @@ class Bench:
         with torch.no_grad():
             return self.base.process_latent_in(self.vae.encode(x)).float()
 
-    def generate(self, prompt: str, seeds: list[int], patcher: Any = None, steps: int = SAMPLE_STEPS,
+    def generate(self, prompt: str, seeds: list[int], patcher: Any = None, steps: Optional[int] = None,
                  cfg: float = 5.0) -> np.ndarray:
         """uint8 (len(seeds), 64, 64, 3): one image per seed (each seed its own noise, so runs compare)."""
+        steps = steps or SAMPLE_STEPS
         pos = [[self.cond(prompt), {}]]
         neg = [[self.cond(""), {}]]
         out = [D.generate(patcher or self.patcher, self.clip, self.vae, prompt, seed=s, steps=steps, cfg=cfg,
@@ -290,8 +292,9 @@ def validation_prompts(name: str) -> list[P.SubjectPrompt]:
 
 
 def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds: list[int],
-             train_prompts: int = 1) -> tuple[dict, list]:
+             train_prompts: Optional[int] = None) -> tuple[dict, list]:
     """Sample prompts x seeds (plus training captions) and score them (see score_rows)."""
+    train_prompts = TRAIN_PROMPTS if train_prompts is None else train_prompts
     rows = [bench.generate(p.text, seeds, patcher) for p in prompts]
     rows += [bench.generate(c, seeds, patcher) for c in data.captions[:train_prompts]]
     return score_rows(data, prompts, rows), rows
@@ -913,6 +916,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="semicolon list of method names, e.g. 'TLoRA(2,6);LoRA r4' (default all; quick: five)")
     ap.add_argument("--prompts", type=int, default=5,
                     help="held-out test prompts per subject, 3-5: new backgrounds, a new place, a new size (default 5)")
+    ap.add_argument("--sample-steps", type=int, default=SAMPLE_STEPS,
+                    help="euler steps per evaluation image (default %(default)s)")
+    ap.add_argument("--train-prompts", type=int, default=TRAIN_PROMPTS,
+                    help="training captions also sampled per run (overfitting check; default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 150; quick 50)")
     ap.add_argument("--no-tune", action="store_true", help="use base learning rates (quick always does)")
     ap.add_argument("--lr-grid", default=",".join(str(f) for f in LR_GRID),
@@ -937,6 +944,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
+    global SAMPLE_STEPS, TRAIN_PROMPTS
+    SAMPLE_STEPS, TRAIN_PROMPTS = a.sample_steps, a.train_prompts
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -978,7 +987,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, Any] = {"model": str(path), "quick": quick, "steps": steps, "subjects_run": subjects,
                                "seeds": seeds, "eval_seeds": eval_seeds, "hybrid": bench.hybrid,
                                "threads": torch.get_num_threads(), "sim_steps": sim_steps, "sim_iters": sim_iters,
-                               "lr_grid": lr_grid, "argv": sys.argv[1:] if argv is None else argv}
+                               "lr_grid": lr_grid, "sample_steps": SAMPLE_STEPS,
+                               "train_prompts": TRAIN_PROMPTS, "argv": sys.argv[1:] if argv is None else argv}
 
     def dump() -> None:
         results["seconds"] = time.perf_counter() - t_start
@@ -1010,7 +1020,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         given: dict[str, float] = {}
         if a.lrs:
             src = Path(a.lrs)
-            given = json.loads(src.read_text()).get("lrs", {}) if src.is_file() else json.loads(a.lrs)
+            given = json.loads(a.lrs) if a.lrs.lstrip().startswith("{") else json.loads(src.read_text()).get("lrs", {})
             lrs.update({k: float(v) for k, v in given.items() if k in lrs})
         prompts_of = {n: subject_prompts(n, quick, a.prompts) for n in subjects}
         to_tune = [m for m in methods if m.name not in given]
@@ -1056,7 +1066,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             else:
                 refs, base_rows = reference_records(bench, data, prompts_of[name], eval_seeds)
             records += refs
-            texts = [p.text for p in prompts_of[name]] + list(data.captions[:1])
+            texts = [p.text for p in prompts_of[name]] + list(data.captions[:TRAIN_PROMPTS])
             if refs:
                 keep(name, "base model (no adapter)", 0, base_rows, texts)
             for r in refs:
