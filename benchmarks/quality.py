@@ -902,6 +902,7 @@ def merge(paths: list[str], out: Path) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Parse arguments and run the selected parts."""
+    global SAMPLE_STEPS, TRAIN_PROMPTS
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few minutes: one subject, five methods, short runs")
     ap.add_argument("--parts", default="sim,subjects",
@@ -944,7 +945,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
-    global SAMPLE_STEPS, TRAIN_PROMPTS
     SAMPLE_STEPS, TRAIN_PROMPTS = a.sample_steps, a.train_prompts
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
