@@ -361,18 +361,7 @@ class _RowsChain(torch.autograd.Function):
                 torch.addmm(bias, tb.t(), weight.t(), out=out[start:stop])
             else:
                 torch.mm(tb.t(), weight.t(), out=out[start:stop])
-        up = down = hidden = factor = None
-        if kind is not None:
-            if kind == "tr":
-                up, down = tr.factor_matrices_detached(res[:n_out], res[n_out:])
-            else:
-                up, down = res[0].detach(), res[1].detach()
-            factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
-            up_s = up if isinstance(factor, float) and factor == 1 else up * factor
-            hidden = x @ down
-            out.addmm_(hidden, up_s.t())
-        else:
-            up_s = None
+        up_s, down, hidden = _residual_forward(x, out, kind, res, n_out, mult, res_scale)
         ctx.save_for_backward(x, weight, up_s, down, hidden, res_scale, *tensors)
         ctx.chain, ctx.spec, ctx.has_bias = chain, spec, bias is not None
         return out
@@ -425,23 +414,82 @@ class _RowsChain(torch.autograd.Function):
                     gw.addmm_(gblk.t(), tb.t())
         core_grads = chain.core_grads(grads, cores, strength) if need_ops else [None] * n_cores
         g_bias = gy.sum(0) if ctx.has_bias and need[2] else None
-        res_grads = [None] * len(res)
-        if kind is not None:
-            need_res = any(need[6 + n_cores:])
-            g_hidden = gy @ up_s
-            if need_x:
-                gx.addmm_(g_hidden, down.t())
-            if need_res:
-                factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
-                g_up = gy.t() @ hidden
-                if not (isinstance(factor, float) and factor == 1):
-                    g_up = g_up * factor
-                g_down = x.t() @ g_hidden
-                if kind == "tr":
-                    res_grads = tr.factor_matrices_backward(res[:n_out], res[n_out:], g_up, g_down)
-                else:
-                    res_grads = [g_up, g_down]
+        res_grads = _residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, up_s, down, hidden,
+                                       any(need[6 + n_cores:]))
         return (gx, gw, g_bias, None, None, None, *core_grads, *res_grads)
+
+
+def _residual_forward(x, out, kind, res, n_out, mult, res_scale):
+    """out += f U (V^T x) for the fused nodes; returns (f U, V, V^T x) for the backward."""
+    if kind is None:
+        return None, None, None
+    if kind == "tr":
+        up, down = tr.factor_matrices_detached(res[:n_out], res[n_out:])
+    else:
+        up, down = res[0].detach(), res[1].detach()
+    factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
+    up_s = up if isinstance(factor, float) and factor == 1 else up * factor
+    hidden = x @ down
+    out.addmm_(hidden, up_s.t())
+    return up_s, down, hidden
+
+
+def _residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, up_s, down, hidden, need_res):
+    """gx += its residual part (when gx is given); gradients of the residual's raw tensors."""
+    if kind is None:
+        return []
+    if gx is None and not need_res:
+        return [None] * len(res)
+    g_hidden = gy @ up_s
+    if gx is not None:
+        gx.addmm_(g_hidden, down.t())
+    if not need_res:
+        return [None] * len(res)
+    factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
+    g_up = gy.t() @ hidden
+    if not (isinstance(factor, float) and factor == 1):
+        g_up = g_up * factor
+    g_down = x.t() @ g_hidden
+    if kind == "tr":
+        return tr.factor_matrices_backward(res[:n_out], res[n_out:], g_up, g_down)
+    return [g_up, g_down]
+
+
+class _DenseLinear(torch.autograd.Function):
+    """The dense form fused like `_RowsChain`: y = W0 (t x) + bias + f U (V^T x), t = (1-s) I + s T
+    given as a matrix (built from the cores outside, with autograd); hand-written backward:
+    h = gy W0, gx = h t (+ residual), gt = h^T x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, t, res_scale, spec, *res):  # noqa: D401
+        kind, n_out, mult = spec
+        u = x @ t.t()
+        out = torch.addmm(bias, u, weight.t()) if bias is not None else u @ weight.t()
+        up_s, down, hidden = _residual_forward(x, out, kind, res, n_out, mult, res_scale)
+        ctx.save_for_backward(x, weight, t, up_s, down, hidden, res_scale, *res)
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        saved = ctx.saved_tensors
+        with torch.autocast(saved[0].device.type, enabled=False):
+            return _DenseLinear._backward(ctx, saved, gy.to(saved[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, saved, gy):
+        x, weight, t, up_s, down, hidden, res_scale, *res = saved
+        kind, n_out, mult = ctx.spec
+        need = ctx.needs_input_grad
+        gy = gy.contiguous()
+        h = gy @ weight if (need[0] or need[3]) else None
+        gx = h @ t if need[0] else None
+        gw = gy.t() @ (x @ t.t()) if need[1] else None
+        g_bias = gy.sum(0) if ctx.has_bias and need[2] else None
+        gt = h.t() @ x if need[3] else None
+        res_grads = _residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, up_s, down, hidden,
+                                       any(need[6:]))
+        return (gx, gw, g_bias, gt, None, None, *res_grads)
 
 
 class _ChannelsChain(torch.autograd.Function):
@@ -621,14 +669,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cores: Sequence[Tenso
     elif up is not None:
         kind, res = "lora", (up, down)
     if len(cores) == 1 or form == "dense":
-        out = torch.nn.functional.linear(x @ dense_with_strength(cores, strength).transpose(0, 1), weight, bias)
-        if kind is not None:
-            u, v = tr.factor_matrices(res[:n_out], res[n_out:]) if kind == "tr" else res
-            factor = mult if scale is None else scale * mult
-            if not (isinstance(factor, float) and factor == 1):
-                u = u * factor
-            out = out + (x @ v) @ u.transpose(0, 1)
-        return out
+        with _NoAutocast(x) as amp:
+            t = amp.cast(dense_with_strength(cores, strength))  # built as autocast would: full precision, then cast
+            rows = amp.cast(x).reshape(-1, width)
+            if isinstance(scale, (int, float)):
+                mult, scale = mult * float(scale), None
+            out = _DenseLinear.apply(rows, amp.cast(weight), amp.cast(bias), t, scale, (kind, n_out, mult),
+                                     *[amp.cast(r) for r in res])
+        return out.reshape(*lead, weight.shape[0])
     with _NoAutocast(x) as amp:
         chain, supers = _supers([amp.cast(c) for c in cores], form)
         rows = amp.cast(x).reshape(-1, width)
