@@ -1,29 +1,36 @@
 #!/usr/bin/env python3
 """Quality benchmark on the proving-ground model: novel subjects and the weight-delta simulation.
 
-    .venv/bin/python benchmarks/quality.py --quick        # a few minutes: one subject, five methods
-    .venv/bin/python benchmarks/quality.py                # the full run documented in docs/QUALITY.md
+    .venv/bin/python benchmarks/quality.py --quick        # ~10 min: one subject, five methods, short runs
+    .venv/bin/python benchmarks/quality.py                # everything in one process (hours on 2 CPU cores)
     .venv/bin/python benchmarks/quality.py --parts sim    # only the simulation (core + model, no sampling)
+
+docs/QUALITY.md section 5 gives the split run (tuning, one process per subject and seed, merge)
+that produced the documented results.
 
 Two parts, both on the embedded default model (built first if missing, see
 scripts/build_default_model.py), all metrics analytic (no downloaded models):
 
 * subjects: each adapter family learns a novel procedural subject from 5 images (same images,
   captions, steps, batches, noise and schedule for every method; learning rates tuned per
-  method on a validation prompt set), then renders held-out prompts. Metrics: subject fidelity
-  (silhouette IoU, palette, texture pattern against the subject's template), prompt fidelity
-  (requested background and place), diversity (pairwise pixel distance across seeds), and
-  overfitting (distance to the nearest training image, backgrounds copied from training images).
+  method on validation prompts), then renders held-out prompts. Metrics: subject fidelity
+  (crop similarity to the subject's VAE round-trip renders; recognised = nearer this subject
+  than any other; silhouette IoU, palette and texture pattern against the analytic template),
+  prompt fidelity (requested background and place), diversity (pixel distance across sampling
+  seeds), overfitting (distance to the nearest training image, backgrounds copied from training
+  images, the subject on a training caption). Two reference rows bracket the subject metrics:
+  the base model without adapter and the VAE round trip of the training images (ceiling).
   TLoRA variants run activation-side (tlora.attach); LoRA/LoHa/LoKr/OFT are ComfyUI's own
   weight adapters (comfy.weight_adapter create_train) applied as weight functions.
 * sim: the paper's simulation. Full fine-tunes of the attention weights give real deltas; each
   family is fitted to them at several budgets (closed-form optima for LoRA, LoKr and OFT;
   gradient fits for the tensorised ones) and the relative error is plotted against parameters.
 
-Writes out/quality/results.json and PNG plots to out/quality/ (and docs/quality/ with --docs).
-Attention-only adapters let the wide UNet's ResBlocks run as their exact narrow twins
-(proving.narrow.hybridize_resblocks, checked at start-up); step times are measured on the
-plain wide model.
+Writes out/quality/results.json, summary.md, simulation.md, every evaluated image
+(images/*.npz, so that --rescore can recompute the metrics) and PNG plots (copied to
+docs/quality/ with --docs). Attention-only adapters let the wide UNet's ResBlocks run as their
+exact narrow twins (proving.narrow.hybridize_resblocks, checked at start-up); step times are
+measured on the plain wide model (--parts wide).
 """
 from __future__ import annotations
 
@@ -703,14 +710,15 @@ def plot_subjects(records: list[dict], path: Path) -> None:
                                  capsize=3, label=m)
             continue
         sy = np.array([r["prompt"] for r in rs], dtype=np.float64)
-        mk = markers[i % len(markers)]
-        axes[0].errorbar(sx.mean(), sy.mean(), xerr=sx.std(), yerr=sy.std(), fmt=mk, capsize=3, label=m)
-        axes[1].errorbar(rs[0]["params"], sx.mean(), yerr=sx.std(), fmt=mk, capsize=3, label=m)
+        mk, colour = markers[i % len(markers)], plt.cm.tab20(i % 20)
+        axes[0].errorbar(sx.mean(), sy.mean(), xerr=sx.std(), yerr=sy.std(), fmt=mk, color=colour, capsize=3, label=m)
+        axes[1].errorbar(rs[0]["params"], sx.mean(), yerr=sx.std(), fmt=mk, color=colour, capsize=3, label=m)
     axes[0].set_xlabel("subject fidelity (crop similarity to the subject, 0..1)")
     axes[0].set_ylabel("prompt fidelity (background + place right)")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("trainable parameters")
     axes[1].set_ylabel("subject fidelity")
+    axes[0].set_title("mean ± sd over subjects x seeds", fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
