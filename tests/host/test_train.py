@@ -469,16 +469,21 @@ def test_trainloranode_trains_tlora(sd15, tm, loras_dir):
 
 
 # ----- over HTTP ----------------------------------------------------------------------------------
-@pytest.mark.server
-def test_cancel_over_http_keeps_partial(comfy_server):
-    comfy_server.assert_pack_imported()
-    graph = {
+def _server_train_graph(**train_inputs) -> dict:
+    """Tiny checkpoint + two grey images -> TLoRATrain, as an API-format prompt for the test server."""
+    return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tlora-tiny-sd15.safetensors"}},
         "img": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 8421504}},
         "train": {"class_type": "TLoRATrain", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["img", 0],
-            **{**DEFAULTS, "steps": 2000, "output_name": "http_cancel", "save_every": 0}}},
+            **{**DEFAULTS, **train_inputs}}},
     }
+
+
+@pytest.mark.server
+def test_cancel_over_http_keeps_partial(comfy_server):
+    comfy_server.assert_pack_imported()
+    graph = _server_train_graph(steps=2000, output_name="http_cancel", save_every=0)
     with comfy_server.events() as ev:
         pid = comfy_server.post_prompt(graph, client_id=ev.client_id)
         first = ev.wait_for(lambda m: m.get("type") == "tlora.train" and (m.get("data") or {}).get("step", 0) >= 2,
@@ -572,13 +577,7 @@ def test_dataset_loader_graph(comfy_host, host_checkpoint, loras_dir):
 def test_samples_during_training_over_http(comfy_server):
     """sample_every in the real server: previews on the progress bar and in events, training finishes."""
     comfy_server.assert_pack_imported()
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tlora-tiny-sd15.safetensors"}},
-        "img": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 8421504}},
-        "train": {"class_type": "TLoRATrain", "inputs": {
-            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["img", 0],
-            **{**DEFAULTS, "steps": 4, "output_name": "http_sample", "sample_every": 2, "save_every": 0}}},
-    }
+    graph = _server_train_graph(steps=4, output_name="http_sample", sample_every=2, save_every=0)
     with comfy_server.events() as ev:
         pid = comfy_server.post_prompt(graph, client_id=ev.client_id)
         end = ev.wait_done(pid, timeout=300)
