@@ -774,43 +774,41 @@ def summarize(records: list[dict]) -> list[dict]:
     return out
 
 
-def markdown_table(summary: list[dict], wide_times: dict[str, float]) -> str:
-    """The summary as a Markdown table (mean over subjects x seeds ± sd over seeds; '-' where a metric does not apply)."""
-    head = ("| method | params | file KiB | lr | subject | recognised | shape | palette | pattern | background | "
-            "place | diversity | copied bg | nearest train | train-prompt subject | step s (wide) |")
-    lines = [head, "|" + "---|" * 16]
+# (header, summary key, decimals) of the metric columns; every table starts with method, params, file, lr.
+ALL_COLUMNS = [("subject", "subject", 2), ("recognised", "recognised", 2), ("shape", "subject_shape", 2),
+               ("palette", "subject_palette", 2), ("pattern", "subject_pattern", 2),
+               ("background", "background", 2), ("place", "position", 2), ("diversity", "diversity", 3),
+               ("copied bg", "copied_background", 2), ("nearest train", "nearest_train", 3),
+               ("train-prompt subject", "subject_train_prompt", 2)]
+KEY_COLUMNS = [("subject sim.", "subject", 3), ("recognised", "recognised", 2), ("prompt", "prompt", 2),
+               ("diversity", "diversity", 3), ("nearest train", "nearest_train", 3)]
+
+
+def _summary_table(summary: list[dict], wide_times: dict[str, float], columns: list[tuple[str, str, int]],
+                   time_header: str) -> str:
+    """Summary rows as Markdown: mean ± sd over seeds per metric column, '-' where a metric does not apply."""
+    headers = ["method", "params", "file KiB", "lr", *(c[0] for c in columns), time_header]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in summary:
-        def f(k: str, d: int = 2) -> str:
-            if not np.isfinite(r[k]):
-                return "-"
-            return f"{r[k]:.{d}f} ± {r[k + '_sd']:.{d}f}"
         ref = r.get("reference")
         t = wide_times.get(r["method"], float("nan"))
-        lines.append(f"| {r['method']} | {'-' if ref else format(r['params'], ',')} | "
-                     f"{'-' if ref else format(r['file_bytes'] / 1024, '.0f')} | "
-                     f"{format(r['lr'], '.0e') if np.isfinite(r['lr']) else '-'} | "
-                     f"{f('subject')} | {f('recognised')} | {f('subject_shape')} | {f('subject_palette')} | {f('subject_pattern')} | "
-                     f"{f('background')} | {f('position')} | {f('diversity', 3)} | {f('copied_background')} | "
-                     f"{f('nearest_train', 3)} | {f('subject_train_prompt')} | "
-                     f"{format(t, '.2f') if np.isfinite(t) else '-'} |")
+        cells = [r["method"], "-" if ref else format(r["params"], ","),
+                 "-" if ref else format(r["file_bytes"] / 1024, ".0f"),
+                 format(r["lr"], ".0e") if np.isfinite(r["lr"]) else "-"]
+        cells += [f"{r[k]:.{d}f} ± {r[k + '_sd']:.{d}f}" if np.isfinite(r[k]) else "-" for _, k, d in columns]
+        cells.append(format(t, ".2f") if np.isfinite(t) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def markdown_table(summary: list[dict], wide_times: dict[str, float]) -> str:
+    """The summary as a Markdown table with every metric (mean over subjects x seeds ± sd over seeds)."""
+    return _summary_table(summary, wide_times, ALL_COLUMNS, "step s (wide)")
 
 
 def key_table(summary: list[dict], wide_times: dict[str, float]) -> str:
     """The headline columns: size, speed, subject and prompt fidelity, diversity, overfitting (mean ± sd)."""
-    lines = ["| method | params | file KiB | lr | subject sim. | recognised | prompt | diversity | nearest train "
-             "| step s |", "|" + "---|" * 10]
-    for r in summary:
-        def f(k: str, d: int = 2) -> str:
-            return f"{r[k]:.{d}f} ± {r[k + '_sd']:.{d}f}" if np.isfinite(r[k]) else "-"
-        ref = r.get("reference")
-        t = wide_times.get(r["method"], float("nan"))
-        lines.append(f"| {r['method']} | {'-' if ref else format(r['params'], ',')} | "
-                     f"{'-' if ref else format(r['file_bytes'] / 1024, '.0f')} | "
-                     f"{format(r['lr'], '.0e') if np.isfinite(r['lr']) else '-'} | {f('subject', 3)} | "
-                     f"{f('recognised')} | {f('prompt')} | {f('diversity', 3)} | {f('nearest_train', 3)} | "
-                     f"{format(t, '.2f') if np.isfinite(t) else '-'} |")
-    return "\n".join(lines)
+    return _summary_table(summary, wide_times, KEY_COLUMNS, "step s")
 
 
 def per_subject_table(records: list[dict], key: str = "subject") -> str:
