@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import native
 from . import tr
 
 FORMS = ("factored", "merged", "dense")
@@ -33,6 +34,7 @@ FORMS = ("factored", "merged", "dense")
 BLOCK_ELEMENTS = 1 << 20
 MIN_BLOCK = 128
 ENV_CHAIN_THREADS = "TLORA_CHAIN_THREADS"
+ENV_NATIVE_TILE = "TLORA_NATIVE_TILE"
 
 
 def identity_cores(factors: Sequence[int], rank: int, dtype: torch.dtype = torch.float32,
@@ -315,6 +317,71 @@ class _Chain:
         return out
 
 
+# ----- compiled chain (tlora.native) ---------------------------------------------------------
+_native_self_check: dict[str, bool] = {}
+
+
+def _native_tile(chain: "_Chain") -> int:
+    """Tokens per tile of the compiled chain: its intermediates (R^2 I floats per token) ~512 KiB."""
+    try:
+        forced = int(os.environ.get(ENV_NATIVE_TILE, "0"))
+    except ValueError:
+        forced = 0
+    if forced > 0:
+        return max(8, forced // 8 * 8)
+    tile = (1 << 17) // (chain.rank * chain.rank * chain.width)
+    return max(8, min(64, tile // 8 * 8))
+
+
+def _transposed_ops(ops: Sequence[Tensor]) -> list[Tensor]:
+    """Each stage matrix transposed (the last, (R, n, R n), per ring slice), contiguous."""
+    return [op.t().contiguous() for op in ops[:-1]] + [ops[-1].transpose(1, 2).contiguous()]
+
+
+def _native_for(chain: "_Chain", x: Tensor):
+    """The compiled kernels when they apply here (CPU float32, >= 3 cores) and pass their self-check."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or len(chain.sizes) < 3:
+        return None
+    lib = native.load()
+    if lib is None:
+        return None
+    if not _native_self_check:
+        _native_self_check["ok"] = _run_native_self_check(lib)
+    return lib if _native_self_check["ok"] else None
+
+
+def _run_native_self_check(lib) -> bool:
+    """Compare the compiled chain with the torch engine on a small random case (once per process)."""
+    gen = torch.Generator().manual_seed(1234)
+    chain = _Chain((2, 3, 2), 2)
+    cores = [torch.randn(n, n, 2, 2, generator=gen) for n in chain.sizes]
+    ops = chain.operands_detached(cores, 0.7)
+    x, h = (torch.randn(11, chain.width, generator=gen) for _ in range(2))
+    want_y = chain.forward_block(x.t().contiguous(), ops, torch.empty(chain.width, 11)).t() + 0.3 * x
+    want_grads = [torch.zeros_like(op) for op in ops]
+    want_gx = chain.backward_block(h.t().contiguous(), x.t().contiguous(), ops, want_grads,
+                                   torch.empty(chain.width, 11)).t() + 0.3 * h
+    try:
+        y, gx = torch.empty_like(x), torch.empty_like(x)
+        grads = [torch.zeros_like(op) for op in ops]
+        native.chain_forward(lib, chain.sizes, 2, ops, x, y, 11, chain.width, 1, 0.3, 8)
+        native.chain_backward(lib, chain.sizes, 2, ops, _transposed_ops(ops), x, h, gx, grads, 11,
+                              chain.width, 1, 0.3, 8)
+        ok = (torch.allclose(y, want_y, rtol=1e-4, atol=1e-4) and torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
+              and all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, want_grads)))
+    except (RuntimeError, ValueError) as exc:
+        native.mark_unusable(f"self-check failed: {exc}")
+        return False
+    if not ok:
+        native.mark_unusable("self-check failed: results differ from the torch engine")
+    return ok
+
+
+def reset_native() -> None:
+    """Forget the compiled kernels' self-check (tests; after changing TLORA_NATIVE)."""
+    _native_self_check.clear()
+
+
 def _blocks(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
@@ -347,6 +414,17 @@ class _RowsChain(torch.autograd.Function):
         n_tok, width = x.shape
         block = chain.block_size(n_tok, x.device)
         out = x.new_empty(n_tok, weight.shape[0] if weight is not None else width)
+        lib = _native_for(chain, x)
+        if lib is not None:
+            x = x.contiguous()
+            u = out if weight is None else torch.empty_like(x)
+            native.chain_forward(lib, chain.sizes, chain.rank, ops, x, u, n_tok, width, 1, keep, _native_tile(chain))
+            if weight is not None:
+                if bias is not None:
+                    torch.addmm(bias, u, weight.t(), out=out)
+                else:
+                    torch.mm(u, weight.t(), out=out)
+            n_tok = 0  # done: skip the block loop
         for start, stop in _blocks(n_tok, block):
             length = stop - start
             with _Threads(x.device):
@@ -386,9 +464,22 @@ class _RowsChain(torch.autograd.Function):
         need_x, need_w = need[0], need[1]
         need_ops = any(need[6:6 + n_cores])
         grads = [torch.zeros_like(op) for op in ops]
-        gx = torch.empty_like(x) if need_x else None
+        gx = x.new_empty(x.shape) if need_x else None
         gw = torch.zeros_like(weight) if need_w else None
-        if need_x or need_ops or need_w:
+        lib = _native_for(chain, x) if (need_x or need_ops or need_w) else None
+        if lib is not None:
+            x = x.contiguous()
+            tile = _native_tile(chain)
+            if need_x or need_ops:
+                h = gy if weight is None else gy @ weight
+                native.chain_backward(lib, chain.sizes, chain.rank, ops, _transposed_ops(ops), x, h, gx,
+                                      grads if need_ops else None, n_tok, width, 1, keep, tile)
+                del h
+            if need_w:
+                u = torch.empty_like(x)
+                native.chain_forward(lib, chain.sizes, chain.rank, ops, x, u, n_tok, width, 1, keep, tile)
+                gw.addmm_(gy.t(), u)
+        elif need_x or need_ops or need_w:
             for start, stop in _blocks(n_tok, chain.block_size(n_tok, x.device)):
                 length = stop - start
                 gblk = gy[start:stop]
@@ -507,6 +598,13 @@ class _ChannelsChain(torch.autograd.Function):
     @staticmethod
     def _forward(x, out, keep, chain, ops) -> None:
         batch, width, length = x.shape
+        lib = _native_for(chain, x)
+        if lib is not None:
+            x = x.contiguous()
+            for b in range(batch):
+                native.chain_forward(lib, chain.sizes, chain.rank, list(ops), x[b], out[b], length, 1, length, keep,
+                                     _native_tile(chain))
+            return
         for b in range(batch):
             for start, stop in _blocks(length, chain.block_size(length, x.device)):
                 xb = _scratch.get("xb", (width, stop - start), x)
@@ -530,6 +628,13 @@ class _ChannelsChain(torch.autograd.Function):
     @staticmethod
     def _backward(x, gy, gx, keep, chain, ops, grads) -> None:
         batch, width, length = x.shape
+        lib = _native_for(chain, x)
+        if lib is not None:
+            x, gy, ops_t = x.contiguous(), gy.contiguous(), _transposed_ops(ops)
+            for b in range(batch):
+                native.chain_backward(lib, chain.sizes, chain.rank, list(ops), ops_t, x[b], gy[b], gx[b], grads,
+                                      length, 1, length, keep, _native_tile(chain))
+            return
         for b in range(batch):
             for start, stop in _blocks(length, chain.block_size(length, x.device)):
                 xb = _scratch.get("xb", (width, stop - start), x)

@@ -1,0 +1,341 @@
+/* Fused CPU kernels for the factored TRM chain (tlora.functional.trm._Chain, D >= 3 cores).
+
+   The Python engine runs one BLAS call per stage over blocks of ~200 tokens: each stage's
+   R^2-expanded intermediate (R^2 I floats per token) then lives in L3 or memory, and small-K
+   GEMMs on such data run at a third of the machine's peak. Here every stage runs on a tile
+   of a few tokens at a time, so the whole chain (forward, or backward with its recomputed
+   intermediates and core-gradient reductions) stays in L1/L2.
+
+   Layout: the same as _Chain's (stage matrices `ops` built by _Chain.operands_detached,
+   their transposes `ops_t`, gradients accumulated in `ops` layout). A tile holds its tokens
+   in the fastest axis (Lt tokens, Lt a multiple of 8), as in _Chain's token-inner blocks.
+   Inputs and outputs are addressed as x[t * ts + i * cs] (rows: ts = I, cs = 1; a conv's
+   channel-major input: ts = 1, cs = L). Single-threaded; plain C with GCC vector extensions
+   (8 floats), compiled at first use with -O3 -march=native. */
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+#define MAX_CORES 16
+
+static float *alloc_floats(size_t n) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    return (float *)aligned_alloc(64, bytes ? bytes : 64);
+}
+
+/* Y (mt x 8nv, row stride C) (+)= W (mt x K) @ X (K x 8nv, row stride C); W rows of length K. */
+static inline __attribute__((always_inline)) void mm_tile(const float *W, int K, const float *X,
+                                                          float *Y, long C, const int mt, const int nv,
+                                                          int accumulate) {
+    v8 acc[6][2];
+    for (int i = 0; i < mt; i++)
+        for (int v = 0; v < nv; v++)
+            acc[i][v] = accumulate ? *(const v8 *)(Y + i * C + 8 * v) : (v8){0};
+    for (int k = 0; k < K; k++) {
+        v8 x0 = *(const v8 *)(X + k * C);
+        v8 x1 = nv > 1 ? *(const v8 *)(X + k * C + 8) : x0;
+        for (int i = 0; i < mt; i++) {
+            float w = W[i * K + k];
+            acc[i][0] += w * x0;
+            if (nv > 1) acc[i][1] += w * x1;
+        }
+    }
+    for (int i = 0; i < mt; i++)
+        for (int v = 0; v < nv; v++) *(v8 *)(Y + i * C + 8 * v) = acc[i][v];
+}
+
+#define MM_ROWS(NV)                                                                   \
+    do {                                                                              \
+        int m = 0;                                                                    \
+        for (; m + 6 <= M; m += 6) mm_tile(W + m * K, K, xb + l, yb + m * C + l, C, 6, NV, accumulate); \
+        switch (M - m) {                                                              \
+        case 5: mm_tile(W + m * K, K, xb + l, yb + m * C + l, C, 5, NV, accumulate); break; \
+        case 4: mm_tile(W + m * K, K, xb + l, yb + m * C + l, C, 4, NV, accumulate); break; \
+        case 3: mm_tile(W + m * K, K, xb + l, yb + m * C + l, C, 3, NV, accumulate); break; \
+        case 2: mm_tile(W + m * K, K, xb + l, yb + m * C + l, C, 2, NV, accumulate); break; \
+        case 1: mm_tile(W + m * K, K, xb + l, yb + m * C + l, C, 1, NV, accumulate); break; \
+        default: break;                                                               \
+        }                                                                             \
+    } while (0)
+
+/* For b < B: Y[b] (M x C) (+)= W (M x K) @ X[b] (K x C); panels contiguous, C % 8 == 0. */
+static void panel_mm(const float *W, int M, int K, const float *X, float *Y, long B, long C, int accumulate) {
+    for (long b = 0; b < B; b++) {
+        const float *xb = X + b * K * C;
+        float *yb = Y + b * M * C;
+        long l = 0;
+        for (; l + 16 <= C; l += 16) MM_ROWS(2);
+        for (; l < C; l += 8) MM_ROWS(1);
+    }
+}
+
+/* acc (M x K of 8-lane partial sums) += sum_b A[b] (M x C) @ X[b]^T (K x C); C % 8 == 0.
+   The partial sums stay 8 wide until `flush` adds them into the gradient. */
+static void panel_reduce(const float *A, int M, const float *X, int K, long B, long C, v8 *acc) {
+    /* Batches in chunks that fit L1 together, so each register tile of sums is loaded and
+       stored once per chunk, not once per batch (C can be as small as one tile's tokens). */
+    long chunk = 4096 / ((M + K) * C);
+    if (chunk < 1) chunk = 1;
+    for (long b0 = 0; b0 < B; b0 += chunk) {
+        long b1 = b0 + chunk < B ? b0 + chunk : B;
+        for (int m = 0; m < M; m += 3) {
+            int mt = M - m < 3 ? M - m : 3;
+            for (int k = 0; k < K; k += 4) {
+                int kt = K - k < 4 ? K - k : 4;
+                if (mt == 3 && kt == 4) {
+                    v8 s[3][4];
+                    for (int i = 0; i < 3; i++)
+                        for (int j = 0; j < 4; j++) s[i][j] = acc[(m + i) * K + k + j];
+                    for (long b = b0; b < b1; b++) {
+                        const float *ab = A + b * M * C + m * C, *xb = X + b * K * C + k * C;
+                        for (long l = 0; l < C; l += 8) {
+                            v8 a0 = *(const v8 *)(ab + l), a1 = *(const v8 *)(ab + C + l),
+                               a2 = *(const v8 *)(ab + 2 * C + l);
+                            for (int j = 0; j < 4; j++) {
+                                v8 x = *(const v8 *)(xb + j * C + l);
+                                s[0][j] += a0 * x;
+                                s[1][j] += a1 * x;
+                                s[2][j] += a2 * x;
+                            }
+                        }
+                    }
+                    for (int i = 0; i < 3; i++)
+                        for (int j = 0; j < 4; j++) acc[(m + i) * K + k + j] = s[i][j];
+                } else {
+                    for (int i = 0; i < mt; i++)
+                        for (int j = 0; j < kt; j++) {
+                            v8 s = acc[(m + i) * K + k + j];
+                            for (long b = b0; b < b1; b++) {
+                                const float *ab = A + b * M * C + (m + i) * C, *xb = X + b * K * C + (k + j) * C;
+                                for (long l = 0; l < C; l += 8) s += *(const v8 *)(ab + l) * *(const v8 *)(xb + l);
+                            }
+                            acc[(m + i) * K + k + j] = s;
+                        }
+                }
+            }
+        }
+    }
+}
+
+static void flush(const v8 *acc, long n, float *grad) {
+    for (long e = 0; e < n; e++) {
+        v8 v = acc[e];
+        grad[e] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    }
+}
+
+#if defined(__AVX__)
+#include <immintrin.h>
+/* r[0..7] <- the transpose of the 8 x 8 block r[0..7]. */
+static inline void transpose8(__m256 *r) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#define HAVE_TRANSPOSE8 1
+#else
+#define HAVE_TRANSPOSE8 0
+#endif
+
+/* Tile (I x Lt) <- tokens [t0, t0 + lt) of x; columns lt..Lt-1 zero. */
+static void load_tile(const float *x, long ts, long cs, long t0, long lt, long I, long Lt, float *tile) {
+    long i0 = 0;
+#if HAVE_TRANSPOSE8
+    if (cs == 1 && lt == Lt) { /* token rows: 8 x 8 block transposes */
+        for (; i0 + 8 <= I; i0 += 8)
+            for (long l = 0; l < Lt; l += 8) {
+                __m256 r[8];
+                for (int q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(x + (t0 + l + q) * ts + i0);
+                transpose8(r);
+                for (int q = 0; q < 8; q++) _mm256_store_ps(tile + (i0 + q) * Lt + l, r[q]);
+            }
+    }
+#endif
+    for (long i = i0; i < I; i++) {
+        float *row = tile + i * Lt;
+        const float *src = x + t0 * ts + i * cs;
+        long l = 0;
+        if (ts == 1) {
+            memcpy(row, src, lt * sizeof(float));
+            l = lt;
+        }
+        for (; l < lt; l++) row[l] = src[l * ts];
+        for (; l < Lt; l++) row[l] = 0.f;
+    }
+}
+
+/* out tokens [t0, t0 + lt) <- tile (I x Lt) + keep * extra (same addressing as out; may be NULL). */
+static void store_tile(const float *tile, long t0, long lt, long I, long Lt, float *out, long ts, long cs,
+                       float keep, const float *extra) {
+    int add = extra && keep != 0.f;
+    long i0 = 0;
+#if HAVE_TRANSPOSE8
+    if (cs == 1 && lt == Lt) {
+        __m256 k = _mm256_set1_ps(keep);
+        for (; i0 + 8 <= I; i0 += 8)
+            for (long l = 0; l < Lt; l += 8) {
+                __m256 r[8];
+                for (int q = 0; q < 8; q++) r[q] = _mm256_load_ps(tile + (i0 + q) * Lt + l);
+                transpose8(r);
+                for (int q = 0; q < 8; q++) {
+                    long at = (t0 + l + q) * ts + i0;
+                    __m256 v = add ? _mm256_add_ps(r[q], _mm256_mul_ps(k, _mm256_loadu_ps(extra + at))) : r[q];
+                    _mm256_storeu_ps(out + at, v);
+                }
+            }
+    }
+#endif
+    for (long i = i0; i < I; i++) {
+        const float *row = tile + i * Lt;
+        float *dst = out + t0 * ts + i * cs;
+        if (add) {
+            const float *e = extra + t0 * ts + i * cs;
+            for (long l = 0; l < lt; l++) dst[l * ts] = row[l] + keep * e[l * ts];
+        } else {
+            for (long l = 0; l < lt; l++) dst[l * ts] = row[l];
+        }
+    }
+}
+
+typedef struct {
+    int D, R;
+    long n[MAX_CORES];
+    long width, Lt, big; /* big = R^2 * width * Lt: an intermediate's floats */
+} plan_t;
+
+static int make_plan(plan_t *p, int D, int R, const int *sizes, int Lt) {
+    if (D < 3 || D > MAX_CORES || R < 1 || Lt < 8 || Lt % 8) return 1;
+    p->D = D;
+    p->R = R;
+    p->width = 1;
+    for (int d = 0; d < D; d++) {
+        if (sizes[d] < 1) return 1;
+        p->n[d] = sizes[d];
+        p->width *= sizes[d];
+    }
+    p->Lt = Lt;
+    p->big = (long)R * R * p->width * Lt;
+    return 0;
+}
+
+/* z[0..D-2] for the tile xt, as _Chain._intermediates. */
+static void intermediates(const plan_t *p, const float *const *ops, const float *xt, float **z) {
+    long R = p->R, n0 = p->n[0];
+    long rest = p->width / n0 * p->Lt;
+    panel_mm(ops[0], (int)(R * n0 * R), (int)n0, xt, z[0], 1, rest, 0);
+    long lead = R * n0;
+    for (int d = 1; d < p->D - 1; d++) {
+        long n = p->n[d];
+        long cols = p->big / (lead * R * n);
+        panel_mm(ops[d], (int)(n * R), (int)(R * n), z[d - 1], z[d], lead, cols, 0);
+        lead *= n;
+    }
+}
+
+int tlora_chain_forward(int D, int R, const int *sizes, const float *const *ops, const float *x, long N,
+                        long ts, long cs, float *out, long ots, long ocs, float keep, int Lt) {
+    plan_t p;
+    if (make_plan(&p, D, R, sizes, Lt)) return 1;
+    float *xt = alloc_floats(p.width * Lt), *ut = alloc_floats(p.width * Lt);
+    float *z[MAX_CORES] = {0};
+    int failed = !xt || !ut;
+    for (int d = 0; d < D - 1 && !failed; d++) failed = !(z[d] = alloc_floats(p.big));
+    if (!failed) {
+        long nl = p.n[D - 1], batch = p.width / nl, rn = (long)R * nl;
+        for (long t0 = 0; t0 < N; t0 += Lt) {
+            long lt = N - t0 < Lt ? N - t0 : Lt;
+            load_tile(x, ts, cs, t0, lt, p.width, Lt, xt);
+            intermediates(&p, ops, xt, z);
+            const float *zl = z[D - 2];
+            for (int k = 0; k < R; k++)
+                panel_mm(ops[D - 1] + k * nl * rn, (int)nl, (int)rn, zl + k * batch * rn * Lt, ut, batch, Lt, k > 0);
+            store_tile(ut, t0, lt, p.width, Lt, out, ots, ocs, keep, x);
+        }
+    }
+    for (int d = 0; d < D - 1; d++) free(z[d]);
+    free(xt);
+    free(ut);
+    return failed ? 2 : 0;
+}
+
+/* gx = T^T h (+ keep h) when gx is not NULL; the stage matrices' gradients (ops layout) are
+   accumulated into grads when grads is not NULL. h and gx are addressed like x. */
+int tlora_chain_backward(int D, int R, const int *sizes, const float *const *ops, const float *const *ops_t,
+                         const float *x, const float *h, long N, long ts, long cs, float *gx, float keep,
+                         float *const *grads, int Lt) {
+    plan_t p;
+    if (make_plan(&p, D, R, sizes, Lt)) return 1;
+    long width = p.width, n0 = p.n[0], nl = p.n[D - 1], batch = width / nl, rn = (long)R * nl;
+    float *xt = alloc_floats(width * Lt), *ht = alloc_floats(width * Lt), *ot = alloc_floats(width * Lt);
+    float *ga = alloc_floats(p.big), *gb = alloc_floats(p.big);
+    float *z[MAX_CORES] = {0};
+    v8 *acc[MAX_CORES + 1] = {0};
+    long acc_n[MAX_CORES + 1] = {0};
+    int failed = !xt || !ht || !ot || !ga || !gb;
+    for (int d = 0; d < D - 1 && !failed; d++) failed = !(z[d] = alloc_floats(p.big));
+    if (grads && !failed) {
+        acc_n[0] = (long)R * n0 * R * n0;
+        for (int d = 1; d < D - 1; d++) acc_n[d] = p.n[d] * R * R * p.n[d];
+        acc_n[D - 1] = (long)R * nl * rn;
+        for (int d = 0; d < D && !failed; d++) {
+            acc[d] = (v8 *)alloc_floats(acc_n[d] * 8);
+            if (acc[d]) memset(acc[d], 0, acc_n[d] * sizeof(v8));
+            else failed = 1;
+        }
+    }
+    if (!failed) {
+        for (long t0 = 0; t0 < N; t0 += Lt) {
+            long lt = N - t0 < Lt ? N - t0 : Lt;
+            load_tile(x, ts, cs, t0, lt, width, Lt, xt);
+            load_tile(h, ts, cs, t0, lt, width, Lt, ht);
+            intermediates(&p, ops, xt, z);
+            /* last stage: gz[k] = last[k]^T h; grad last[k] += h zv[k]^T */
+            const float *zl = z[D - 2];
+            for (int k = 0; k < R; k++) {
+                panel_mm(ops_t[D - 1] + k * rn * nl, (int)rn, (int)nl, ht, ga + k * batch * rn * Lt, batch, Lt, 0);
+                if (grads) panel_reduce(ht, (int)nl, zl + k * batch * rn * Lt, (int)rn, batch, Lt, acc[D - 1] + k * nl * rn);
+            }
+            float *g = ga, *g_next = gb;
+            long lead = (long)R * (width / nl);
+            for (int d = D - 2; d >= 1; d--) {
+                long m = p.n[d];
+                lead /= m;
+                long cols = p.big / (lead * R * m);
+                if (grads) panel_reduce(g, (int)(m * R), z[d - 1], (int)(R * m), lead, cols, acc[d]);
+                panel_mm(ops_t[d], (int)(R * m), (int)(m * R), g, g_next, lead, cols, 0);
+                float *swap = g;
+                g = g_next;
+                g_next = swap;
+            }
+            long rest = width / n0 * Lt;
+            if (grads) panel_reduce(g, (int)(R * n0 * R), xt, (int)n0, 1, rest, acc[0]);
+            if (gx) {
+                panel_mm(ops_t[0], (int)n0, (int)(R * n0 * R), g, ot, 1, rest, 0);
+                store_tile(ot, t0, lt, width, Lt, gx, ts, cs, keep, h);
+            }
+        }
+        if (grads)
+            for (int d = 0; d < D; d++) flush(acc[d], acc_n[d], grads[d]);
+    }
+    for (int d = 0; d < D; d++) free(acc[d]);
+    for (int d = 0; d < D - 1; d++) free(z[d]);
+    free(xt);
+    free(ht);
+    free(ot);
+    free(ga);
+    free(gb);
+    return failed ? 2 : 0;
+}
