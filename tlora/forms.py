@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import native
 from .functional import trm
 
 FORMS = trm.FORMS
@@ -32,6 +33,13 @@ ENV_FORM = "TLORA_FORM"
 ENV_AUTOTUNE = "TLORA_AUTOTUNE"
 # Skip timing a form the model rates this many times slower than its best candidate.
 PREFILTER = 4.0
+# Another form must beat ``factored`` (the memory-light default) by this factor in the timed
+# trial: single trials on a shared machine move by ~10%, and a noise-driven pick of ``dense``
+# keeps an I x I matrix per layer for the backward.
+MARGIN = 0.9
+# Compiled chain (tlora.native) on CPU: multiply-adds run at about this fraction of the
+# cost model's GEMM rate (measured ~30 of ~40 G/s on one AVX2 core), one call per pass.
+NATIVE_EFFICIENCY = 0.6
 
 _cache: dict[tuple, str] = {}
 
@@ -83,6 +91,8 @@ def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
         passes = 3 if requires_grad else 1
         return (passes * 2 * n * width * width + 3 * build) / (flops_rate * dense_efficiency) + 8 * call
     sizes = [math.prod(factors[a:b]) for a, b in trm._groups(factors, form)]
+    if device_type == "cpu" and 3 <= len(sizes) <= native.MAX_CORES and native.load() is not None:
+        return _native_cost(sizes, rank, n, flops_rate, call, requires_grad)
     fwd_time, inter_time = 0.0, 0.0
     for d, s in enumerate(sizes):
         ring = r2 if d in (0, len(sizes) - 1) else r2 * rank
@@ -101,6 +111,16 @@ def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
         return fwd_time + calls
     # Backward: transpose products and operand gradients (about 2x) plus the recomputation.
     return 3 * fwd_time + inter_time + 3 * calls
+
+
+def _native_cost(sizes: Sequence[int], rank: int, tokens: int, flops_rate: float, call: float,
+                 requires_grad: bool) -> float:
+    """Modelled seconds of the compiled chain: forward; backward = input gradient, reductions, recompute."""
+    width, r2 = math.prod(sizes), rank * rank
+    stages = [tokens * width * s * (r2 if d in (0, len(sizes) - 1) else r2 * rank) for d, s in enumerate(sizes)]
+    forward = sum(stages)
+    macs = forward if not requires_grad else 3 * forward + sum(stages[:-1])
+    return 2 * macs / (flops_rate * NATIVE_EFFICIENCY) + (3 if requires_grad else 1) * call
 
 
 def choose_form(factors: Sequence[int], rank: int, tokens: int, device_type: str = "cpu",
@@ -215,7 +235,7 @@ def select_form(factors: Sequence[int], rank: int, tokens: int, *, device: torch
     try:
         times = benchmark_forms(factors, rank, tokens, device=device, dtype=dtype, requires_grad=requires_grad,
                                 layout=layout, weight=weight, forms=timed)
-        form = min(timed, key=lambda f: (times[f], FORMS.index(f)))
+        form = min(timed, key=lambda f: (times[f] * (1.0 if f == "factored" else 1.0 / MARGIN), FORMS.index(f)))
     except (RuntimeError, torch.cuda.OutOfMemoryError):  # e.g. no memory for the trial: use the model
         form = choose_form(factors, rank, tokens, device.type, requires_grad)
     _cache[key] = form

@@ -340,7 +340,7 @@ def _transposed_ops(ops: Sequence[Tensor]) -> list[Tensor]:
 
 def _native_for(chain: "_Chain", x: Tensor):
     """The compiled kernels when they apply here (CPU float32, >= 3 cores) and pass their self-check."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or len(chain.sizes) < 3:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not 3 <= len(chain.sizes) <= native.MAX_CORES:
         return None
     lib = native.load()
     if lib is None:

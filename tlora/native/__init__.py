@@ -28,6 +28,7 @@ SOURCE = Path(__file__).with_name("chain.c")
 ENV_NATIVE = "TLORA_NATIVE"
 ENV_CACHE = "TLORA_CACHE_DIR"
 COMPILE_TIMEOUT_S = 180
+MAX_CORES = 16  # as chain.c
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 
 _lock = threading.Lock()
