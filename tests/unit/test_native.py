@@ -220,3 +220,24 @@ def test_build_goes_to_the_cache_dir_once(tmp_path) -> None:
     second = _probe(tmp_path)
     assert second["status"] == first["status"] and built[0].stat().st_mtime_ns == stamp
     assert first["err"] < 1e-4
+
+
+@needs_native
+def test_thread_counts_agree(monkeypatch, native_calls) -> None:
+    """Tokens split over 1, 2 or 5 threads (per-thread gradients summed after the join): same results."""
+    gen = torch.Generator().manual_seed(11)
+    cores = _cores((4, 8, 10), 2, gen)
+    x = torch.randn(203, 320, generator=gen, requires_grad=True)
+    weight = torch.randn(32, 320, generator=gen) / 18
+    gy = torch.randn(203, 32, generator=gen)
+    results = {}
+    for threads in (1, 2, 5):
+        monkeypatch.setenv(trm.ENV_CHAIN_THREADS, str(threads))
+        monkeypatch.setenv(trm.ENV_NATIVE_TILE, "8")
+        assert trm.native_threads() == threads
+        y = trm.linear(x, weight, None, cores, form="factored", strength=0.8)
+        results[threads] = [y.detach(), *torch.autograd.grad(y, [x, *cores], gy)]
+    assert native_calls["backward"] == 3
+    for threads in (2, 5):
+        for a, b in zip(results[threads], results[1]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -333,6 +333,20 @@ def _native_tile(chain: "_Chain") -> int:
     return max(8, min(64, tile // 8 * 8))
 
 
+def native_threads() -> int:
+    """Threads of the compiled chain: TLORA_CHAIN_THREADS when set (0 = torch's), else torch's.
+
+    Unlike the torch engine's small GEMMs, the compiled chain splits whole token ranges over
+    threads (one join per call, no barrier per contraction), so it uses torch's thread count.
+    """
+    value = os.environ.get(ENV_CHAIN_THREADS, "").strip()
+    try:
+        forced = int(value) if value else 0
+    except ValueError:
+        forced = 0
+    return forced if forced > 0 else max(1, torch.get_num_threads())
+
+
 def _transposed_ops(ops: Sequence[Tensor]) -> list[Tensor]:
     """Each stage matrix transposed (the last, (R, n, R n), per ring slice), contiguous."""
     return [op.t().contiguous() for op in ops[:-1]] + [ops[-1].transpose(1, 2).contiguous()]
@@ -364,9 +378,9 @@ def _run_native_self_check(lib) -> bool:
     try:
         y, gx = torch.empty_like(x), torch.empty_like(x)
         grads = [torch.zeros_like(op) for op in ops]
-        native.chain_forward(lib, chain.sizes, 2, ops, x, y, 11, chain.width, 1, 0.3, 8)
+        native.chain_forward(lib, chain.sizes, 2, ops, x, y, 11, chain.width, 1, 0.3, 8, 2)
         native.chain_backward(lib, chain.sizes, 2, ops, _transposed_ops(ops), x, h, gx, grads, 11,
-                              chain.width, 1, 0.3, 8)
+                              chain.width, 1, 0.3, 8, 2)
         ok = (torch.allclose(y, want_y, rtol=1e-4, atol=1e-4) and torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
               and all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, want_grads)))
     except (RuntimeError, ValueError) as exc:
@@ -418,7 +432,8 @@ class _RowsChain(torch.autograd.Function):
         if lib is not None:
             x = x.contiguous()
             u = out if weight is None else torch.empty_like(x)
-            native.chain_forward(lib, chain.sizes, chain.rank, ops, x, u, n_tok, width, 1, keep, _native_tile(chain))
+            native.chain_forward(lib, chain.sizes, chain.rank, ops, x, u, n_tok, width, 1, keep, _native_tile(chain),
+                                 native_threads())
             if weight is not None:
                 if bias is not None:
                     torch.addmm(bias, u, weight.t(), out=out)
@@ -473,11 +488,12 @@ class _RowsChain(torch.autograd.Function):
             if need_x or need_ops:
                 h = gy if weight is None else gy @ weight
                 native.chain_backward(lib, chain.sizes, chain.rank, ops, _transposed_ops(ops), x, h, gx,
-                                      grads if need_ops else None, n_tok, width, 1, keep, tile)
+                                      grads if need_ops else None, n_tok, width, 1, keep, tile, native_threads())
                 del h
             if need_w:
                 u = torch.empty_like(x)
-                native.chain_forward(lib, chain.sizes, chain.rank, ops, x, u, n_tok, width, 1, keep, tile)
+                native.chain_forward(lib, chain.sizes, chain.rank, ops, x, u, n_tok, width, 1, keep, tile,
+                                     native_threads())
                 gw.addmm_(gy.t(), u)
         elif need_x or need_ops or need_w:
             for start, stop in _blocks(n_tok, chain.block_size(n_tok, x.device)):
@@ -603,7 +619,7 @@ class _ChannelsChain(torch.autograd.Function):
             x = x.contiguous()
             for b in range(batch):
                 native.chain_forward(lib, chain.sizes, chain.rank, list(ops), x[b], out[b], length, 1, length, keep,
-                                     _native_tile(chain))
+                                     _native_tile(chain), native_threads())
             return
         for b in range(batch):
             for start, stop in _blocks(length, chain.block_size(length, x.device)):
@@ -633,7 +649,7 @@ class _ChannelsChain(torch.autograd.Function):
             x, gy, ops_t = x.contiguous(), gy.contiguous(), _transposed_ops(ops)
             for b in range(batch):
                 native.chain_backward(lib, chain.sizes, chain.rank, list(ops), ops_t, x[b], gy[b], gx[b], grads,
-                                      length, 1, length, keep, _native_tile(chain))
+                                      length, 1, length, keep, _native_tile(chain), native_threads())
             return
         for b in range(batch):
             for start, stop in _blocks(length, chain.block_size(length, x.device)):

@@ -2,7 +2,7 @@
 
 On CPU the factored form's small contractions run far below a GEMM's speed when each is a
 separate BLAS call (docs/BENCHMARKS.md); `chain.c` runs the whole chain on a few tokens at
-a time so its intermediates stay in cache. It is plain C, built at first use with the
+a time so its intermediates stay in cache, and splits the tokens over threads. It is plain C, built at first use with the
 system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into a per-user cache
 (``$TLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tlora`` or ``~/.cache/tlora``), one library per
 source, compiler and CPU, written atomically. Without a compiler (or with
@@ -29,7 +29,7 @@ ENV_NATIVE = "TLORA_NATIVE"
 ENV_CACHE = "TLORA_CACHE_DIR"
 COMPILE_TIMEOUT_S = 180
 MAX_CORES = 16  # as chain.c
-_FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+_FLAG_SETS = (("-O3", "-march=native", "-pthread"), ("-O3", "-pthread"))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "status": "not loaded yet"}
@@ -101,9 +101,9 @@ def _build(compiler: str, target: Path) -> None:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.tlora_chain_forward.argtypes = [i, i, p, p, p, n, n, n, p, n, n, f, i]
+    lib.tlora_chain_forward.argtypes = [i, i, p, p, p, n, n, n, p, n, n, f, i, i]
     lib.tlora_chain_forward.restype = i
-    lib.tlora_chain_backward.argtypes = [i, i, p, p, p, p, p, n, n, n, p, f, p, i]
+    lib.tlora_chain_backward.argtypes = [i, i, p, p, p, p, p, n, n, n, p, f, p, i, i]
     lib.tlora_chain_backward.restype = i
     return lib
 
@@ -161,7 +161,7 @@ def _check(t: Tensor, numel: int, what: str) -> None:
 
 def chain_forward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: list[Tensor], x: Tensor,
                   out: Tensor, tokens: int, token_stride: int, channel_stride: int, keep: float,
-                  tile: int) -> None:
+                  tile: int, threads: int = 1) -> None:
     """out = T x + keep x for `tokens` tokens addressed x[t * token_stride + i * channel_stride]."""
     width = 1
     for s in sizes:
@@ -173,14 +173,14 @@ def chain_forward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: list
         _check(op, op.numel(), "stage matrix")
     rc = lib.tlora_chain_forward(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes), _pointers(ops),
                                  x.data_ptr(), tokens, token_stride, channel_stride, out.data_ptr(),
-                                 token_stride, channel_stride, float(keep), tile)
+                                 token_stride, channel_stride, float(keep), tile, threads)
     if rc:
         raise RuntimeError(f"native chain forward failed (code {rc}: {'bad plan' if rc == 1 else 'out of memory'})")
 
 
 def chain_backward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: list[Tensor], ops_t: list[Tensor],
                    x: Tensor, h: Tensor, gx: Tensor | None, grads: list[Tensor] | None, tokens: int,
-                   token_stride: int, channel_stride: int, keep: float, tile: int) -> None:
+                   token_stride: int, channel_stride: int, keep: float, tile: int, threads: int = 1) -> None:
     """gx = T^T h + keep h (if gx is given); the stage matrices' gradients added into grads."""
     width = 1
     for s in sizes:
@@ -199,6 +199,6 @@ def chain_backward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: lis
     rc = lib.tlora_chain_backward(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes), _pointers(ops),
                                   _pointers(ops_t), x.data_ptr(), h.data_ptr(), tokens, token_stride,
                                   channel_stride, gx.data_ptr() if gx is not None else None, float(keep),
-                                  _pointers(grads) if grads is not None else None, tile)
+                                  _pointers(grads) if grads is not None else None, tile, threads)
     if rc:
         raise RuntimeError(f"native chain backward failed (code {rc}: {'bad plan' if rc == 1 else 'out of memory'})")

@@ -12,11 +12,13 @@
    Inputs and outputs are addressed as x[t * ts + i * cs] (rows: ts = I, cs = 1; a conv's
    channel-major input: ts = 1, cs = L). Single-threaded; plain C with GCC vector extensions
    (8 floats), compiled at first use with -O3 -march=native. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 typedef float v8 __attribute__((vector_size(32)));
 #define MAX_CORES 16
+#define MAX_THREADS 64
 
 static float *alloc_floats(size_t n) {
     size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
@@ -251,18 +253,20 @@ static void intermediates(const plan_t *p, const float *const *ops, const float 
     }
 }
 
-int tlora_chain_forward(int D, int R, const int *sizes, const float *const *ops, const float *x, long N,
-                        long ts, long cs, float *out, long ots, long ocs, float keep, int Lt) {
-    plan_t p;
-    if (make_plan(&p, D, R, sizes, Lt)) return 1;
+/* Tokens [t_begin, t_end) of the forward (one thread's share). */
+static int forward_range(const plan_t *pp, const float *const *ops, const float *x, long t_begin, long t_end,
+                         long ts, long cs, float *out, long ots, long ocs, float keep) {
+    plan_t p = *pp;
+    int D = p.D, R = p.R;
+    long Lt = p.Lt;
     float *xt = alloc_floats(p.width * Lt), *ut = alloc_floats(p.width * Lt);
     float *z[MAX_CORES] = {0};
     int failed = !xt || !ut;
     for (int d = 0; d < D - 1 && !failed; d++) failed = !(z[d] = alloc_floats(p.big));
     if (!failed) {
         long nl = p.n[D - 1], batch = p.width / nl, rn = (long)R * nl;
-        for (long t0 = 0; t0 < N; t0 += Lt) {
-            long lt = N - t0 < Lt ? N - t0 : Lt;
+        for (long t0 = t_begin; t0 < t_end; t0 += Lt) {
+            long lt = t_end - t0 < Lt ? t_end - t0 : Lt;
             load_tile(x, ts, cs, t0, lt, p.width, Lt, xt);
             intermediates(&p, ops, xt, z);
             const float *zl = z[D - 2];
@@ -277,14 +281,13 @@ int tlora_chain_forward(int D, int R, const int *sizes, const float *const *ops,
     return failed ? 2 : 0;
 }
 
-/* gx = T^T h (+ keep h) when gx is not NULL; the stage matrices' gradients (ops layout) are
-   accumulated into grads when grads is not NULL. h and gx are addressed like x. */
-int tlora_chain_backward(int D, int R, const int *sizes, const float *const *ops, const float *const *ops_t,
-                         const float *x, const float *h, long N, long ts, long cs, float *gx, float keep,
-                         float *const *grads, int Lt) {
-    plan_t p;
-    if (make_plan(&p, D, R, sizes, Lt)) return 1;
-    long width = p.width, n0 = p.n[0], nl = p.n[D - 1], batch = width / nl, rn = (long)R * nl;
+/* Tokens [t_begin, t_end) of the backward; gradients added into grads (if not NULL). */
+static int backward_range(const plan_t *pp, const float *const *ops, const float *const *ops_t, const float *x,
+                          const float *h, long t_begin, long t_end, long ts, long cs, float *gx, float keep,
+                          float *const *grads) {
+    plan_t p = *pp;
+    int D = p.D, R = p.R;
+    long Lt = p.Lt, width = p.width, n0 = p.n[0], nl = p.n[D - 1], batch = width / nl, rn = (long)R * nl;
     float *xt = alloc_floats(width * Lt), *ht = alloc_floats(width * Lt), *ot = alloc_floats(width * Lt);
     float *ga = alloc_floats(p.big), *gb = alloc_floats(p.big);
     float *z[MAX_CORES] = {0};
@@ -303,8 +306,8 @@ int tlora_chain_backward(int D, int R, const int *sizes, const float *const *ops
         }
     }
     if (!failed) {
-        for (long t0 = 0; t0 < N; t0 += Lt) {
-            long lt = N - t0 < Lt ? N - t0 : Lt;
+        for (long t0 = t_begin; t0 < t_end; t0 += Lt) {
+            long lt = t_end - t0 < Lt ? t_end - t0 : Lt;
             load_tile(x, ts, cs, t0, lt, width, Lt, xt);
             load_tile(h, ts, cs, t0, lt, width, Lt, ht);
             intermediates(&p, ops, xt, z);
@@ -344,4 +347,105 @@ int tlora_chain_backward(int D, int R, const int *sizes, const float *const *ops
     free(ga);
     free(gb);
     return failed ? 2 : 0;
+}
+
+/* ----- threads: each takes a contiguous run of tiles; gradients are summed after the join. */
+typedef struct {
+    const plan_t *p;
+    const float *const *ops, *const *ops_t;
+    const float *x, *h;
+    long t_begin, t_end, ts, cs, ots, ocs;
+    float *out, *gx, keep;
+    float *grads[MAX_CORES];
+    int with_grads, rc;
+} job_t;
+
+static void *forward_job(void *arg) {
+    job_t *j = (job_t *)arg;
+    j->rc = forward_range(j->p, j->ops, j->x, j->t_begin, j->t_end, j->ts, j->cs, j->out, j->ots, j->ocs, j->keep);
+    return NULL;
+}
+
+static void *backward_job(void *arg) {
+    job_t *j = (job_t *)arg;
+    j->rc = backward_range(j->p, j->ops, j->ops_t, j->x, j->h, j->t_begin, j->t_end, j->ts, j->cs, j->gx, j->keep,
+                           j->with_grads ? j->grads : NULL);
+    return NULL;
+}
+
+/* Split [0, N) into `threads` runs of whole tiles (jobs[0..threads) already filled in) and
+   run `work` on each, the first on the calling thread. */
+static void run_jobs(job_t *jobs, int threads, long N, long Lt, void *(*work)(void *)) {
+    long tiles = (N + Lt - 1) / Lt;
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < threads; t++) {
+        long end = tiles * (t + 1) / threads * Lt;
+        jobs[t].t_begin = tiles * t / threads * Lt;
+        jobs[t].t_end = end < N ? end : N;
+        jobs[t].rc = 0;
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, work, &jobs[t]) == 0;
+    work(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+        else work(&jobs[t]); /* no thread to be had: do it here */
+    }
+}
+
+/* Threads worth using: at most `threads`, MAX_THREADS and one per tile. */
+static int thread_count(int threads, long N, long Lt) {
+    long tiles = (N + Lt - 1) / Lt;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > tiles) threads = (int)tiles;
+    return threads < 1 ? 1 : threads;
+}
+
+int tlora_chain_forward(int D, int R, const int *sizes, const float *const *ops, const float *x, long N,
+                        long ts, long cs, float *out, long ots, long ocs, float keep, int Lt, int threads) {
+    plan_t p;
+    if (make_plan(&p, D, R, sizes, Lt)) return 1;
+    job_t jobs[MAX_THREADS];
+    int used = thread_count(threads, N, Lt);
+    for (int t = 0; t < used; t++)
+        jobs[t] = (job_t){.p = &p, .ops = ops, .x = x, .ts = ts, .cs = cs, .out = out, .ots = ots, .ocs = ocs,
+                          .keep = keep};
+    run_jobs(jobs, used, N, Lt, forward_job);
+    for (int t = 0; t < used; t++)
+        if (jobs[t].rc) return jobs[t].rc;
+    return 0;
+}
+
+/* gx = T^T h (+ keep h) when gx is not NULL; the stage matrices' gradients (ops layout) are
+   accumulated into grads when grads is not NULL. h and gx are addressed like x. */
+int tlora_chain_backward(int D, int R, const int *sizes, const float *const *ops, const float *const *ops_t,
+                         const float *x, const float *h, long N, long ts, long cs, float *gx, float keep,
+                         float *const *grads, int Lt, int threads) {
+    plan_t p;
+    if (make_plan(&p, D, R, sizes, Lt)) return 1;
+    long numel[MAX_CORES];
+    for (int d = 0; d < D; d++) numel[d] = p.n[d] * p.n[d] * R * R; /* every stage matrix: n_d^2 R^2 */
+    job_t jobs[MAX_THREADS];
+    int used = thread_count(threads, N, Lt), failed = 0;
+    for (int t = 0; t < used; t++) {
+        jobs[t] = (job_t){.p = &p, .ops = ops, .ops_t = ops_t, .x = x, .h = h, .ts = ts, .cs = cs, .gx = gx,
+                          .keep = keep, .with_grads = grads != NULL};
+        /* thread 0 adds into grads; the others into private zeroed copies, summed after */
+        for (int d = 0; d < D && grads && !failed; d++) {
+            jobs[t].grads[d] = t ? (float *)calloc(numel[d], sizeof(float)) : grads[d];
+            failed = !jobs[t].grads[d];
+        }
+    }
+    if (!failed) {
+        run_jobs(jobs, used, N, Lt, backward_job);
+        for (int t = 0; t < used; t++)
+            if (jobs[t].rc) failed = jobs[t].rc;
+        if (grads && !failed)
+            for (int t = 1; t < used; t++)
+                for (int d = 0; d < D; d++)
+                    for (long e = 0; e < numel[d]; e++) grads[d][e] += jobs[t].grads[d][e];
+    }
+    for (int t = 1; t < used && grads; t++)
+        for (int d = 0; d < D; d++) free(jobs[t].grads[d]);
+    return failed ? (failed == 1 ? 1 : 2) : 0;
 }
