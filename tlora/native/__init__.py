@@ -29,7 +29,7 @@ ENV_NATIVE = "TLORA_NATIVE"
 ENV_CACHE = "TLORA_CACHE_DIR"
 COMPILE_TIMEOUT_S = 180
 MAX_CORES = 16  # as chain.c
-_FLAG_SETS = (("-O3", "-march=native", "-pthread"), ("-O3", "-pthread"))
+_FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-pthread"), ("-O3", "-pthread"))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "status": "not loaded yet"}

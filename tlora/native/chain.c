@@ -374,23 +374,34 @@ static void *backward_job(void *arg) {
 }
 
 /* Split [0, N) into `threads` runs of whole tiles (jobs[0..threads) already filled in) and
-   run `work` on each, the first on the calling thread. */
+   run `work` on each. With OpenMP the runs go to the OpenMP runtime torch already loaded
+   (same libgomp soname, so the same thread pool: no second set of threads fighting torch's
+   spinning workers for the cores); without it, to fresh pthreads. */
 static void run_jobs(job_t *jobs, int threads, long N, long Lt, void *(*work)(void *)) {
     long tiles = (N + Lt - 1) / Lt;
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int t = 0; t < threads; t++) {
         long end = tiles * (t + 1) / threads * Lt;
         jobs[t].t_begin = tiles * t / threads * Lt;
         jobs[t].t_end = end < N ? end : N;
         jobs[t].rc = 0;
     }
+    if (threads == 1) {
+        work(&jobs[0]);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) work(&jobs[t]);
+#else
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, work, &jobs[t]) == 0;
     work(&jobs[0]);
     for (int t = 1; t < threads; t++) {
         if (started[t]) pthread_join(ids[t], NULL);
         else work(&jobs[t]); /* no thread to be had: do it here */
     }
+#endif
 }
 
 /* Threads worth using: at most `threads`, MAX_THREADS and one per tile. */
