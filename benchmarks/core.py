@@ -9,6 +9,8 @@ self- and cross-attention: C x C, and C x 768 for cross-attention k/v; C = 320 x
   lora     + LoRA r4 (plain x @ down.T @ up.T, up zero-init, down random, scale 1/sqrt(4))
   auto     + TLoRA(2,6) (trm:2 + tr:6) as TLoRAModule applies it by default (form auto)
   factored / merged / dense   the same module with its transform form forced
+  torch    the factored form on the pure-torch engine (TLORA_NATIVE=0: no compiled chain,
+           tlora/native), i.e. what runs where no C compiler is available
   ref      + TLoRA(2,6) the reference code's way: T and W0 T (and Delta) formed every step
            from the cores, back-propagated through the full weight
   wside    (information only, not a form of the module) W0 T formed every step in factored
@@ -37,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tlora import forms  # noqa: E402
+from tlora import forms, native  # noqa: E402
 from tlora.adapter import ModuleAdapter  # noqa: E402
 from tlora.functional import tr, trm  # noqa: E402
 from tlora.module import TLoRAModule  # noqa: E402
@@ -45,7 +47,7 @@ from tlora.module import TLoRAModule  # noqa: E402
 TEXT_DIM, TEXT_TOKENS = 768, 77
 # (channels, transformer blocks at that width) of SD1.5's UNet.
 LEVELS = ((320, 5), (640, 5), (1280, 6))
-VARIANTS = ("frozen", "lora", "auto", "factored", "merged", "dense", "ref", "wside")
+VARIANTS = ("frozen", "lora", "auto", "factored", "torch", "merged", "dense", "ref", "wside")
 
 
 def layer_shapes(realistic: bool) -> list[dict]:
@@ -132,6 +134,7 @@ def build(shape: dict, device: torch.device, seed: int) -> dict[str, nn.Module]:
         "lora": Lora(base, 4, gen),
         "auto": TLoRAModule(base, adapter, form="auto"),
         "factored": TLoRAModule(base, adapter, form="factored"),
+        "torch": TLoRAModule(base, adapter, form="factored"),
         "merged": TLoRAModule(base, adapter, form="merged"),
         "dense": TLoRAModule(base, adapter, form="dense"),
         "ref": Reference(base, adapter),
@@ -151,6 +154,27 @@ def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
         p.grad = None
     x.grad = None
     module(x).backward(grad)
+
+
+class Engine:
+    """Context: variant "torch" runs with the compiled chain switched off (TLORA_NATIVE=0)."""
+
+    def __init__(self, variant: str):
+        self.off = variant == "torch"
+        self.saved: str | None = None
+
+    def __enter__(self) -> "Engine":
+        if self.off:
+            self.saved = os.environ.get(native.ENV_NATIVE)
+            os.environ[native.ENV_NATIVE] = "0"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.off:
+            if self.saved is None:
+                os.environ.pop(native.ENV_NATIVE, None)
+            else:
+                os.environ[native.ENV_NATIVE] = self.saved
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -179,17 +203,19 @@ def time_shape(shape: dict, tokens: int, device: torch.device, repeats: int, var
     x = torch.randn(1, n_tok, shape["in"], generator=gen).to(device).requires_grad_(True)
     grad = torch.randn(1, n_tok, shape["out"], generator=gen).to(device)
     for name in variants:  # warm-up; "auto" measures and caches its form here
-        step(mods[name], x, grad)
+        with Engine(name):
+            step(mods[name], x, grad)
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats):
         order = variants[rep % len(variants):] + variants[:rep % len(variants)]
         for name in order:
-            sync(device)
-            start = clock()
-            step(mods[name], x, grad)
-            sync(device)
-            times[name].append(clock() - start)
+            with Engine(name):
+                sync(device)
+                start = clock()
+                step(mods[name], x, grad)
+                sync(device)
+                times[name].append(clock() - start)
     result = {"tokens": n_tok, "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
               "min_ms": {k: 1e3 * min(v) for k, v in times.items()}, "auto_form": mods["auto"].last_form}
     mem = {}
@@ -198,11 +224,13 @@ def time_shape(shape: dict, tokens: int, device: torch.device, repeats: int, var
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            step(mods[name], x, grad)
+            with Engine(name):
+                step(mods[name], x, grad)
             sync(device)
             mem[name] = torch.cuda.max_memory_allocated(device) - before
         else:
-            mem[name] = saved_bytes(mods[name], x)
+            with Engine(name):
+                mem[name] = saved_bytes(mods[name], x)
     result["memory_bytes"] = mem
     result["memory_kind"] = "cuda peak during fwd+bwd" if device.type == "cuda" else "saved for backward"
     return result
@@ -213,7 +241,7 @@ def run(tokens_list: list[int], device: torch.device, repeats: int, realistic: b
     """All shapes at every token count; totals and targets."""
     report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "dtype": "float32", "batch": 1, "repeats": repeats, "realistic_text_tokens": realistic,
-              "clock": clock_name, "by_tokens": {}}
+              "clock": clock_name, "native": native.status(), "by_tokens": {}}
     clock = time.thread_time if clock_name == "thread" else time.perf_counter
     for tokens in tokens_list:
         rows = []
@@ -245,7 +273,7 @@ def format_report(report: dict) -> str:
     """A human-readable summary (markdown tables)."""
     lines = [f"device {report['device']}, torch {report['torch']}, {report['threads']} threads, float32, batch 1, "
              f"{report['repeats']} interleaved repeats, median per layer, summed over 128 layers, "
-             f"clock {report['clock']}"]
+             f"clock {report['clock']}", f"compiled chain (tlora.native): {report.get('native', '?')}"]
     for tokens, entry in report["by_tokens"].items():
         variants = list(entry["total_ms"])
         lines.append("")

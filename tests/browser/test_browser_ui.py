@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.comfy_page import ComfyPage
+from tests.browser.comfy_page import ComfyPage, wait_until
 
 CKPT = "tlora-tiny-sd15.safetensors"
 FINAL = ("done", "cancelled", "diverged", "failed")
@@ -182,7 +182,14 @@ def test_adapter_card_shows_what_was_picked(ui: ComfyPage, comfy_server: Any) ->
         assert card["sizeText"] == f"2 modules · {kb.quantize(Decimal('0.1'), ROUND_HALF_UP)} kB", card
         for expected in ("trm:2", "tr:4", "lora:8", "120", "dco", "a photo of sks dog", "complete"):
             assert expected in card["text"].lower(), (expected, card["text"])  # badges are upper-cased by CSS
-        assert card["visible"] and card["overflow"] <= 0, "the card must fit on its node"
+        # The card grows to fit a frame or two after it renders (fonts differ); on a busy machine
+        # that takes more than settle()'s frames, so wait for the final layout.
+        def fitted() -> dict | None:
+            now = ui.card(loader)
+            return now if now["overflow"] <= 0 else None
+
+        card = wait_until(fitted, 10, "the card to fit on its node")
+        assert card["visible"], "the card must be visible on its node"
 
         ui.pick_combo(blocks, "adapter_name", lora_name)
         other = ui.wait_card(blocks, lora_name)

@@ -241,3 +241,14 @@ def test_thread_counts_agree(monkeypatch, native_calls) -> None:
     for threads in (2, 5):
         for a, b in zip(results[threads], results[1]):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@needs_native
+def test_damaged_cached_build_is_rebuilt(tmp_path) -> None:
+    """A cached library that cannot be loaded (truncated on a full disk, say) is rebuilt, not trusted."""
+    first = _probe(tmp_path)
+    built = next((tmp_path / "cache").glob("tlora_chain-*"))
+    built.write_bytes(b"\x7fELF truncated")
+    second = _probe(tmp_path)
+    assert second["status"] == first["status"] and second["err"] < 1e-4
+    assert built.stat().st_size > 1000

@@ -131,7 +131,13 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         path = _library_path(compiler)
         if not path.exists():
             _build(compiler, path)
-        return _bind(ctypes.CDLL(str(path))), f"loaded {path}"
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached build (builds are atomic, but disks fail): rebuild once
+            path.unlink(missing_ok=True)
+            _build(compiler, path)
+            lib = ctypes.CDLL(str(path))
+        return _bind(lib), f"loaded {path}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return None, f"unavailable: build or load failed ({exc})"
 
