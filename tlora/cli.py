@@ -1,4 +1,4 @@
-"""Command line: `python -m tlora plan ...` and `python -m tlora inspect FILE`.
+"""Command line: `python -m tlora plan ...`, `python -m tlora inspect FILE`, `python -m tlora native`.
 
 Errors (bad arguments, unusable files) print one line on stderr and exit with status 2.
 """
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="validate a TLoRA file and summarise it")
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    n = sub.add_parser("native", help="whether the compiled CPU kernels are in use (builds them if needed)")
+    n.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -152,6 +154,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_native(args: argparse.Namespace) -> int:
+    from .functional import trm  # imported here: only this command needs the engine
+
+    info = trm.native_status()
+    if args.json:
+        print(json.dumps(info))
+    elif info["in_use"]:
+        print(f"compiled CPU kernels in use ({info['threads']} threads): {info['status']}")
+    else:
+        print(f"compiled CPU kernels not in use, the torch engine runs instead: {info['status']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments or unusable file)."""
     parser = build_parser()
@@ -163,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_plan(args)
         if args.command == "inspect":
             return _cmd_inspect(args)
+        if args.command == "native":
+            return _cmd_native(args)
         parser.print_usage(sys.stderr)
         return 2
     except _CliError as exc:

@@ -252,3 +252,15 @@ def test_damaged_cached_build_is_rebuilt(tmp_path) -> None:
     second = _probe(tmp_path)
     assert second["status"] == first["status"] and second["err"] < 1e-4
     assert built.stat().st_size > 1000
+
+
+def test_cli_says_whether_the_kernels_are_in_use(monkeypatch, capsys) -> None:
+    from tlora import cli
+
+    assert cli.main(["native", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["in_use"] == (native.load() is not None) and info["status"] == native.status()
+    monkeypatch.setenv(native.ENV_NATIVE, "0")
+    assert cli.main(["native"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "compiled CPU kernels not in use, the torch engine runs instead: disabled by TLORA_NATIVE=0")

@@ -391,6 +391,12 @@ def _run_native_self_check(lib) -> bool:
     return ok
 
 
+def native_status() -> dict:
+    """Whether the compiled chain is in use here (built, loaded and self-checked), and why not."""
+    usable = _native_for(_Chain((2, 3, 2), 2), torch.empty(0)) is not None
+    return {"in_use": usable, "status": native.status(), "threads": native_threads() if usable else 0}
+
+
 def reset_native() -> None:
     """Forget the compiled kernels' self-check (tests; after changing TLORA_NATIVE)."""
     _native_self_check.clear()
