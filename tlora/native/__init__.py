@@ -165,46 +165,49 @@ def _check(t: Tensor, numel: int, what: str) -> None:
         raise ValueError(f"native chain: {what} must be a contiguous float32 CPU tensor of >= {numel} elements")
 
 
-def chain_forward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: list[Tensor], x: Tensor,
-                  out: Tensor, tokens: int, token_stride: int, channel_stride: int, keep: float,
-                  tile: int, threads: int = 1) -> None:
-    """out = T x + keep x for `tokens` tokens addressed x[t * token_stride + i * channel_stride]."""
+def _check_call(sizes: tuple[int, ...], rank: int, tokens: int, token_stride: int, channel_stride: int,
+                activations: dict[str, Tensor], matrices: dict[str, list[Tensor] | None]) -> None:
+    """Everything the C code will read or write must exist: checked here, so a mistake is an
+    error and never a stray pointer."""
     width = 1
     for s in sizes:
         width *= s
     extent = (tokens - 1) * token_stride + (width - 1) * channel_stride + 1 if tokens else 0
-    _check(x, extent, "x")
-    _check(out, extent, "out")
-    for op in ops:
-        _check(op, op.numel(), "stage matrix")
-    rc = lib.tlora_chain_forward(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes), _pointers(ops),
-                                 x.data_ptr(), tokens, token_stride, channel_stride, out.data_ptr(),
-                                 token_stride, channel_stride, float(keep), tile, threads)
+    for what, t in activations.items():
+        _check(t, extent, what)
+    for what, mats in matrices.items():
+        if mats is None:
+            continue
+        if len(mats) != len(sizes):
+            raise ValueError(f"native chain: {len(mats)} {what} for {len(sizes)} cores")
+        for n, m in zip(sizes, mats):
+            _check(m, n * n * rank * rank, what)
+
+
+def _raise_on(rc: int, what: str) -> None:
     if rc:
-        raise RuntimeError(f"native chain forward failed (code {rc}: {'bad plan' if rc == 1 else 'out of memory'})")
+        raise RuntimeError(f"native chain {what} failed (code {rc}: {'bad plan' if rc == 1 else 'out of memory'})")
+
+
+def chain_forward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: list[Tensor], x: Tensor,
+                  out: Tensor, tokens: int, token_stride: int, channel_stride: int, keep: float,
+                  tile: int, threads: int = 1) -> None:
+    """out = T x + keep x for `tokens` tokens addressed x[t * token_stride + i * channel_stride]."""
+    _check_call(sizes, rank, tokens, token_stride, channel_stride, {"x": x, "out": out}, {"stage matrices": ops})
+    _raise_on(lib.tlora_chain_forward(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes), _pointers(ops),
+                                      x.data_ptr(), tokens, token_stride, channel_stride, out.data_ptr(),
+                                      token_stride, channel_stride, float(keep), tile, threads), "forward")
 
 
 def chain_backward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: list[Tensor], ops_t: list[Tensor],
                    x: Tensor, h: Tensor, gx: Tensor | None, grads: list[Tensor] | None, tokens: int,
                    token_stride: int, channel_stride: int, keep: float, tile: int, threads: int = 1) -> None:
     """gx = T^T h + keep h (if gx is given); the stage matrices' gradients added into grads."""
-    width = 1
-    for s in sizes:
-        width *= s
-    extent = (tokens - 1) * token_stride + (width - 1) * channel_stride + 1 if tokens else 0
-    _check(x, extent, "x")
-    _check(h, extent, "h")
-    if gx is not None:
-        _check(gx, extent, "gx")
-    for op, op_t in zip(ops, ops_t):
-        _check(op, op.numel(), "stage matrix")
-        _check(op_t, op.numel(), "transposed stage matrix")
-    if grads is not None:
-        for op, g in zip(ops, grads):
-            _check(g, op.numel(), "gradient")
-    rc = lib.tlora_chain_backward(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes), _pointers(ops),
-                                  _pointers(ops_t), x.data_ptr(), h.data_ptr(), tokens, token_stride,
-                                  channel_stride, gx.data_ptr() if gx is not None else None, float(keep),
-                                  _pointers(grads) if grads is not None else None, tile, threads)
-    if rc:
-        raise RuntimeError(f"native chain backward failed (code {rc}: {'bad plan' if rc == 1 else 'out of memory'})")
+    activations = {"x": x, "h": h, **({"gx": gx} if gx is not None else {})}
+    _check_call(sizes, rank, tokens, token_stride, channel_stride, activations,
+                {"stage matrices": ops, "transposed stage matrices": ops_t, "gradients": grads})
+    _raise_on(lib.tlora_chain_backward(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes), _pointers(ops),
+                                       _pointers(ops_t), x.data_ptr(), h.data_ptr(), tokens, token_stride,
+                                       channel_stride, gx.data_ptr() if gx is not None else None, float(keep),
+                                       _pointers(grads) if grads is not None else None, tile, threads),
+              "backward")
