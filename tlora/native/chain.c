@@ -20,9 +20,28 @@ typedef float v8 __attribute__((vector_size(32)));
 #define MAX_CORES 16
 #define MAX_THREADS 64
 
-static float *alloc_floats(size_t n) {
-    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
-    return (float *)aligned_alloc(64, bytes ? bytes : 64);
+/* Per-thread work space, kept between calls: fresh MB-sized buffers are new pages from the
+   OS on every call (faults and zeroing), which cost more than a small layer's arithmetic.
+   Grown on demand, never shrunk; a pool thread keeps at most a few MB. */
+static _Thread_local float *arena = NULL;
+static _Thread_local size_t arena_floats = 0;
+
+static size_t padded(size_t floats) { return (floats + 15) / 16 * 16; } /* 64-byte multiples */
+
+static float *arena_get(size_t floats) {
+    if (floats > arena_floats) {
+        free(arena);
+        arena = (float *)aligned_alloc(64, padded(floats) * sizeof(float));
+        arena_floats = arena ? floats : 0;
+    }
+    return arena;
+}
+
+/* Free the calling thread's work space. */
+void tlora_release(void) {
+    free(arena);
+    arena = NULL;
+    arena_floats = 0;
 }
 
 /* Y (mt x 8nv, row stride C) (+)= W (mt x K) @ X (K x 8nv, row stride C); W rows of length K. */
@@ -224,8 +243,9 @@ typedef struct {
     long width, Lt, big; /* big = R^2 * width * Lt: an intermediate's floats */
 } plan_t;
 
-static int make_plan(plan_t *p, int D, int R, const int *sizes, int Lt) {
+static int make_plan(plan_t *p, int D, int R, const int *sizes, int Lt, long N) {
     if (D < 3 || D > MAX_CORES || R < 1 || Lt < 8 || Lt % 8) return 1;
+    if (N < Lt) Lt = N < 8 ? 8 : (int)((N + 7) / 8 * 8); /* a few tokens: no wasted columns */
     p->D = D;
     p->R = R;
     p->width = 1;
@@ -259,10 +279,12 @@ static int forward_range(const plan_t *pp, const float *const *ops, const float 
     plan_t p = *pp;
     int D = p.D, R = p.R;
     long Lt = p.Lt;
-    float *xt = alloc_floats(p.width * Lt), *ut = alloc_floats(p.width * Lt);
+    size_t tile_floats = padded(p.width * Lt), big = padded(p.big);
+    float *space = arena_get(2 * tile_floats + (D - 1) * big);
+    int failed = !space;
+    float *xt = space, *ut = space + tile_floats;
     float *z[MAX_CORES] = {0};
-    int failed = !xt || !ut;
-    for (int d = 0; d < D - 1 && !failed; d++) failed = !(z[d] = alloc_floats(p.big));
+    for (int d = 0; d < D - 1 && !failed; d++) z[d] = space + 2 * tile_floats + d * big;
     if (!failed) {
         long nl = p.n[D - 1], batch = p.width / nl, rn = (long)R * nl;
         for (long t0 = t_begin; t0 < t_end; t0 += Lt) {
@@ -275,9 +297,6 @@ static int forward_range(const plan_t *pp, const float *const *ops, const float 
             store_tile(ut, t0, lt, p.width, Lt, out, ots, ocs, keep, x);
         }
     }
-    for (int d = 0; d < D - 1; d++) free(z[d]);
-    free(xt);
-    free(ut);
     return failed ? 2 : 0;
 }
 
@@ -288,21 +307,32 @@ static int backward_range(const plan_t *pp, const float *const *ops, const float
     plan_t p = *pp;
     int D = p.D, R = p.R;
     long Lt = p.Lt, width = p.width, n0 = p.n[0], nl = p.n[D - 1], batch = width / nl, rn = (long)R * nl;
-    float *xt = alloc_floats(width * Lt), *ht = alloc_floats(width * Lt), *ot = alloc_floats(width * Lt);
-    float *ga = alloc_floats(p.big), *gb = alloc_floats(p.big);
-    float *z[MAX_CORES] = {0};
     v8 *acc[MAX_CORES + 1] = {0};
     long acc_n[MAX_CORES + 1] = {0};
-    int failed = !xt || !ht || !ot || !ga || !gb;
-    for (int d = 0; d < D - 1 && !failed; d++) failed = !(z[d] = alloc_floats(p.big));
-    if (grads && !failed) {
+    size_t acc_floats = 0;
+    if (grads) {
         acc_n[0] = (long)R * n0 * R * n0;
         for (int d = 1; d < D - 1; d++) acc_n[d] = p.n[d] * R * R * p.n[d];
         acc_n[D - 1] = (long)R * nl * rn;
-        for (int d = 0; d < D && !failed; d++) {
-            acc[d] = (v8 *)alloc_floats(acc_n[d] * 8);
-            if (acc[d]) memset(acc[d], 0, acc_n[d] * sizeof(v8));
-            else failed = 1;
+        for (int d = 0; d < D; d++) acc_floats += padded(acc_n[d] * 8);
+    }
+    size_t tile_floats = padded(width * Lt), big = padded(p.big);
+    float *space = arena_get(3 * tile_floats + (D + 1) * big + acc_floats);
+    int failed = !space;
+    float *xt = NULL, *ht = NULL, *ot = NULL, *ga = NULL, *gb = NULL;
+    float *z[MAX_CORES] = {0};
+    if (!failed) {
+        float *next = space;
+        xt = next, next += tile_floats;
+        ht = next, next += tile_floats;
+        ot = next, next += tile_floats;
+        ga = next, next += big;
+        gb = next, next += big;
+        for (int d = 0; d < D - 1; d++) z[d] = next, next += big;
+        for (int d = 0; d < D && grads; d++) {
+            acc[d] = (v8 *)next;
+            memset(next, 0, acc_n[d] * sizeof(v8));
+            next += padded(acc_n[d] * 8);
         }
     }
     if (!failed) {
@@ -339,13 +369,6 @@ static int backward_range(const plan_t *pp, const float *const *ops, const float
         if (grads)
             for (int d = 0; d < D; d++) flush(acc[d], acc_n[d], grads[d]);
     }
-    for (int d = 0; d < D; d++) free(acc[d]);
-    for (int d = 0; d < D - 1; d++) free(z[d]);
-    free(xt);
-    free(ht);
-    free(ot);
-    free(ga);
-    free(gb);
     return failed ? 2 : 0;
 }
 
@@ -415,7 +438,8 @@ static int thread_count(int threads, long N, long Lt) {
 int tlora_chain_forward(int D, int R, const int *sizes, const float *const *ops, const float *x, long N,
                         long ts, long cs, float *out, long ots, long ocs, float keep, int Lt, int threads) {
     plan_t p;
-    if (make_plan(&p, D, R, sizes, Lt)) return 1;
+    if (make_plan(&p, D, R, sizes, Lt, N)) return 1;
+    Lt = (int)p.Lt;
     job_t jobs[MAX_THREADS];
     int used = thread_count(threads, N, Lt);
     for (int t = 0; t < used; t++)
@@ -433,7 +457,8 @@ int tlora_chain_backward(int D, int R, const int *sizes, const float *const *ops
                          const float *x, const float *h, long N, long ts, long cs, float *gx, float keep,
                          float *const *grads, int Lt, int threads) {
     plan_t p;
-    if (make_plan(&p, D, R, sizes, Lt)) return 1;
+    if (make_plan(&p, D, R, sizes, Lt, N)) return 1;
+    Lt = (int)p.Lt;
     long numel[MAX_CORES];
     for (int d = 0; d < D; d++) numel[d] = p.n[d] * p.n[d] * R * R; /* every stage matrix: n_d^2 R^2 */
     job_t jobs[MAX_THREADS];
