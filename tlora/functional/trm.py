@@ -176,8 +176,9 @@ class _Threads:
 
 
 def release_scratch() -> None:
-    """Free this thread's CPU work buffers (they are reallocated on next use)."""
+    """Free this thread's CPU work buffers, torch's and the compiled chain's (reallocated on next use)."""
     _scratch.buffers.clear()
+    native.release()
 
 
 class _Chain:

@@ -105,6 +105,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tlora_chain_forward.restype = i
     lib.tlora_chain_backward.argtypes = [i, i, p, p, p, p, p, n, n, n, p, f, p, i, i]
     lib.tlora_chain_backward.restype = i
+    lib.tlora_release.argtypes = []
+    lib.tlora_release.restype = None
     return lib
 
 
@@ -148,6 +150,13 @@ def status() -> str:
         return f"disabled by {ENV_NATIVE}=0"
     load()
     return str(_state["status"])
+
+
+def release() -> None:
+    """Free the calling thread's kernel work space (if the kernels were loaded)."""
+    lib = _state["lib"]
+    if lib is not None:
+        lib.tlora_release()  # type: ignore[attr-defined]
 
 
 def mark_unusable(reason: str) -> None:
