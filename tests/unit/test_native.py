@@ -170,6 +170,16 @@ def test_wrapper_rejects_bad_tensors_before_calling() -> None:
     with pytest.raises(ValueError, match="float32"):
         native.chain_forward(lib, chain.sizes, 2, ops, torch.randn(5, 12, dtype=torch.float64),
                              torch.empty(60), 5, 12, 1, 0.0, 8)
+    x, out = torch.randn(5, 12), torch.empty(5, 12)
+    with pytest.raises(ValueError, match="stage matrices must be"):
+        native.chain_forward(lib, chain.sizes, 3, ops, x, out, 5, 12, 1, 0.0, 8)  # rank 3 reads more
+    with pytest.raises(ValueError, match="2 stage matrices for 3 cores"):
+        native.chain_forward(lib, chain.sizes, 2, ops[:2], x, out, 5, 12, 1, 0.0, 8)
+    with pytest.raises(ValueError, match="gradients must be"):
+        native.chain_backward(lib, chain.sizes, 2, ops, trm._transposed_ops(ops), x, x, out,
+                              [torch.zeros(1) for _ in ops], 5, 12, 1, 0.0, 8)
+    with pytest.raises(RuntimeError, match="bad plan"):
+        native.chain_forward(lib, chain.sizes, 2, ops, x, out, 5, 12, 1, 0.0, 12)  # tile not a multiple of 8
 
 
 _PROBE = """
@@ -267,20 +277,3 @@ def test_cli_says_whether_the_kernels_are_in_use(monkeypatch, capsys) -> None:
     assert capsys.readouterr().out.strip() == (
         "compiled CPU kernels not in use, the torch engine runs instead: disabled by TLORA_NATIVE=0")
 
-
-def test_wrapper_rejects_wrong_stage_matrices() -> None:
-    lib = native.load()
-    if lib is None:
-        pytest.skip(native.status())
-    chain = trm._Chain((2, 3, 2), 2)
-    ops = chain.operands_detached([torch.randn(n, n, 2, 2) for n in chain.sizes], 1.0)
-    x, out = torch.randn(5, 12), torch.empty(5, 12)
-    with pytest.raises(ValueError, match="stage matrices must be"):
-        native.chain_forward(lib, chain.sizes, 3, ops, x, out, 5, 12, 1, 0.0, 8)  # rank 3 reads more
-    with pytest.raises(ValueError, match="2 stage matrices for 3 cores"):
-        native.chain_forward(lib, chain.sizes, 2, ops[:2], x, out, 5, 12, 1, 0.0, 8)
-    with pytest.raises(ValueError, match="gradients must be"):
-        native.chain_backward(lib, chain.sizes, 2, ops, trm._transposed_ops(ops), x, x, out,
-                              [torch.zeros(1) for _ in ops], 5, 12, 1, 0.0, 8)
-    with pytest.raises(RuntimeError, match="bad plan"):
-        native.chain_forward(lib, chain.sizes, 2, ops, x, out, 5, 12, 1, 0.0, 12)  # tile not a multiple of 8
