@@ -10,8 +10,9 @@
    their transposes `ops_t`, gradients accumulated in `ops` layout). A tile holds its tokens
    in the fastest axis (Lt tokens, Lt a multiple of 8), as in _Chain's token-inner blocks.
    Inputs and outputs are addressed as x[t * ts + i * cs] (rows: ts = I, cs = 1; a conv's
-   channel-major input: ts = 1, cs = L). Single-threaded; plain C with GCC vector extensions
-   (8 floats), compiled at first use with -O3 -march=native. */
+   channel-major input: ts = 1, cs = L). Tokens are split over threads in runs of whole
+   tiles (OpenMP when built with it, else pthreads); each thread keeps its own work space.
+   Plain C with GCC vector extensions (8 floats), compiled at first use by tlora.native. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
