@@ -277,3 +277,18 @@ def test_cli_says_whether_the_kernels_are_in_use(monkeypatch, capsys) -> None:
     assert capsys.readouterr().out.strip() == (
         "compiled CPU kernels not in use, the torch engine runs instead: disabled by TLORA_NATIVE=0")
 
+
+
+def test_install_script_builds_and_reports_the_kernels(tmp_path) -> None:
+    """ComfyUI-Manager runs install.py: it builds the kernels up front and says whether they are used."""
+    env = {**os.environ, "TLORA_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "install.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "[ComfyUI-TLoRA] dependencies present"
+    if HAVE_CC and native.enabled() and os.name == "posix":
+        assert lines[1].startswith("[ComfyUI-TLoRA] compiled CPU kernels in use"), lines
+        assert list((tmp_path / "cache").glob("tlora_chain-*"))
+    else:
+        assert "not in use" in lines[1], lines
