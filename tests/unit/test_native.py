@@ -292,3 +292,24 @@ def test_install_script_builds_and_reports_the_kernels(tmp_path) -> None:
         assert list((tmp_path / "cache").glob("tlora_chain-*"))
     else:
         assert "not in use" in lines[1], lines
+
+
+@needs_native
+@pytest.mark.parametrize("factors,rank", [((1, 3, 4), 2), ((3, 1, 4), 2), ((2, 3, 1), 3), ((7, 11, 13), 5),
+                                          ((2, 2, 2, 2, 2, 2), 2), ((16, 16, 4), 8)])
+def test_odd_shapes_match_the_dense_transform(factors, rank, native_calls) -> None:
+    """Factors of 1 anywhere, odd and prime sizes, six cores, and a rank-8 layer on 8-token tiles."""
+    gen = torch.Generator().manual_seed(5)
+    cores = [(torch.randn(n, n, rank, rank, generator=gen) / rank).requires_grad_(True) for n in factors]
+    width = trm.math.prod(factors)
+    x = torch.randn(21, width, generator=gen, requires_grad=True)
+    gy = torch.randn(21, width, generator=gen)
+    y = trm.apply(x, cores, form="factored", strength=0.7)
+    got = torch.autograd.grad(y, [x, *cores], gy)
+    assert native_calls["forward"] >= 1 and native_calls["backward"] >= 1
+    d = [t.detach().double().requires_grad_(True) for t in [x, *cores]]
+    want_y = 0.7 * d[0] @ trm.dense(d[1:]).t() + 0.3 * d[0]
+    want = torch.autograd.grad(want_y, d, gy.double())
+    _close(y.detach(), want_y.detach(), "y")
+    for a, b in zip(got, want):
+        _close(a, b, "grad")
