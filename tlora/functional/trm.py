@@ -150,10 +150,15 @@ def chain_threads() -> int:
     than on one, and far slower when another process holds a core (every small parallel
     region then waits at its barrier), while the frozen GEMM keeps all threads.
     """
+    return max(0, _env_int(ENV_CHAIN_THREADS, 1))
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment setting; unset, empty or malformed gives the default."""
     try:
-        return max(0, int(os.environ.get(ENV_CHAIN_THREADS, "1")))
+        return int(os.environ.get(name, "").strip() or default)
     except ValueError:
-        return 1
+        return default
 
 
 class _Threads:
@@ -326,10 +331,7 @@ def _native_tile(chain: "_Chain") -> int:
     """Tokens per tile of the compiled chain: 16, or 8 where 16 tokens' intermediates (R^2 I
     floats each) would pass 512 KiB. Measured (1 thread, SD1.5 widths, R = 2, 8..64 tokens):
     16-24 fastest everywhere, 64 up to 30% slower."""
-    try:
-        forced = int(os.environ.get(ENV_NATIVE_TILE, "0"))
-    except ValueError:
-        forced = 0
+    forced = _env_int(ENV_NATIVE_TILE, 0)
     if forced > 0:
         return max(8, forced // 8 * 8)
     return 16 if chain.rank * chain.rank * chain.width * 16 <= (1 << 17) else 8
@@ -341,11 +343,7 @@ def native_threads() -> int:
     Unlike the torch engine's small GEMMs, the compiled chain splits whole token ranges over
     threads (one join per call, no barrier per contraction), so it uses torch's thread count.
     """
-    value = os.environ.get(ENV_CHAIN_THREADS, "").strip()
-    try:
-        forced = int(value) if value else 0
-    except ValueError:
-        forced = 0
+    forced = _env_int(ENV_CHAIN_THREADS, 0)
     return forced if forced > 0 else max(1, torch.get_num_threads())
 
 
@@ -434,7 +432,6 @@ class _RowsChain(torch.autograd.Function):
         ops = chain.operands_detached(cores, strength)
         keep = 1.0 - strength
         n_tok, width = x.shape
-        block = chain.block_size(n_tok, x.device)
         out = x.new_empty(n_tok, weight.shape[0] if weight is not None else width)
         lib = _native_for(chain, x)
         if lib is not None:
@@ -447,21 +444,21 @@ class _RowsChain(torch.autograd.Function):
                     torch.addmm(bias, u, weight.t(), out=out)
                 else:
                     torch.mm(u, weight.t(), out=out)
-            n_tok = 0  # done: skip the block loop
-        for start, stop in _blocks(n_tok, block):
-            length = stop - start
-            with _Threads(x.device):
-                xb = _scratch.get("xb", (width, length), x)
-                xb.copy_(x[start:stop].t())
-                tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
-                if keep:
-                    tb.add_(xb, alpha=keep)
-            if weight is None:
-                out[start:stop].copy_(tb.t())
-            elif bias is not None:
-                torch.addmm(bias, tb.t(), weight.t(), out=out[start:stop])
-            else:
-                torch.mm(tb.t(), weight.t(), out=out[start:stop])
+        else:
+            for start, stop in _blocks(n_tok, chain.block_size(n_tok, x.device)):
+                length = stop - start
+                with _Threads(x.device):
+                    xb = _scratch.get("xb", (width, length), x)
+                    xb.copy_(x[start:stop].t())
+                    tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
+                    if keep:
+                        tb.add_(xb, alpha=keep)
+                if weight is None:
+                    out[start:stop].copy_(tb.t())
+                elif bias is not None:
+                    torch.addmm(bias, tb.t(), weight.t(), out=out[start:stop])
+                else:
+                    torch.mm(tb.t(), weight.t(), out=out[start:stop])
         up_s, down, hidden = _residual_forward(x, out, kind, res, n_out, mult, res_scale)
         ctx.save_for_backward(x, weight, up_s, down, hidden, res_scale, *tensors)
         ctx.chain, ctx.spec, ctx.has_bias = chain, spec, bias is not None
