@@ -100,7 +100,7 @@ def ensure_host() -> None:
         return
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from tests.support import comfy_host  # the harness pins ComfyUI first on sys.path and sets --cpu
+    from harness import comfy_host  # the harness pins ComfyUI first on sys.path and sets --cpu
     comfy_host.ensure_importable()
 
 

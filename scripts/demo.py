@@ -75,7 +75,7 @@ def prepare_checkpoint(ckpt: Optional[str] = None) -> Path:
         if not path.is_file() or path.suffix != ".safetensors":
             raise SystemExit(f"--ckpt {ckpt}: not a .safetensors file")
         return path
-    from tests.support.server import ensure_checkpoint
+    from harness.server import ensure_checkpoint
     log("preparing the embedded tiny SD1.5 checkpoint (scripts/make_checkpoint.py, cached)")
     return ensure_checkpoint(0)
 
@@ -207,8 +207,8 @@ def set_inputs(graph: dict, class_type: str, **values: Any) -> None:
 
 
 def start_server(base_dir: Path, ckpt: Path, ckpt_name: str, threads: int = 0) -> Any:
-    """A headless ComfyUI (tests/support/server.py's ComfyServer) with the checkpoint linked in."""
-    from tests.support.server import ComfyServer
+    """A headless ComfyUI (harness/server.py's ComfyServer) with the checkpoint linked in."""
+    from harness.server import ComfyServer
     cpus = os.cpu_count() or 1
     # On 2-core machines a second torch thread spin-waits against everything else (much slower).
     n = threads or int(os.environ.get("TLORA_TORCH_THREADS", "0")) or (1 if cpus <= 2 else min(4, cpus))
@@ -296,7 +296,7 @@ def prepare_default_model(timeout: float = 3 * 3600) -> Path:
     log("building the embedded default model (scripts/build_default_model.py): about 20 minutes on 2 CPU "
         "cores the first time, cached in .cache/default_model/ and reused after")
     import subprocess
-    from tests.support.server import venv_python
+    from harness.server import venv_python
     res = subprocess.run([venv_python(), str(ROOT / "scripts" / "build_default_model.py")],
                          stdout=subprocess.PIPE, text=True, timeout=timeout)
     lines = (res.stdout or "").strip().splitlines()

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tests.support import tiny_models  # noqa: E402  (needs ROOT on sys.path first)
+from harness import tiny_models  # noqa: E402  (needs ROOT on sys.path first)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,18 @@
 """Fixtures for real-host tests: in-process ComfyUI, the harness checkpoint, one server per session.
 
-Defined in tests/support/fixtures.py so other suites (browser tests, scripts) can reuse them.
+Defined in tests/support/fixtures.py (on the product's `harness` package) so other suites
+(browser tests) can reuse them; `tm` is shared by the host tests that need the pack loaded.
 """
 import os
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# `tests` must be bound to this repository before comfy_host puts ComfyUI (which ships its
-# own `tests` package) first on sys.path; importing tests.support here does exactly that.
+# tests/conftest.py has bound our `tests` package already (ComfyUI ships its own `tests`).
 from tests.support.fixtures import (  # noqa: E402,F401  (fixtures and hooks are found by name)
     comfy_host,
     comfy_server,
@@ -21,3 +23,11 @@ from tests.support.fixtures import (  # noqa: E402,F401  (fixtures and hooks are
     pytest_configure,
     pytest_runtest_makereport,
 )
+
+
+@pytest.fixture(scope="module")
+def tm(comfy_host):
+    """harness.tiny_models, once the in-process host is up with the pack loaded."""
+    comfy_host.require_pack()
+    from harness import tiny_models
+    return tiny_models

@@ -11,18 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file as st_save
 
-from tests.support import comfy_host as ch
-from tests.support import graphs
+from harness import comfy_host as ch
+from harness import graphs
 from tests.host import tlora_refs as R
 from tests.host.tlora_refs import assert_all_base, stock_model_only, tlora_model_only, unet_shapes
-
-
-@pytest.fixture(scope="module")
-def tm(comfy_host):
-    """tiny_models, once the in-process host is up with the pack loaded."""
-    comfy_host.require_pack()
-    from tests.support import tiny_models
-    return tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,15 @@ import sys
 
 import pytest
 
-from tests.support import comfy_host as ch
-from tests.support import graphs
-from tests.support.server import ComfyServer, PromptRejected, history_error, history_ok
+from harness import comfy_host as ch
+from harness import graphs
+from harness.server import ComfyServer, PromptRejected, history_error, history_ok
 
 
 @pytest.fixture(scope="module")
 def tm(comfy_host):
     """tiny_models, imported once the in-process host is set up."""
-    from tests.support import tiny_models
+    from harness import tiny_models
     return tiny_models
 
 
@@ -112,7 +112,7 @@ def test_validation_errors_come_back(comfy_host):
 
 def test_checkpoint_txt2img_in_process(comfy_host, host_checkpoint):
     import torch
-    from tests.support import tiny_models
+    from harness import tiny_models
     # One text-encoder pass (the full-size CLIP-L dominates the run time on a CPU).
     res = ch.run_prompt(graphs.txt2img(host_checkpoint, "a photo of a cat", negative=None, steps=2, cfg=1.0))
     assert res.ok, res.describe()

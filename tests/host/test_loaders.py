@@ -10,20 +10,12 @@ import logging
 import pytest
 import torch
 
-from tests.support import comfy_host as ch
+from harness import comfy_host as ch
 from tests.host import tlora_refs as R
 from tests.host.tlora_refs import (assert_all_base, loader, stock_full, stock_model_only, tlora_full,
                                     tlora_model_only, unet_shapes)
 
 STRENGTHS = (1.0, 0.0, -0.5, 0.35, 2.0)
-
-
-@pytest.fixture(scope="module")
-def tm(comfy_host):
-    """tiny_models, once the in-process host is up with the pack loaded."""
-    comfy_host.require_pack()
-    from tests.support import tiny_models
-    return tiny_models
 
 
 @pytest.fixture(scope="module")

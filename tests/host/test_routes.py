@@ -280,7 +280,7 @@ def test_run_records_are_allow_listed(comfy_host):
     """Registry fields the routes do not know (paths, prompts) never reach the browser."""
     import importlib
 
-    from tests.support import comfy_host as ch
+    from harness import comfy_host as ch
     comfy_host.require_pack()
     routes = importlib.import_module(f"{ch.pack_module_name()}.nodes.routes")
     record = {"run_id": "1-abc", "status": "running", "steps": 5, "path": "/secret/loras/x.safetensors",
@@ -302,7 +302,7 @@ def test_run_record_sample_summary_and_messages(comfy_host):
     import importlib
     import urllib.parse as up
 
-    from tests.support import comfy_host as ch
+    from harness import comfy_host as ch
     comfy_host.require_pack()
     routes = importlib.import_module(f"{ch.pack_module_name()}.nodes.routes")
     record = {"run_id": "2-abc", "status": "failed", "steps": 5, "node": "7", "prompt_id": "p-1",

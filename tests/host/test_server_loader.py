@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import graphs
+from harness import graphs
 from tests.support.fixtures import HARNESS_CKPT_NAME
-from tests.support.server import history_error, history_ok
+from harness.server import history_error, history_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))

@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from tests.support import comfy_host as ch
+from harness import comfy_host as ch
 
 
 @pytest.fixture(scope="module")
 def tm(comfy_host):
     """tiny_models, once the in-process host is up (the pack must have loaded)."""
     comfy_host.require_pack()
-    from tests.support import tiny_models
+    from harness import tiny_models
     return tiny_models
 
 
@@ -506,12 +506,12 @@ def test_cancel_over_http_keeps_partial(comfy_server):
     assert run["summary"]["file"] == "http_cancel.safetensors"
     assert run["summary"]["steps_done"] == int(meta["tlora.train.steps"]) == len(run["history"])
     # The partial file is a normal adapter: ComfyUI's server loads it with our loader and samples with it.
-    from tests.support.graphs import txt2img
+    from harness.graphs import txt2img
     graph = txt2img("tlora-tiny-sd15.safetensors", steps=1)
     graph["lora"] = {"class_type": "TLoRALoaderModelOnly", "inputs": {
         "model": ["ckpt", 0], "adapter_name": "http_cancel.safetensors", "strength_model": 1.0}}
     graph["sampler"]["inputs"]["model"] = ["lora", 0]
-    from tests.support.server import history_error, history_ok
+    from harness.server import history_error, history_ok
     entry = comfy_server.run(graph, timeout=240)
     assert history_ok(entry), history_error(entry)
 
@@ -618,7 +618,7 @@ def test_samples_during_training_over_http(comfy_server):
     assert run["summary"]["steps_done"] == 4 and [h["step"] for h in run["history"]] == [1, 2, 3, 4]
     # Training after a sample went on exactly as without samples (same seed: the same file tensors).
     graph["train"]["inputs"].update(sample_every=0, output_name="http_nosample")
-    from tests.support.server import history_error, history_ok
+    from harness.server import history_error, history_ok
     entry = comfy_server.run(graph, timeout=300)
     assert history_ok(entry), history_error(entry)
     from safetensors.torch import load_file

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tests.support import comfy_host as ch
+from harness import comfy_host as ch
 
 # (transform, residual) kinds cycled over modules so every code path of the format is used.
 KIND_CYCLE: tuple[tuple[str, str], ...] = (
@@ -33,7 +33,7 @@ def tiny_sd15_dtype(dtype: torch.dtype, seed: int = 0) -> Any:
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
-    from tests.support import tiny_models as tm
+    from harness import tiny_models as tm
     cfg = sm.SD15(tm.sd15_unet_config())
     cfg.set_inference_dtype(dtype, None)
     model = cfg.get_model({}, "", device=torch.device("cpu"))

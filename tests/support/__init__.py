@@ -1,12 +1,11 @@
-"""Real-host test harness for ComfyUI-TLoRA: in-process ComfyUI, tiny models, a server fixture.
+"""pytest support for the real-host tests of ComfyUI-TLoRA.
 
 Modules:
-  comfy_host   -- make the installed ComfyUI (.host/ComfyUI) importable and run graphs in-process
-  tiny_models  -- seeded tiny SD1.5/SDXL models, CLIP and TAESD VAE built in Python; sampling helpers
-  server       -- start `main.py` as a subprocess and talk to it over HTTP and websocket
-  fixtures     -- pytest fixtures built on the three (imported by tests/host/conftest.py)
+  fixtures     -- pytest fixtures and hooks (imported by tests/host/conftest.py and
+                  tests/browser/conftest.py), built on the product's `harness` package
+                  (harness.comfy_host, harness.server, harness.tiny_models, harness.graphs)
 
-Import this package as `tests.support` with the repository root on sys.path, before
-`comfy_host` puts ComfyUI's directory in front (ComfyUI ships its own `tests` package).
-Nothing here imports torch or ComfyUI at import time.
+Import this package as `tests.support` with the repository root on sys.path; tests/conftest.py
+binds our `tests` package before `harness.comfy_host` can put ComfyUI's directory (which ships
+its own `tests` package) in front. Nothing here imports torch or ComfyUI at import time.
 """

@@ -1,4 +1,4 @@
-"""pytest fixtures for the real-host harness (imported by tests/host/conftest.py).
+"""pytest fixtures built on the product's `harness` package (imported by tests/host/conftest.py).
 
 Session-scoped, so one in-process ComfyUI and ONE server serve the whole run:
   comfy_host         HostInfo of the in-process ComfyUI (base dir = a session temp dir)
@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from . import comfy_host as _ch
-from .server import ComfyServer, ServerError, ensure_checkpoint
+from harness import comfy_host as _ch
+from harness.server import ComfyServer, ServerError, ensure_checkpoint
 
 HARNESS_CKPT_NAME = "tlora-tiny-sd15.safetensors"
 ROOT = _ch.ROOT
@@ -59,7 +59,7 @@ def loras_dir(comfy_host: _ch.HostInfo) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def harness_checkpoint() -> Path:
     """The cached checkpoint from scripts/make_checkpoint.py (built in a subprocess when missing)."""
-    from .tiny_models import default_checkpoint_path
+    from harness.tiny_models import default_checkpoint_path
     path = Path(default_checkpoint_path(0))
     if path.is_file():
         return path

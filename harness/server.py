@@ -1,6 +1,6 @@
 """ComfyUI as a real server in a subprocess: start, wait, talk HTTP/websocket, stop, read its log.
 
-    from tests.support.server import ComfyServer
+    from harness.server import ComfyServer
     with ComfyServer(base_dir, checkpoints={"tiny.safetensors": ckpt}) as srv:
         pid = srv.post_prompt(graph, client_id="c1")
         entry = srv.wait_history(pid, timeout=60)      # /history/<pid> entry, raises on timeout
@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (harness/ is one level down)
 DEFAULT_COMFY_DIR = Path(os.environ.get("TLORA_COMFY_DIR", ROOT / ".host" / "ComfyUI"))
 PACK_LINK_NAME = "ComfyUI-TLoRA"
 

@@ -4,7 +4,7 @@ ComfyUI's ops (`comfy.ops.disable_weight_init`) skip parameter init, so a freshl
 holds uninitialised memory. `init_module_` fills EVERY parameter deterministically from
 (seed, parameter name): same seed -> bit-identical weights, independent of build order.
 
-    from tests.support import tiny_models as tm
+    from harness import tiny_models as tm
     m = tm.tiny_sd15(seed=0)                 # TinyModel: .patcher (ModelPatcher), .model (BaseModel)
     pos = m.cond(seed=1); neg = m.cond(seed=2)
     latent = tm.sample(m.patcher, seed=3, positive=pos, negative=neg)   # [1, 4, 8, 8]

@@ -2,7 +2,7 @@
 
 Usage (tests get this through the `comfy_host` fixture):
 
-    from tests.support import comfy_host
+    from harness import comfy_host
     host = comfy_host.setup_host("/tmp/base")        # once per process
     result = comfy_host.run_prompt({"1": {...}, ...})
     assert result.ok, result.describe()
@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (harness/ is one level down)
 # TLORA_COMFY_DIR lets a developer point the harness at another ComfyUI checkout.
 DEFAULT_COMFY_DIR = Path(os.environ.get("TLORA_COMFY_DIR", ROOT / ".host" / "ComfyUI"))
 PACK_LINK_NAME = "ComfyUI-TLoRA"
@@ -66,15 +66,20 @@ def ensure_importable(path: Optional[os.PathLike] = None) -> Path:
         raise HostError(f"ComfyUI already set up from {_state['comfy_dir']}, not {cdir}")
     if not (cdir / "main.py").is_file() or not (cdir / "comfy" / "cli_args.py").is_file():
         raise HostError(f"no ComfyUI at {cdir}: run `bash scripts/bootstrap.sh` (or `make bootstrap`)")
-    # Our repository root has a `nodes/` folder and ComfyUI ships a regular `tests` package:
-    # ComfyUI must come first for `nodes`, and our `tests` must already be bound (it is, when
-    # this module was imported as tests.support.comfy_host).
+    # Our repository root has a `nodes/` folder (a regular package, like ComfyUI's nodes.py
+    # module): ComfyUI must come first on sys.path so that `import nodes` is ComfyUI's.
+    # ComfyUI also ships a regular `tests` package, and a regular package wins over a
+    # namespace one (our `tests/` has no __init__.py) wherever ComfyUI stands on sys.path:
+    # after this call `import tests` is ComfyUI's unless ours is already in sys.modules. The
+    # harness itself never imports `tests` (it is the product's package `harness`, found at
+    # the repository root, which ComfyUI does not shadow); our test suite binds its own
+    # `tests` package in tests/conftest.py, before anything can get here.
     for name in ("nodes", "utils", "server", "execution", "folder_paths"):
         mod = sys.modules.get(name)
         if mod is not None and not _module_is_under(mod, cdir):
             raise HostError(
                 f"module {name!r} is already imported from {getattr(mod, '__file__', mod)!r}, not from "
-                f"ComfyUI at {cdir}; import tests.support.comfy_host before anything imports it")
+                f"ComfyUI at {cdir}; call harness.comfy_host.ensure_importable() before anything imports it")
     if str(cdir) in sys.path:
         sys.path.remove(str(cdir))
     sys.path.insert(0, str(cdir))
