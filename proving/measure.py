@@ -38,11 +38,6 @@ def nearest_colour(rgb: Sequence[float], names: Optional[Sequence[str]] = None) 
     return names[int(np.argmin(((table - np.asarray(rgb, dtype=np.float64)) ** 2).sum(1)))]
 
 
-def colour_distance(rgb: Sequence[float], name: str) -> float:
-    """Euclidean RGB distance (0..441) between a triple and a named palette colour."""
-    return float(np.linalg.norm(np.asarray(rgb, dtype=np.float64) - np.asarray(COLOURS[name], dtype=np.float64)))
-
-
 def border_rgb(img: object, width: int = 3) -> np.ndarray:
     """Median colour of the outer `width`-pixel frame (where objects rarely reach)."""
     a = as_array(img)

@@ -48,6 +48,46 @@ def _prod(values: Sequence[int]) -> int:
     return math.prod(int(v) for v in values)
 
 
+def layout(weight_shape: Sequence[int], transform: str | Kind, residual: str | Kind,
+           shapes: str = "paper") -> tuple[Kind, Kind, dict[str, tuple[int, ...]]]:
+    """(transform kind, residual kind, {suffix: shape}) of a fresh adapter for a weight, in file order.
+
+    The one owner of the layout: ModuleAdapter.create fills it and the planner counts it.
+    A transform whose factors stay wider than MAX_TRANSFORM_FACTOR becomes `diag`.
+    """
+    t_kind, r_kind = parse_transform(transform), parse_residual(residual)
+    if t_kind.kind == "none" and r_kind.kind == "none":
+        raise TLoRAShapeError("an adapter needs a transform or a residual (both are none)")
+    out_features, in_channels = int(weight_shape[0]), int(weight_shape[1])
+    fan_in = _prod(weight_shape[1:])
+    entries: dict[str, tuple[int, ...]] = {}
+    if t_kind.kind == "trm":
+        factors = shapes_mod.factorize(in_channels, shapes)
+        if max(factors) > MAX_TRANSFORM_FACTOR:
+            t_kind = Kind("diag")
+        else:
+            entries.update({T_CORE.format(d): (n, n, t_kind.rank, t_kind.rank) for d, n in enumerate(factors)})
+    if t_kind.kind == "diag":
+        entries[T_DIAG] = (in_channels,)
+    if r_kind.kind == "tr":
+        r = r_kind.rank
+        entries.update({R_OUT.format(d): (n, r, r) for d, n in enumerate(shapes_mod.factorize(out_features, shapes))})
+        entries.update({R_IN.format(d): (n, r, r) for d, n in enumerate(shapes_mod.factorize(fan_in, shapes))})
+    elif r_kind.kind == "lora":
+        entries[R_UP] = (out_features, r_kind.rank)
+        entries[R_DOWN] = (r_kind.rank, fan_in)
+    entries[SCALE] = ()
+    return t_kind, r_kind, entries
+
+
+def _factors(entries: Mapping[str, tuple[int, ...]], pattern: str) -> list[int]:
+    """Leading sizes of the numbered entries `pattern.format(0..)` of a layout (the cores' factors)."""
+    out = []
+    while pattern.format(len(out)) in entries:
+        out.append(entries[pattern.format(len(out))][0])
+    return out
+
+
 class ModuleAdapter:
     """A validated TLoRA adapter for one weight (tensors keyed by file suffix)."""
 
@@ -65,32 +105,25 @@ class ModuleAdapter:
                residual: str | Kind = "tr:6", shapes: str = "paper", alpha: float = 1.0,
                generator: torch.Generator | None = None, name: str = "<module>",
                dtype: torch.dtype = torch.float32) -> "ModuleAdapter":
-        """A fresh adapter for a weight: identity transform, zero residual."""
-        t_kind, r_kind = parse_transform(transform), parse_residual(residual)
-        if t_kind.kind == "none" and r_kind.kind == "none":
-            raise TLoRAShapeError("an adapter needs a transform or a residual (both are none)")
-        out_features, in_channels = int(weight_shape[0]), int(weight_shape[1])
-        fan_in = _prod(weight_shape[1:])
+        """A fresh adapter for a weight: identity transform, zero residual (tensors as `layout` says)."""
+        t_kind, r_kind, entries = layout(weight_shape, transform, residual, shapes)
         tensors: dict[str, Tensor] = {}
         if t_kind.kind == "trm":
-            factors = shapes_mod.factorize(in_channels, shapes)
-            if max(factors) > MAX_TRANSFORM_FACTOR:
-                t_kind = Kind("diag")
-            else:
-                for d, core in enumerate(trm.identity_cores(factors, t_kind.rank, dtype)):
-                    tensors[T_CORE.format(d)] = core
-        if t_kind.kind == "diag":
-            tensors[T_DIAG] = torch.ones(in_channels, dtype=dtype)
+            cores = trm.identity_cores(_factors(entries, T_CORE), t_kind.rank, dtype)
+            tensors.update({T_CORE.format(d): c for d, c in enumerate(cores)})
+        elif t_kind.kind == "diag":
+            tensors[T_DIAG] = torch.ones(entries[T_DIAG], dtype=dtype)
+        # Random draws in a fixed order (TR out cores, then in cores; LoRA down): seeded runs repeat.
         if r_kind.kind == "tr":
-            out_cores, in_cores = tr.init_cores(shapes_mod.factorize(out_features, shapes),
-                                                shapes_mod.factorize(fan_in, shapes),
+            out_cores, in_cores = tr.init_cores(_factors(entries, R_OUT), _factors(entries, R_IN),
                                                 r_kind.rank, generator, dtype)
             tensors.update({R_OUT.format(d): c for d, c in enumerate(out_cores)})
             tensors.update({R_IN.format(d): c for d, c in enumerate(in_cores)})
         elif r_kind.kind == "lora":
-            tensors[R_UP] = torch.zeros(out_features, r_kind.rank, dtype=dtype)
+            tensors[R_UP] = torch.zeros(entries[R_UP], dtype=dtype)
+            fan_in = entries[R_DOWN][1]
             bound = 1.0 / math.sqrt(fan_in)  # Kaiming-uniform(a=sqrt(5)) bound, as nn.Linear/PEFT
-            tensors[R_DOWN] = (torch.rand(r_kind.rank, fan_in, generator=generator, dtype=dtype) * 2 - 1) * bound
+            tensors[R_DOWN] = (torch.rand(entries[R_DOWN], generator=generator, dtype=dtype) * 2 - 1) * bound
         tensors[SCALE] = torch.tensor(default_scale(r_kind, alpha), dtype=dtype)
         return cls(tensors, name=name, weight_shape=weight_shape)
 

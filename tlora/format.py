@@ -11,7 +11,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from safetensors.torch import save as _st_save
 from . import arch as arch_mod
 from .adapter import SUFFIX_PATTERN, ModuleAdapter
 from .errors import TLoRAError, TLoRAFormatError
+from .fileio import atomic_write
 
 FORMAT_VERSION = "1"
 SUFFIX_MARK = ".tlora_"
@@ -337,18 +337,4 @@ def save_file(adapters: Mapping[str, Any], path: str | os.PathLike,
         raise TypeError(f"save_file expects ModuleAdapter values ({bad[0]!r} is {type(adapters[bad[0]]).__name__})")
     title = os.path.splitext(os.path.basename(path))[0] or "TLoRA adapter"
     data = _st_save(state_dict(adapters, dtype), metadata=build_metadata(adapters, metadata, config, title, dtype))
-    folder = os.path.dirname(os.path.abspath(path))
-    # Write beside the target then rename: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=".tlora-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); keep an existing file's mode, else rw-r--r--.
-        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from . import native
-from .functional import trm
+from .functional import _trm_chain, trm
 
 FORMS = trm.FORMS
 ENV_FORM = "TLORA_FORM"
@@ -90,7 +90,7 @@ def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
         build = 2 * width * width * r2 + 2 * p ** 4 * r2
         passes = 3 if requires_grad else 1
         return (passes * 2 * n * width * width + 3 * build) / (flops_rate * dense_efficiency) + 8 * call
-    sizes = [math.prod(factors[a:b]) for a, b in trm._groups(factors, form)]
+    sizes = [math.prod(factors[a:b]) for a, b in _trm_chain._groups(factors, form)]
     if device_type == "cpu" and 3 <= len(sizes) <= native.MAX_CORES and native.load() is not None:
         return _native_cost(sizes, rank, n, flops_rate, call, requires_grad)
     fwd_time, inter_time = 0.0, 0.0
@@ -105,7 +105,7 @@ def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
         fwd_time += stage
         if d < len(sizes) - 1:
             inter_time += stage
-    blocks = max(1, n * width * r2 // trm.BLOCK_ELEMENTS) if device_type == "cpu" else 1
+    blocks = max(1, n * width * r2 // _trm_chain.BLOCK_ELEMENTS) if device_type == "cpu" else 1
     calls = blocks * (len(sizes) + rank + 2) * call
     if not requires_grad:
         return fwd_time + calls

@@ -87,12 +87,6 @@ class TLoRAModule(nn.Module):
         self.last_form = form
         return form
 
-    def transform_rows(self, rows: Tensor) -> Tensor:
-        """T x for rows (..., I) in the chosen form."""
-        if self.transform_kind == "diag":
-            return rows * self._p("tlora_t.diag").to(rows.dtype)
-        return trm.apply(rows, self._cores(rows.dtype), self.resolve_form(rows, "linear"))
-
     def residual_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(U, V) with Delta = U V^T: U (O, k), V (fan_in, k)."""
         if self.residual_kind == "tr":

@@ -1,8 +1,8 @@
 """Plan an adapter before training: per-module tensors, parameter counts and file size.
 
-Counts are analytic (no tensors are made) and follow ModuleAdapter.create exactly,
-including the diag fallback for transforms whose factors stay wider than
-MAX_TRANSFORM_FACTOR; the unit tests check the two agree.
+Counts are analytic (no tensors are made) from `adapter.layout`, the layout that
+ModuleAdapter.create fills (including the diag fallback for transforms whose factors
+stay wider than MAX_TRANSFORM_FACTOR).
 """
 from __future__ import annotations
 
@@ -15,44 +15,13 @@ import torch
 
 from . import arch as arch_mod
 from . import shapes as shapes_mod
-from .adapter import MAX_TRANSFORM_FACTOR, R_DOWN, R_IN, R_OUT, R_UP, SCALE, T_CORE, T_DIAG
+from .adapter import R_IN, R_OUT, T_CORE, T_DIAG, layout
 from .errors import TLoRAError
 from .format import metadata_from_summary
 from .functional import tr, trm
 from .spec import Kind, parse_residual, parse_transform
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def module_tensor_shapes(weight_shape: Sequence[int], transform: str | Kind, residual: str | Kind,
-                         shapes: str = "paper") -> tuple[Kind, Kind, dict[str, tuple[int, ...]]]:
-    """(transform kind, residual kind, {suffix: shape}) that ModuleAdapter.create would store."""
-    t_kind, r_kind = parse_transform(transform), parse_residual(residual)
-    if t_kind.kind == "none" and r_kind.kind == "none":
-        raise TLoRAError("an adapter needs a transform or a residual (both are none)")
-    out_features, in_channels = int(weight_shape[0]), int(weight_shape[1])
-    fan_in = math.prod(int(s) for s in weight_shape[1:])
-    tensors: dict[str, tuple[int, ...]] = {}
-    if t_kind.kind == "trm":
-        factors = shapes_mod.factorize(in_channels, shapes)
-        if max(factors) > MAX_TRANSFORM_FACTOR:
-            t_kind = Kind("diag")
-        else:
-            for d, n in enumerate(factors):
-                tensors[T_CORE.format(d)] = (n, n, t_kind.rank, t_kind.rank)
-    if t_kind.kind == "diag":
-        tensors[T_DIAG] = (in_channels,)
-    if r_kind.kind == "tr":
-        r = r_kind.rank
-        for d, n in enumerate(shapes_mod.factorize(out_features, shapes)):
-            tensors[R_OUT.format(d)] = (n, r, r)
-        for d, n in enumerate(shapes_mod.factorize(fan_in, shapes)):
-            tensors[R_IN.format(d)] = (n, r, r)
-    elif r_kind.kind == "lora":
-        tensors[R_UP] = (out_features, r_kind.rank)
-        tensors[R_DOWN] = (r_kind.rank, fan_in)
-    tensors[SCALE] = ()
-    return t_kind, r_kind, tensors
 
 
 def _header_bytes(entries: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], dtype_name: str,
@@ -93,7 +62,7 @@ def plan(arch: str | None = "sd15", transform: str | Kind = "trm:2", residual: s
     summary = {"modules": 0, "params": 0, "transform_params": 0, "residual_params": 0,
                "params_by_kind": {}, "transform_kinds": {}, "residual_kinds": {}}
     for name, shape in table.items():
-        t_kind, r_kind, tensors = module_tensor_shapes(shape, t_req, r_req, shapes)
+        t_kind, r_kind, tensors = layout(shape, t_req, r_req, shapes)
         t_params = sum(math.prod(s) for k, s in tensors.items() if k.startswith("tlora_t."))
         r_params = sum(math.prod(s) for k, s in tensors.items() if k.startswith("tlora_r."))
         if t_kind.kind == "trm":

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tlora import ModuleAdapter, arch, cli, factorize, plan, save_file
-from tlora.adapter import MAX_TRANSFORM_FACTOR
-from tlora.planner import module_tensor_shapes
+from tlora.adapter import MAX_TRANSFORM_FACTOR, layout
 from tlora.shapes import PAPER_SHAPES, auto_factors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,7 +127,7 @@ def test_plan_matches_created_adapters() -> None:
     shapes |= set(arch.targets("sdxl", "all-linear", text_encoder=True).values()) | {(10, 257), (7, 3, 3, 3)}
     for shape in sorted(shapes):
         for t, r in (("trm:2", "tr:2"), ("diag", "lora:1"), ("none", "tr:1")):
-            t_kind, r_kind, tensors = module_tensor_shapes(shape, t, r, "paper")
+            t_kind, r_kind, tensors = layout(shape, t, r, "paper")
             made = ModuleAdapter.create(shape, t, r, shapes="paper")
             assert {k: tuple(v.shape) for k, v in made.tensors.items()} == tensors, shape
             assert (made.transform, made.residual) == (t_kind, r_kind)

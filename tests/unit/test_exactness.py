@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.unit.brute import brute_t
 from tlora import ModuleAdapter, TLoRAModule
 from tlora.shapes import auto_factors
 
@@ -22,17 +23,6 @@ from tlora.shapes import auto_factors
 FACTORS = {1: (5,), 2: (3, 4), 3: (2, 3, 2), 4: (2, 2, 2, 2)}
 OUT_FACTORS = (2, 3)
 SCALE = float(torch.tensor(0.7))  # the float32 value the adapter stores and uses
-
-
-def brute_trm(cores: list[torch.Tensor]) -> torch.Tensor:
-    """Dense T entry by entry from the trace formula (differentiable, batched over entries)."""
-    multi = list(itertools.product(*[range(c.shape[0]) for c in cores]))  # row-major: last fastest
-    pairs = [(i, j) for i in multi for j in multi]
-    prod = None
-    for d, core in enumerate(cores):
-        mats = core[torch.tensor([i[d] for i, _ in pairs]), torch.tensor([j[d] for _, j in pairs])]
-        prod = mats if prod is None else prod @ mats
-    return prod.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(len(multi), len(multi))
 
 
 def brute_tr(out_cores: list[torch.Tensor], in_cores: list[torch.Tensor]) -> torch.Tensor:
@@ -128,7 +118,7 @@ def test_module_matches_brute_force_forward_and_grad(kind: str, depth: int, rank
 
     # Reference: dense weight from the brute-force formulas, leaves in float64.
     leaves = {k: v.double().requires_grad_(k != "tlora_scale") for k, v in tensors.items()}
-    t = brute_trm([leaves[f"tlora_t.{d}"] for d in range(depth)])
+    t = brute_t([leaves[f"tlora_t.{d}"] for d in range(depth)])
     if residual == "tr":
         n_in = len([k for k in leaves if k.startswith("tlora_r.in.")])
         delta = brute_tr([leaves[f"tlora_r.out.{d}"] for d in range(len(OUT_FACTORS))],
@@ -216,7 +206,7 @@ def test_strength_follows_linear_rule(kind: str) -> None:
     adapter = ModuleAdapter(tensors, weight_shape=shape)
     base = make_base(shape, gen)
     w0 = base.weight.detach()
-    t = brute_trm([tensors[f"tlora_t.{d}"].double() for d in range(depth)])
+    t = brute_t([tensors[f"tlora_t.{d}"].double() for d in range(depth)])
     n_in = len([k for k in tensors if k.startswith("tlora_r.in.")])
     delta = brute_tr([tensors[f"tlora_r.out.{d}"].double() for d in range(2)],
                      [tensors[f"tlora_r.in.{d}"].double() for d in range(n_in)])
@@ -256,7 +246,7 @@ def test_untrained_module_is_exact_while_training_and_still_learns(rank: int) ->
     (y * upstream).sum().backward()
     # Reference gradient of the cores: the brute-force T at the same cores, in float64.
     leaves = [adapter.tensors[f"tlora_t.{d}"].double().requires_grad_(True) for d in range(3)]
-    t = brute_trm(leaves)
+    t = brute_t(leaves)
     (F.linear(x.double(), base.weight.double() @ t, base.bias.double()) * upstream.double()).sum().backward()
     for d, leaf in enumerate(leaves):
         torch.testing.assert_close(module.adapter_params[f"tlora_t__{d}"].grad.double(), leaf.grad,

@@ -15,6 +15,7 @@ from safetensors.torch import save_file as st_save_file
 import tlora
 from tlora import ModuleAdapter, cli
 from tlora.errors import TLoRAFormatError
+from tlora.fileio import atomic_write
 from tlora.format import (build_metadata, is_tlora_state_dict, load, load_file, read_metadata,
                           save_file, split_key)
 
@@ -122,6 +123,19 @@ def test_save_is_atomic_on_failure(tmp_path) -> None:
         save_file(huge, path, dtype=torch.float16)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_atomic_write_keeps_mode_and_cleans_up(tmp_path) -> None:
+    """A new file is rw-r--r--, a rewrite keeps the old mode, and a failed write leaves no temp file."""
+    path = str(tmp_path / "w.bin")
+    atomic_write(path, b"one")
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    os.chmod(path, 0o600)
+    atomic_write(path, b"two")
+    assert open(path, "rb").read() == b"two" and os.stat(path).st_mode & 0o777 == 0o600
+    with pytest.raises(TypeError):
+        atomic_write(path, "not bytes")  # type: ignore[arg-type]
+    assert open(path, "rb").read() == b"two" and os.listdir(tmp_path) == ["w.bin"]
 
 
 def test_kohya_prefixes_load_as_given(tmp_path) -> None:

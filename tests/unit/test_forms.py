@@ -6,31 +6,21 @@ strength != 1, several token blocks with a ragged last one, and the form selecti
 """
 from __future__ import annotations
 
-import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.unit.brute import brute_t
 from tlora import forms
 from tlora.adapter import ModuleAdapter
-from tlora.functional import trm
+from tlora.functional import _trm_chain, trm
 from tlora.module import TLoRAModule
 
 FACTORS = {1: (5,), 2: (3, 4), 3: (2, 3, 2), 4: (2, 2, 2, 2)}
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-def brute_t(cores: list[torch.Tensor]) -> torch.Tensor:
-    """T[(i..), (j..)] = trace(A_1[i_1, j_1] ... A_D[i_D, j_D]) entry by entry (differentiable)."""
-    multi = list(itertools.product(*[range(c.shape[0]) for c in cores]))
-    pairs = [(i, j) for i in multi for j in multi]
-    prod = None
-    for d, core in enumerate(cores):
-        mats = core[torch.tensor([i[d] for i, _ in pairs]), torch.tensor([j[d] for _, j in pairs])]
-        prod = mats if prod is None else prod @ mats
-    return prod.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(len(multi), len(multi))
 
 
 def random_cores(depth: int, rank: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -46,8 +36,8 @@ def grads(out: torch.Tensor, leaves: list[torch.Tensor], upstream: torch.Tensor)
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Force several CPU token blocks (the last one ragged) through the factored engine."""
-    monkeypatch.setattr(trm, "BLOCK_ELEMENTS", 64)
-    monkeypatch.setattr(trm, "MIN_BLOCK", 3)
+    monkeypatch.setattr(_trm_chain, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(_trm_chain, "MIN_BLOCK", 3)
 
 
 @pytest.mark.parametrize("blocks", ["one", "many"])
@@ -58,7 +48,7 @@ def test_forms_match_brute_force(depth: int, rank: int, blocks: str, request) ->
         request.getfixturevalue("small_blocks")
     gen = torch.Generator().manual_seed(100 * depth + rank)
     cores = random_cores(depth, rank, gen)
-    width = trm.math.prod(FACTORS[depth])
+    width = math.prod(FACTORS[depth])
     out_f, k, strength = 6, 3, 0.7
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = rnd(2, 7, width).requires_grad_(True)
@@ -101,10 +91,10 @@ def test_dense_and_weight_times_t_match_brute_force() -> None:
 
 
 def _module_case(kind: str, depth: int, rank: int, gen: torch.Generator):
-    width = trm.math.prod(FACTORS[depth])
+    width = math.prod(FACTORS[depth])
     shape = (6, width) if kind == "linear" else (6, width, 3, 2)
     tensors = {f"tlora_t.{d}": c.detach().float() for d, c in enumerate(random_cores(depth, rank, gen))}
-    fan_in = trm.math.prod(shape[1:])
+    fan_in = math.prod(shape[1:])
     tensors["tlora_r.up"] = torch.randn(6, 2, generator=gen)
     tensors["tlora_r.down"] = torch.randn(2, fan_in, generator=gen)
     tensors["tlora_scale"] = torch.tensor(0.5)

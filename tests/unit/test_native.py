@@ -7,6 +7,7 @@ run in fresh processes because the build state is per process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.test_forms import brute_t
+from tests.unit.brute import brute_t
 from tlora import native
-from tlora.functional import tr, trm
+from tlora.functional import _trm_chain, _trm_fused, _trm_native, tr, trm
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_CC = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "cc", "gcc", "clang"))
@@ -70,7 +71,7 @@ def test_compiled_kernels_are_built_and_used_here() -> None:
 def test_linear_matches_brute_force(factors, rank, strength, tokens, native_calls) -> None:
     """W0 (x + s (T x - x)) + b + s f U V^T x: values and every gradient (x, W0, cores, residual)."""
     gen = torch.Generator().manual_seed(sum(factors) * 10 + rank)
-    width, out_f = trm.math.prod(factors), 6
+    width, out_f = math.prod(factors), 6
     cores = _cores(factors, rank, gen)
     x = torch.randn(tokens, width, generator=gen, requires_grad=True)
     weight = torch.randn(out_f, width, generator=gen, requires_grad=True)
@@ -152,7 +153,7 @@ def test_compiled_and_torch_engines_agree(monkeypatch) -> None:
     compiled = run()
     trm.release_scratch()  # frees the kernels' per-thread work space: the next call reallocates it
     assert all(torch.equal(a, b) for a, b in zip(run(), compiled))  # and is deterministic
-    monkeypatch.setattr(trm, "_native_for", lambda chain, x: None)
+    monkeypatch.setattr(_trm_fused, "_native_for", lambda chain, x: None)
     reference = run()
     for a, b in zip(compiled, reference):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
@@ -163,7 +164,7 @@ def test_wrapper_rejects_bad_tensors_before_calling() -> None:
     lib = native.load()
     if lib is None:
         pytest.skip(native.status())
-    chain = trm._Chain((2, 3, 2), 2)
+    chain = _trm_chain._Chain((2, 3, 2), 2)
     ops = chain.operands_detached([torch.randn(n, n, 2, 2) for n in chain.sizes], 1.0)
     x = torch.randn(12, 5)  # too few elements for 5 tokens of width 12
     with pytest.raises(ValueError, match="x must be"):
@@ -177,7 +178,7 @@ def test_wrapper_rejects_bad_tensors_before_calling() -> None:
     with pytest.raises(ValueError, match="2 stage matrices for 3 cores"):
         native.chain_forward(lib, chain.sizes, 2, ops[:2], x, out, 5, 12, 1, 0.0, 8)
     with pytest.raises(ValueError, match="gradients must be"):
-        native.chain_backward(lib, chain.sizes, 2, ops, trm._transposed_ops(ops), x, x, out,
+        native.chain_backward(lib, chain.sizes, 2, ops, _trm_native._transposed_ops(ops), x, x, out,
                               [torch.zeros(1) for _ in ops], 5, 12, 1, 0.0, 8)
     with pytest.raises(RuntimeError, match="bad plan"):
         native.chain_forward(lib, chain.sizes, 2, ops, x, out, 5, 12, 1, 0.0, 12)  # tile not a multiple of 8
@@ -302,7 +303,7 @@ def test_odd_shapes_match_the_dense_transform(factors, rank, native_calls) -> No
     """Factors of 1 anywhere, odd and prime sizes, six cores, and a rank-8 layer on 8-token tiles."""
     gen = torch.Generator().manual_seed(5)
     cores = [(torch.randn(n, n, rank, rank, generator=gen) / rank).requires_grad_(True) for n in factors]
-    width = trm.math.prod(factors)
+    width = math.prod(factors)
     x = torch.randn(21, width, generator=gen, requires_grad=True)
     gy = torch.randn(21, width, generator=gen)
     y = trm.apply(x, cores, form="factored", strength=0.7)
