@@ -130,7 +130,7 @@ def build(device: str, seed: int = 0, channels: int = 320) -> dict[str, Any]:
 def example(env: dict[str, Any], size: int, seed: int = 1) -> dict[str, Any]:
     """One latent (4, size, size), a 77-token context, the schedule; x_t/target for the plain steps."""
     import torch
-    E = pack("trainer.engine")
+    E = pack("trainer")
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(4, size, size, generator=g) * 0.8
     context = torch.randn(1, 77, 768, generator=g)
@@ -165,23 +165,24 @@ class Floor:
 
 
 class Engine:
-    """Our trainer (trainer/engine.py) on the attn preset; swapped out between its turns."""
+    """Our trainer (trainer/) on the attn preset; swapped out between its turns."""
 
     def __init__(self, env: dict[str, Any], ex: dict[str, Any], kind: str, precision: str):
         self.env, self.ex, self.kind, self.precision = env, ex, kind, precision
 
     def setup(self) -> None:
-        E = pack("trainer.engine")
+        E = pack("trainer")
         dm, ex = self.env["dm"], self.ex
         transform, residual = ENGINE_KINDS[self.kind]
         adapters = E.create_adapters(dm, E.select_targets(dm, "attn"), transform, residual, "paper", 0,
                                      "diffusion_model.")
         data = E.TrainData([E.Example(ex["latent"], {"c_crossattn": ex["context"]})])
-        config = E.TrainConfig(steps=10 ** 9, learning_rate=1e-4, loss="mse", precision=self.precision,
-                               progress_bar=False, form=os.environ.get("TLORA_BENCH_FORM", "auto"))
+        settings = E.TrainSettings(steps=10 ** 9, learning_rate=1e-4, loss="mse", precision=self.precision,
+                                   save_every=0, form=os.environ.get("TLORA_BENCH_FORM", "auto"))
         denoise = lambda x, t, c: dm(x, t, context=c["c_crossattn"])  # noqa: E731
-        self.trainer = E.Trainer([E.AdapterGroup(dm, "diffusion_model.", adapters)], denoise, ex["sched"], data,
-                                 config, device=self.env["device"])
+        binding = E.Binding([E.AdapterGroup(dm, "diffusion_model.", adapters)], denoise, ex["sched"], data,
+                            device=self.env["device"], progress_bar=False)
+        self.trainer = E.Trainer(binding, settings)
         self.trainer.open()
         self._suspend()
 
@@ -233,7 +234,7 @@ class Dense:
 
     def setup(self) -> None:
         import torch
-        E = pack("trainer.engine")
+        E = pack("trainer")
         dm = self.env["dm"]
         paths = E.select_targets(dm, "attn")
         adapters = E.create_adapters(dm, paths, "trm:2", "tr:6", "paper", 0)

@@ -1,10 +1,13 @@
-"""TLoRA as a ComfyUI weight adapter: the stock LoRA loaders, hook LoRAs and our own loader
-all patch weights through this class.
+"""TLoRA as a ComfyUI weight adapter, inference and training side by side (as ComfyUI's
+comfy/weight_adapter/lora.py keeps LoraDiff beside LoRAAdapter), over the core's functions.
 
-Contract followed (0.3.75 and newer): constructor (loaded_keys, weights) with every tensor
-inside `weights`; `load` claims only keys ending in our own suffixes; `calculate_weight`
-updates `weight` in place, upcasting internally; `bypass_forward` computes the
-activation-side form org_forward(x + m (T x - x)) + m s Delta x.
+* `TLoRAWeightAdapter`: the stock LoRA loaders, hook LoRAs and our own loader all patch
+  weights through it. Contract followed (0.3.75 and newer): constructor (loaded_keys,
+  weights) with every tensor inside `weights`; `load` claims only keys ending in our own
+  suffixes; `calculate_weight` updates `weight` in place, upcasting internally;
+  `bypass_forward` computes the activation-side form org_forward(x + m (T x - x)) + m s Delta x.
+* `TLoRATrainDiff`: the trainable weight-side form that ComfyUI's built-in TrainLoraNode
+  uses when its `algorithm` is TLoRA (`adapter_maps["TLoRA"]`).
 """
 from __future__ import annotations
 
@@ -13,15 +16,21 @@ from typing import Optional
 
 import torch
 
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
 from ..tlora.adapter import SUFFIX_PATTERN, ModuleAdapter
 from ..tlora.errors import TLoRAError
+from ..tlora.functional import weight as wside
 
 try:  # The host's registry; absent on hosts without comfy.weight_adapter.
     import comfy.weight_adapter as _registry
-    from comfy.weight_adapter import WeightAdapterBase
+    from comfy.weight_adapter import WeightAdapterBase, WeightAdapterTrainBase
 except ImportError:  # pragma: no cover - very old hosts
     _registry = None
     WeightAdapterBase = object  # type: ignore[misc,assignment]
+    WeightAdapterTrainBase = nn.Module  # type: ignore[misc,assignment]
 
 log = logging.getLogger("ComfyUI-TLoRA")
 # Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
@@ -76,18 +85,14 @@ class TLoRAWeightAdapter(WeightAdapterBase):
             cached = self._adapter = ModuleAdapter(dict(zip(names, tensors)), name=self.name)
         return cached
 
-    # ----- training (ComfyUI's built-in TrainLoraNode; see trainer/comfy_glue.py) -------
+    # ----- training (ComfyUI's built-in TrainLoraNode) ----------------------------------
     @classmethod
     def create_train(cls, weight, rank=8, alpha=1.0):
         """A fresh trainable TLoRA for TrainLoraNode: trm:2 transform + tr:<rank> residual, weight-side."""
-        from ..trainer.comfy_glue import TLoRATrainDiff  # noqa: PLC0415  (nodes -> trainer, lazily)
-
         return TLoRATrainDiff.create(weight, rank=rank, alpha=alpha)
 
     def to_train(self):
         """This adapter as a trainable module (TrainLoraNode's `existing_lora`)."""
-        from ..trainer.comfy_glue import TLoRATrainDiff  # noqa: PLC0415
-
         return TLoRATrainDiff(self.module_adapter().tensors)
 
     # ----- patching -----------------------------------------------------------------
@@ -119,6 +124,63 @@ class TLoRAWeightAdapter(WeightAdapterBase):
         if helper.residual_kind != "none" and multiplier != 0:
             out = out + multiplier * helper.residual_output(x).to(out.dtype)
         return out
+
+
+class TLoRATrainDiff(WeightAdapterTrainBase):
+    """Trainable weight-side TLoRA for TrainLoraNode: __call__(W0) = W0 T + s Delta.
+
+    Parameter names are the file's suffixes (`tlora_t.0`, `tlora_r.out.0`, `tlora_scale`...),
+    so TrainLoraNode's `{module}.{param}` state dict is a valid TLoRA file as it stands.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        super().__init__()
+        adapter = ModuleAdapter(dict(tensors))
+        self.transform_kind, self.residual_kind = adapter.transform.kind, adapter.residual.kind
+        self.tlora_t = nn.ParameterDict()
+        self.tlora_r = nn.Module()
+        for key, value in adapter.tensors.items():
+            param = nn.Parameter(value.detach().float().clone(), requires_grad=key != "tlora_scale")
+            parts = key.split(".")
+            if parts[0] == "tlora_t":
+                self.tlora_t[parts[1]] = param
+            elif parts[0] == "tlora_r" and parts[1] in ("out", "in"):
+                if not hasattr(self.tlora_r, parts[1]):
+                    self.tlora_r.add_module(parts[1], nn.ParameterDict())
+                getattr(self.tlora_r, parts[1])[parts[2]] = param
+            elif parts[0] == "tlora_r":
+                self.tlora_r.register_parameter(parts[1], param)
+            else:
+                self.tlora_scale = param  # kept as a (frozen) parameter so TrainLoraNode saves it
+
+    @classmethod
+    def create(cls, weight: Tensor, rank: int = 8, alpha: float = 1.0, transform: str = "trm:2") -> "TLoRATrainDiff":
+        """Fresh adapter for a weight: TRM transform + tensor-ring residual of TrainLoraNode's rank."""
+        adapter = ModuleAdapter.create(tuple(weight.shape), transform, f"tr:{int(rank)}", "paper", alpha=float(alpha))
+        return cls({k: v.to(weight.device) for k, v in adapter.tensors.items()})
+
+    def _cores(self, group: nn.ParameterDict) -> list[Tensor]:
+        return [group[str(d)].float() for d in range(len(group))]
+
+    def __call__(self, w: Tensor) -> Tensor:
+        w32 = w.float()
+        out = w32
+        if self.transform_kind == "diag":
+            out = wside.transformed(w32, diag=self.tlora_t["diag"].float())
+        elif self.transform_kind != "none":
+            out = wside.transformed(w32, self._cores(self.tlora_t))
+        if self.residual_kind == "tr":
+            parts = (self._cores(self.tlora_r.out), self._cores(getattr(self.tlora_r, "in")))
+        else:
+            parts = (self.tlora_r.up.float(), self.tlora_r.down.float()) if self.residual_kind == "lora" else ()
+        delta = wside.residual(self.residual_kind, w32.shape, parts)
+        if delta is not None:
+            out = out + self.tlora_scale.float() * delta
+        return out.to(w.dtype)
+
+    def passive_memory_usage(self) -> int:
+        """Bytes held by the adapter's tensors."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
 class _ShapeOnlyLinear(torch.nn.Module):
@@ -158,3 +220,17 @@ def register() -> bool:
         log.warning("TLoRA: could not register with ComfyUI's adapter registry (%s)", err)
         return False
     return True
+
+
+def register_train_adapter() -> bool:
+    """Offer TLoRA in TrainLoraNode's `algorithm` list (adapter_maps["TLoRA"]); False if impossible."""
+    try:
+        maps = getattr(_registry, "adapter_maps", None)
+        if maps is None:
+            return False
+        if maps.get("TLoRA") is not TLoRAWeightAdapter:
+            maps["TLoRA"] = TLoRAWeightAdapter
+        return True
+    except Exception as err:  # never break the pack's import over an optional registry
+        log.warning("TLoRA: could not register with TrainLoraNode (%s)", err)
+        return False

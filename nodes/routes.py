@@ -11,12 +11,13 @@ import logging
 import math
 import os
 import re
-import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 import folder_paths
 from aiohttp import web
+
+from ..trainer import previews
 
 log = logging.getLogger("ComfyUI-TLoRA")
 
@@ -154,33 +155,13 @@ def adapter_info(name: str) -> dict[str, Any]:
 # ----- runs ---------------------------------------------------------------------------------
 def _registry() -> Any:
     """The trainer's run registry (imported late: the trainer pulls in torch)."""
-    from ..trainer import engine  # noqa: PLC0415
-    return engine.RUNS
-
-
-_SAMPLE_NAME = re.compile(r"^(?P<run>[A-Za-z0-9_-]{1,64})_(?P<step>[0-9]{1,9})\.png$")
-
-
-def view_url(filename: str, subfolder: str, kind: str) -> str:
-    """ComfyUI's /view address of a temp/output file (relative: the frontend adds its API base)."""
-    return "/view?" + urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
+    from ..trainer import runs  # noqa: PLC0415
+    return runs.RUNS
 
 
 def _latest_sample(run_id: str) -> dict[str, Any] | None:
-    """The newest preview the ComfyUI glue wrote for this run (a /view reference with its step), if any."""
-    try:
-        folder = os.path.join(folder_paths.get_temp_directory(), "tlora")
-        names = sorted(n for n in os.listdir(folder) if n.startswith(run_id + "_") and n.endswith(".png"))
-    except OSError:
-        return None
-    if not names:
-        return None
-    match = _SAMPLE_NAME.match(names[-1])
-    ref: dict[str, Any] = {"filename": names[-1], "subfolder": "tlora", "type": "temp",
-                           "url": view_url(names[-1], "tlora", "temp")}
-    if match and match.group("run") == run_id:
-        ref["step"] = int(match.group("step"))
-    return ref
+    """The newest preview the ComfyUI binding wrote for this run (a /view reference with its step), if any."""
+    return previews.latest_preview(folder_paths.get_temp_directory(), run_id)
 
 
 def _file_summary(file_name: str | None) -> dict[str, Any]:
@@ -210,7 +191,7 @@ def _sample_ref(value: Any) -> dict[str, Any] | None:
     if not name or name != os.path.basename(name) or "\\" in name or ".." in sub or os.path.isabs(sub) \
             or "\\" in sub or "\x00" in name + sub or kind not in ("temp", "output"):
         return None
-    ref: dict[str, Any] = {"filename": name, "subfolder": sub, "type": kind, "url": view_url(name, sub, kind)}
+    ref: dict[str, Any] = {"filename": name, "subfolder": sub, "type": kind, "url": previews.view_url(name, sub, kind)}
     step = value.get("step")
     if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
         ref["step"] = step

@@ -1,4 +1,8 @@
-"""Train TLoRA inside a ComfyUI graph (thin: the work is in ../trainer)."""
+"""Train TLoRA inside a ComfyUI graph (thin: the work is in ../trainer).
+
+The node's setting inputs are generated from `trainer.settings.TrainSettings`: one field
+there is one input here, with its type, default, range, options and help text.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -6,21 +10,65 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..tlora import arch as tarch
 from ..tlora.errors import TLoRAError
-from ..trainer import comfy_glue, engine
+from ..trainer import settings as S
+from ..trainer.chart import loss_curve
+from ..trainer.comfy import run as comfy_run
+from ..trainer.comfy.data import split_images
+from ..trainer.data import split_captions
+from ..trainer.outputs import sanitize_output_name
+from ..trainer.runs import TrainResult
 from . import apply
-from .comfy_adapter import TLoRAWeightAdapter
+from .comfy_adapter import register_train_adapter
 
 CATEGORY = "training/TLoRA"
 NONE = "[none]"
 TLORA_ADAPTER = io.Custom("TLORA_ADAPTER")
 
 # TrainLoraNode (ComfyUI's built-in trainer) lists adapter_maps; TLoRA joins it there.
-comfy_glue.register_train_adapter(TLoRAWeightAdapter)
+register_train_adapter()
+
+# Inputs that are data, not settings, and the setting each one goes before (saved workflows
+# keep widget values by position, so the order is the node's contract).
+DATA_INPUTS_BEFORE = {
+    "class_prompt": [io.String.Input("captions", default="", multiline=True, optional=True,
+                                     tooltip="Per-image captions: a text list (dataset loaders) or one per line.")],
+    "resume": [io.Image.Input("class_images", optional=True)],
+}
 
 
 def _resume_options() -> list[str]:
     return [NONE] + [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(".safetensors")]
+
+
+def setting_input(name: str, default: Any, spec: S.Spec) -> Any:
+    """The node input for one training setting."""
+    common = {"tooltip": spec.help, "optional": not spec.required}
+    input_name = spec.input_name(name)
+    if spec.host_choices == "loras":
+        return io.Combo.Input(input_name, options=_resume_options(), default=NONE, **common)
+    if spec.options is not None:
+        return io.Combo.Input(input_name, options=list(spec.options), default=default, **common)
+    bounds = {k: getattr(spec, k) for k in ("min", "max", "step") if getattr(spec, k) is not None}
+    if isinstance(default, bool):
+        return io.Boolean.Input(input_name, default=default, **common)
+    if isinstance(default, int):
+        return io.Int.Input(input_name, default=default, **bounds, **common)
+    if isinstance(default, float):
+        return io.Float.Input(input_name, default=default, **bounds, **common)
+    return io.String.Input(input_name, default=default, multiline=spec.multiline, **common)
+
+
+def setting_inputs() -> list[Any]:
+    """Every setting that has a node input, in TrainSettings order, with the data inputs in place."""
+    inputs: list[Any] = []
+    for f, spec in S.specs():
+        if spec.no_node:
+            continue
+        inputs.extend(DATA_INPUTS_BEFORE.get(f.name, []))
+        inputs.append(setting_input(f.name, f.default, spec))
+    return inputs
 
 
 def _first(value: Any) -> Any:
@@ -30,7 +78,19 @@ def _first(value: Any) -> Any:
     return value
 
 
-def adapter_payload(result: engine.TrainResult, file_name: str, arch: str | None) -> dict[str, Any]:
+def settings_from_inputs(values: dict[str, Any]) -> S.TrainSettings:
+    """TrainSettings from the node's inputs (lists, as is_input_list gives them); resume becomes a full path."""
+    settings = S.from_values({k: _first(v) for k, v in values.items()}, by_input_name=True)
+    resume_name = settings.resume or NONE
+    if resume_name == NONE:
+        return settings.replace(resume="")
+    resume_path = folder_paths.get_full_path("loras", resume_name)
+    if resume_path is None:
+        raise TLoRAError(f"resume file {resume_name!r} is not in the loras folder")
+    return settings.replace(resume=resume_path)
+
+
+def adapter_payload(result: TrainResult, file_name: str, arch: str | None) -> dict[str, Any]:
     """What flows on a TLORA_ADAPTER wire: adapters by file prefix, metadata, file name."""
     return {"adapters": dict(result.adapters), "metadata": dict(result.metadata), "file_name": file_name,
             "path": result.path, "arch": arch, "steps": result.steps_done, "history": list(result.history)}
@@ -50,51 +110,7 @@ class TLoRATrain(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
                 io.Image.Input("images", tooltip="Training images: an IMAGE batch or an image dataset loader."),
-                io.String.Input("instance_prompt", default="a photo of sks dog",
-                                tooltip="Prompt for every image without its own caption; include a rare token."),
-                io.Int.Input("steps", default=500, min=1, max=100000),
-                io.String.Input("output_name", default="tlora_subject",
-                                tooltip="File name in the loras folder (no folders). An existing file is "
-                                        "never overwritten: _2, _3... are added, unless resuming it."),
-                io.String.Input("transform", default="trm:2", tooltip="none | diag | trm:R (tensor-ring matrix)."),
-                io.String.Input("residual", default="tr:6", tooltip="none | lora:r | tr:R (tensor ring)."),
-                io.Combo.Input("targets", options=list(engine.TARGET_PRESETS), default="attn",
-                               tooltip="attn: to_q/k/v/out of every attention (the paper's set)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-7),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
-                io.Combo.Input("loss", options=list(engine.LOSSES), default="dco",
-                               tooltip="dco: direct consistency optimisation against the base model (the "
-                                       "paper's choice); mse: plain denoising loss."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
-                io.Int.Input("save_every", default=250, min=0, max=100000,
-                             tooltip="Save a checkpoint (marked partial) every N steps; 0 = only at the end."),
-                io.Int.Input("sample_every", default=0, min=0, max=100000,
-                             tooltip="Make a preview image every N steps (0 = never)."),
-                io.String.Input("sample_prompt", default="", optional=True,
-                                tooltip="Preview prompt (empty = the instance prompt)."),
-                io.String.Input("captions", default="", multiline=True, optional=True,
-                                tooltip="Per-image captions: a text list (dataset loaders) or one per line."),
-                io.String.Input("class_prompt", default="", optional=True,
-                                tooltip="Prior preservation: the class, e.g. 'a photo of a dog'."),
-                io.Int.Input("num_class_images", default=0, min=0, max=1000, optional=True,
-                             tooltip="Class images to use; missing ones are generated by the base model."),
-                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True),
-                io.Image.Input("class_images", optional=True),
-                io.Combo.Input("resume", options=_resume_options(), default=NONE, optional=True,
-                               tooltip="Continue a run from its file (and its .tlora-state sidecar)."),
-                io.Combo.Input("lr_schedule", options=list(engine.LR_SCHEDULES), default="constant", optional=True),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=1024, optional=True),
-                io.Combo.Input("precision", options=["auto", *engine.PRECISIONS], default="auto", optional=True,
-                               tooltip="auto: bf16 autocast on GPUs that have it, fp32 otherwise. Adapter "
-                                       "weights are always fp32."),
-                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Less memory, about 30% slower."),
-                io.Boolean.Input("aspect_buckets", default=False, optional=True,
-                                 tooltip="Keep each image's aspect ratio (buckets of about resolution^2 pixels)."),
-                io.Boolean.Input("train_text_encoder", default=False, optional=True),
-                io.Float.Input("dco_beta", default=1000.0, min=0.0, max=100000.0, step=1.0, optional=True),
+                *setting_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained TLoRA applied."),
@@ -106,51 +122,27 @@ class TLoRATrain(io.ComfyNode):
             hidden=[io.Hidden.unique_id, io.Hidden.prompt])
 
     @classmethod
-    def execute(cls, model, clip, vae, images, instance_prompt, steps, output_name, transform, residual, targets,
-                learning_rate, batch_size, resolution, loss, seed, save_every, sample_every, sample_prompt=None,
-                captions=None, class_prompt=None, num_class_images=None, prior_loss_weight=None,
-                class_images=None, resume=None, lr_schedule=None, warmup_steps=None, grad_accumulation=None,
-                precision=None, gradient_checkpointing=None, aspect_buckets=None, train_text_encoder=None,
-                dco_beta=None) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, images, captions=None, class_images=None, **values) -> io.NodeOutput:
         model, clip, vae = _first(model), _first(clip), _first(vae)
-        images = comfy_glue.split_images(images)
-        class_images = comfy_glue.split_images(class_images)
-        resume_name = _first(resume) or NONE
-        resume_path = None
-        if resume_name != NONE:
-            resume_path = folder_paths.get_full_path("loras", resume_name)
-            if resume_path is None:
-                raise TLoRAError(f"resume file {resume_name!r} is not in the loras folder")
-        settings = comfy_glue.RunSettings(
-            instance_prompt=str(_first(instance_prompt) or ""), steps=int(_first(steps)),
-            output_name=_first(output_name), transform=str(_first(transform)), residual=str(_first(residual)),
-            targets=str(_first(targets)), train_text_encoder=bool(_first(train_text_encoder) or False),
-            learning_rate=float(_first(learning_rate)), batch_size=int(_first(batch_size)),
-            grad_accum=int(_first(grad_accumulation) or 1), resolution=int(_first(resolution)),
-            aspect_buckets=bool(_first(aspect_buckets) or False), loss=str(_first(loss)),
-            dco_beta=float(_first(dco_beta) if _first(dco_beta) is not None else 1000.0),
-            lr_schedule=str(_first(lr_schedule) or "constant"), warmup_steps=int(_first(warmup_steps) or 0),
-            class_prompt=str(_first(class_prompt) or ""), num_class_images=int(_first(num_class_images) or 0),
-            prior_loss_weight=float(_first(prior_loss_weight) if _first(prior_loss_weight) is not None else 1.0),
-            seed=int(_first(seed)), save_every=int(_first(save_every)), sample_every=int(_first(sample_every)),
-            sample_prompt=str(_first(sample_prompt) or ""), precision=str(_first(precision) or "auto"),
-            gradient_checkpointing=bool(_first(gradient_checkpointing) or False), resume_path=resume_path)
+        images = split_images(images)
+        class_images = split_images(class_images)
+        settings = settings_from_inputs(values)
         # Refuse a hostile name before any work is done.
-        comfy_glue.sanitize_output_name(settings.output_name)
-        caption_list = comfy_glue.split_captions(captions, len(images))
-        result, file_name, arch = comfy_glue.train(
+        sanitize_output_name(settings.output_name)
+        caption_list = split_captions(captions, len(images))
+        result, file_name, arch = comfy_run.train(
             model, clip, vae, images, caption_list, settings, class_images,
             node_id=cls.hidden.unique_id if cls.hidden else None, prompt=cls.hidden.prompt if cls.hidden else None)
         payload = adapter_payload(result, file_name, arch)
         new_model, new_clip = apply_payload(payload, model, clip, 1.0, 1.0)
-        curve = comfy_glue.loss_curve(result.history, title=f"{file_name}: {settings.loss} loss")
+        curve = loss_curve(result.history, title=f"{file_name}: {settings.loss} loss")
         return io.NodeOutput(new_model, new_clip, payload, curve, file_name, ui=ui.PreviewImage(curve, cls=cls))
 
 
 def apply_payload(payload: dict[str, Any], model, clip, strength_model: float, strength_clip: float):
     """(model, clip) with a TLORA_ADAPTER applied through ComfyUI's patcher (merged, no overhead)."""
     adapters = payload["adapters"]
-    has_te = any(k.startswith(comfy_glue.TE_PREFIX) for k in adapters)
+    has_te = any(k.startswith(tarch.TE_PREFIX) for k in adapters)
     use_clip = clip if has_te else None
     model_patches, clip_patches = apply.plan_patches(adapters, payload.get("metadata", {}),
                                                      payload.get("file_name", "trained adapter"), model, use_clip)

@@ -28,6 +28,7 @@ Presets:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -46,6 +47,31 @@ _TE_PRESET_GROUPS = {
     "attn-ff": ("te_attn", "te_mlp"),
     "all-linear": ("te_attn", "te_mlp"),
 }
+# The same groups as rules on a live module's dotted path under its root (a UNet, a CLIP):
+# what a trainer adapts on a model it was handed, table or not.
+GROUP_PATTERNS = {
+    "attn": re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
+    "ff": re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$"),
+    "proj": re.compile(r"(^|\.)(proj_in|proj_out)$"),
+    "conv": re.compile(r"(^|\.)(in_layers\.2|out_layers\.3|skip_connection|op|upsample\.conv|"
+                       r"[0-9]+\.conv)$"),
+    "te_attn": re.compile(r"(^|\.)self_attn\.(q_proj|k_proj|v_proj|out_proj)$"),
+    "te_mlp": re.compile(r"(^|\.)mlp\.(fc1|fc2)$"),
+}
+
+
+def preset_groups(preset: str, text_encoder: bool = False, with_convs: bool = False) -> tuple[str, ...]:
+    """The module groups a targets preset takes (text encoder: its CLIP groups only)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown targets preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    if text_encoder:
+        return _TE_PRESET_GROUPS[preset]
+    return _PRESET_GROUPS[preset] + (("conv",) if with_convs else ())
+
+
+def path_in_groups(path: str, groups: tuple[str, ...]) -> bool:
+    """Whether a dotted module path (under a UNet or CLIP root) belongs to one of these groups."""
+    return any(GROUP_PATTERNS[g].search(path) for g in groups)
 
 
 @dataclass(frozen=True)
@@ -206,12 +232,10 @@ def targets(arch: str, preset: str = "attn", text_encoder: bool = False,
             with_convs: bool = False) -> dict[str, tuple[int, ...]]:
     """Ordered {module name: weight shape} for an architecture and preset."""
     a = _arch(arch)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown targets preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    groups = set(_PRESET_GROUPS[preset]) | ({"conv"} if with_convs else set())
+    groups = set(preset_groups(preset, with_convs=with_convs))
     out = {name: shape for name, shape, group in unet_modules(a.unet) if group in groups}
     if text_encoder:
-        te_groups = set(_TE_PRESET_GROUPS[preset])
+        te_groups = set(preset_groups(preset, text_encoder=True))
         for te in a.text_encoders:
             out.update({name: shape for name, shape, group in text_encoder_modules(te) if group in te_groups})
     return out

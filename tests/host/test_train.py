@@ -88,10 +88,10 @@ def eval_loss(model_patcher, prepared, seed=7, draws=12) -> float:
     """Denoising MSE of a (patched) model on the training examples at fixed noise/timesteps."""
     import torch
     import comfy.model_management as mm
-    glue = pack("trainer.comfy_glue")
+    comfy_model = pack("trainer.comfy.model")
     mm.load_models_gpu([model_patcher], force_full_load=True)
     base = model_patcher.model
-    denoise, sched = glue.make_denoiser(base), glue.schedule_for(base)
+    denoise, sched = comfy_model.make_denoiser(base), comfy_model.schedule_for(base)
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     with torch.inference_mode(False), torch.no_grad():
@@ -106,10 +106,10 @@ def eval_loss(model_patcher, prepared, seed=7, draws=12) -> float:
 
 
 def prepared_for(model, clip, vae, imgs):
-    glue = pack("trainer.comfy_glue")
+    comfy_data = pack("trainer.comfy.data")
     import torch
     with torch.inference_mode():
-        return glue.prepare_data(model.model, clip, vae, glue.split_images(imgs), ["", ""],
+        return comfy_data.prepare_data(model.model, clip, vae, comfy_data.split_images(imgs), ["", ""],
                                  DEFAULTS["instance_prompt"], 64, False, device=torch.device("cpu"))
 
 
@@ -138,7 +138,7 @@ def test_loss_goes_down_and_outputs(sd15, loras_dir, comfy_host):
     last = [d for d in events if d.get("step") == 30 and "status" not in d][-1]
     assert {"node", "run_id", "steps", "loss", "lr", "step_time", "eta"} <= set(last)
     assert any(d.get("status") == "done" for d in events)
-    engine = pack("trainer.engine")
+    engine = pack("trainer")
     record = engine.RUNS.get(last["run_id"])
     assert record["status"] == "done" and len(record["history"]) == 30
     assert record["file_name"] == "down.safetensors" and record["start_step"] == 0
@@ -236,7 +236,7 @@ def test_trains_without_a_server(sd15, loras_dir, monkeypatch):
     monkeypatch.setattr(server.PromptServer, "instance", None)
     _, _, payload, _, name = train(model, clip, vae, steps=2, output_name="no_server", sample_every=1)
     assert payload["steps"] == 2 and (loras_dir / name).is_file()
-    record = pack("trainer.engine").RUNS.get(payload["metadata"]["tlora.train.run_id"])
+    record = pack("trainer").RUNS.get(payload["metadata"]["tlora.train.run_id"])
     assert record["status"] == "done" and record["state"]["sample"]["step"] == 2
 
 
@@ -266,7 +266,7 @@ def test_cancel_in_process_keeps_partial_file(sd15, loras_dir, interrupt_at, com
     end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
     assert end["status"] == "cancelled" and end["steps_done"] == 3 and end["step"] == 3
     assert end["file"] == "cancel.safetensors" and end["partial"] is True
-    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    record = pack("trainer").RUNS.get(end["run_id"])
     assert record["status"] == "cancelled" and [h["step"] for h in record["history"]] == [1, 2, 3]
     assert record["summary"]["steps_done"] == 3 and record["summary"]["file_name"] == "cancel.safetensors"
     assert record["summary"]["partial"] is True
@@ -285,7 +285,7 @@ def test_cancel_while_making_class_images(sd15, loras_dir, interrupt_at, comfy_h
     assert not (loras_dir / "cancel_prior.safetensors").exists()
     end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
     assert end["status"] == "cancelled" and end["steps_done"] == 0 and end["file"] is None
-    assert pack("trainer.engine").RUNS.get(end["run_id"])["status"] == "cancelled"
+    assert pack("trainer").RUNS.get(end["run_id"])["status"] == "cancelled"
     assert wrappers_left(model) == 0
 
 
@@ -318,7 +318,7 @@ def test_new_run_never_overwrites(sd15, loras_dir):
 def test_nan_stops_cleanly(sd15, loras_dir, comfy_host):
     import torch
     model, clip, vae = sd15
-    engine = pack("trainer.engine")
+    engine = pack("trainer")
     calls = {"n": 0}
 
     def poison(module, args, output):
@@ -365,7 +365,7 @@ def test_crash_mid_run_is_reported_and_kept(sd15, loras_dir, comfy_host):
     end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
     assert end["status"] == "failed" and "boom in the third forward" in end["message"]
     assert end["steps_done"] == 2 and end["file"] == "crash.safetensors" and end["partial"] is True
-    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    record = pack("trainer").RUNS.get(end["run_id"])
     assert record["status"] == "failed" and record["summary"]["steps_done"] == 2
     assert [h["step"] for h in record["history"]] == [1, 2] and record["state"]["step"] == 2
     meta = pack("tlora.format").read_metadata(str(loras_dir / "crash.safetensors"))
@@ -392,7 +392,7 @@ def test_crash_while_sampling_counts_the_finished_step(sd15, loras_dir, comfy_ho
     assert [d["step"] for d in events if "status" not in d] == [1]  # step 2's event never went out
     end = events[-1]
     assert end["status"] == "failed" and end["steps_done"] == 2
-    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    record = pack("trainer").RUNS.get(end["run_id"])
     assert [h["step"] for h in record["history"]] == [1, 2] and record["summary"]["steps_done"] == 2
     assert record["state"]["sample"]["step"] == 1  # the latest sample that was made
     meta = pack("tlora.format").read_metadata(str(loras_dir / "crash_sample.safetensors"))
@@ -408,7 +408,7 @@ def test_failure_before_training_is_reported(sd15, loras_dir, comfy_host):
     end = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train"][-1]
     assert end["status"] == "failed" and "multiple of 64" in end["message"]
     assert end["steps_done"] == 0 and end["file"] is None
-    record = pack("trainer.engine").RUNS.get(end["run_id"])
+    record = pack("trainer").RUNS.get(end["run_id"])
     assert record["status"] == "failed" and record["file_name"] == "never.safetensors"
     assert not (loras_dir / "never.safetensors").exists()
 
@@ -424,9 +424,9 @@ def test_hostile_output_name_is_refused(sd15, loras_dir, name):
 
 
 def test_sanitized_names():
-    glue = pack("trainer.comfy_glue")
-    assert glue.sanitize_output_name(" sks dog (v2) ") == "sks dog (v2).safetensors"
-    assert glue.sanitize_output_name("x.safetensors") == "x.safetensors"
+    outputs = pack("trainer.outputs")
+    assert outputs.sanitize_output_name(" sks dog (v2) ") == "sks dog (v2).safetensors"
+    assert outputs.sanitize_output_name("x.safetensors") == "x.safetensors"
 
 
 # ----- ComfyUI's built-in trainer can train TLoRA -----------------------------------------------
@@ -540,7 +540,7 @@ def test_gradient_checkpointing_same_adapter(sd15, loras_dir):
     for key, adapter in plain["adapters"].items():
         for suffix, tensor in adapter.tensors.items():
             torch.testing.assert_close(ckpt["adapters"][key].tensors[suffix], tensor, atol=1e-6, rtol=1e-5)
-    blocks = pack("trainer.comfy_glue").checkpoint_blocks(model.model.diffusion_model)
+    blocks = pack("trainer.comfy.model").checkpoint_blocks(model.model.diffusion_model)
     assert blocks and not any("forward" in b.__dict__ for b in blocks)
 
 
@@ -569,7 +569,7 @@ def test_dataset_loader_graph(comfy_host, host_checkpoint, loras_dir):
     meta = adapter["metadata"]
     assert meta["tlora.train.dataset_size"] == "2" and meta["tlora.train.base_model"] == host_checkpoint
     assert "images" in res.ui["train"]  # the loss curve shows on the node
-    record = pack("trainer.engine").RUNS.get(meta["tlora.train.run_id"])
+    record = pack("trainer").RUNS.get(meta["tlora.train.run_id"])
     assert (record["node"], record["prompt_id"], record["file_name"]) == ("train", res.prompt_id, file_name)
 
 

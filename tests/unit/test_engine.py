@@ -1,4 +1,4 @@
-"""The host-agnostic training engine (trainer/engine.py) on a tiny pure-torch denoiser."""
+"""The host-agnostic training engine (trainer/) on a tiny pure-torch denoiser."""
 from __future__ import annotations
 
 import importlib
@@ -17,12 +17,12 @@ PACK = "tlora_pack_under_test"
 
 
 def _engine():
-    """Import trainer.engine the way ComfyUI imports the pack: as a subpackage (relative imports)."""
+    """Import trainer the way ComfyUI imports the pack: as a subpackage (relative imports)."""
     if PACK not in sys.modules:
         pkg = types.ModuleType(PACK)
         pkg.__path__ = [str(ROOT)]  # a namespace for the pack without running its ComfyUI __init__
         sys.modules[PACK] = pkg
-    return importlib.import_module(PACK + ".trainer.engine")
+    return importlib.import_module(PACK + ".trainer")
 
 
 E = _engine()
@@ -99,14 +99,16 @@ def groups_for(net, preset="attn", transform="trm:2", residual="tr:2", seed=0):
 
 def run(net, tmp_path=None, name="a.safetensors", data=None, resume=None, observer=None, denoiser=None,
         sched=None, **cfg):
-    cfg.setdefault("steps", 6)
-    cfg.setdefault("progress_bar", False)
-    config = E.TrainConfig(**cfg)
+    config = settings(resume=resume or "", **cfg)
     path = str(tmp_path / name) if tmp_path is not None else None
-    trainer = E.Trainer(groups_for(net), denoiser or denoiser_for(net), sched or schedule(), data or make_data(),
-                        config, output_path=path, resume_path=resume, observer=observer,
-                        interrupt_types=(Stop,))
-    return trainer.run()
+    binding = E.Binding(groups_for(net), denoiser or denoiser_for(net), sched or schedule(), data or make_data(),
+                        observer=observer, interrupt_types=(Stop,), progress_bar=False)
+    return E.Trainer(binding, config, output_path=path).run()
+
+
+def settings(**cfg):
+    """The engine tests' settings: 6 steps of plain MSE, no periodic saves, unless asked otherwise."""
+    return E.TrainSettings(**{"steps": 6, "loss": "mse", "save_every": 0, **cfg})
 
 
 class Stop(Exception):
@@ -193,9 +195,9 @@ def test_select_targets_presets():
 
 def test_config_validation_messages():
     with pytest.raises(E.TrainingError, match="loss"):
-        E.TrainConfig(loss="l1").validate()
+        E.TrainSettings(loss="l1").validate()
     with pytest.raises(E.TrainingError, match="warm-up"):
-        E.TrainConfig(steps=5, warmup_steps=9).validate()
+        E.TrainSettings(steps=5, warmup_steps=9).validate()
 
 
 # ----- training -------------------------------------------------------------------------------
@@ -336,9 +338,10 @@ def test_gradient_checkpointing_gives_same_result():
     kw = dict(steps=3, learning_rate=1e-3)
     plain = run(TinyNet(), **kw)
     net = TinyNet()
-    config = E.TrainConfig(gradient_checkpointing=True, progress_bar=False, **kw)
-    ckpt = E.Trainer(groups_for(net), denoiser_for(net), schedule(), make_data(), config,
-                     checkpoint_modules=list(net.blocks)).run()
+    config = settings(gradient_checkpointing=True, **kw)
+    binding = E.Binding(groups_for(net), denoiser_for(net), schedule(), make_data(),
+                        checkpoint_modules=list(net.blocks), progress_bar=False)
+    ckpt = E.Trainer(binding, config).run()
     assert "forward" not in net.blocks[0].__dict__
     for key, adapter in plain.adapters.items():
         for suffix, tensor in adapter.tensors.items():
@@ -354,13 +357,15 @@ def test_bf16_autocast_keeps_fp32_adapters():
 def test_v_prediction_and_previews():
     net = TinyNet()
     decoded = []
-    config = E.TrainConfig(steps=4, sample_every=2, sample_steps=3, progress_bar=False)
+    config = settings(steps=4, sample_every=2, sample_steps=3)
     reports = []
-    trainer = E.Trainer(groups_for(net), denoiser_for(net), schedule("v"), make_data(), config,
+    data = make_data()
+    data.sample_cond, data.sample_uncond = {"c_crossattn": torch.randn(1, 5, 16)}, {"c_crossattn": torch.zeros(1, 5, 16)}
+    data.sample_shape = (4, 8, 8)
+    binding = E.Binding(groups_for(net), denoiser_for(net), schedule("v"), data,
                         decode=lambda z: decoded.append(z) or torch.rand(8, 8, 3), observer=reports.append,
-                        sample_cond={"c_crossattn": torch.randn(1, 5, 16)},
-                        sample_uncond={"c_crossattn": torch.zeros(1, 5, 16)}, sample_shape=(4, 8, 8))
-    result = trainer.run()
+                        progress_bar=False)
+    result = E.Trainer(binding, config).run()
     assert [r.sample is not None for r in reports] == [False, True, False, True]
     assert len(decoded) == 2 and result.last_sample is not None
     assert reports[-1].eta == 0 and reports[0].steps == 4
@@ -386,8 +391,8 @@ def test_resume_with_other_targets_is_refused(tmp_path):
     paths = E.select_targets(net, "attn-ff")
     groups = [E.AdapterGroup(net, "diffusion_model.", E.create_adapters(net, paths, "trm:2", "tr:2", "auto"))]
     with pytest.raises(E.TrainingError, match="no adapter for"):
-        E.Trainer(groups, denoiser_for(net), schedule(), make_data(), E.TrainConfig(steps=2, progress_bar=False),
-                  resume_path=first.path).run()
+        E.Trainer(E.Binding(groups, denoiser_for(net), schedule(), make_data(), progress_bar=False),
+                  settings(steps=2, resume=first.path)).run()
     assert not any(type(m).__name__ == "TLoRAModule" for m in net.modules())
 
 

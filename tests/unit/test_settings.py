@@ -1,0 +1,80 @@
+"""trainer.settings: the one settings object (defaults, casting, validation, metadata, file config)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACK = "tlora_pack_under_test"
+if PACK not in sys.modules:
+    pkg = types.ModuleType(PACK)
+    pkg.__path__ = [str(ROOT)]
+    sys.modules[PACK] = pkg
+S = importlib.import_module(PACK + ".trainer.settings")
+
+
+def test_every_setting_has_a_spec_with_help_and_a_node_input_or_a_reason():
+    for f, spec in S.specs():
+        assert spec.help.strip(), f.name
+        assert spec.no_node is None or len(spec.no_node) > 10, f.name
+        if spec.options is not None:
+            assert f.default in spec.options, f.name
+        if spec.min is not None:
+            assert f.default >= spec.min, f.name
+        if spec.max is not None:
+            assert f.default <= spec.max, f.name
+
+
+def test_node_and_engine_defaults_are_one_set():
+    """The copies used to disagree (loss mse in the engine, dco on the node): now there is one."""
+    s = S.TrainSettings()
+    assert (s.loss, s.steps, s.learning_rate, s.save_every, s.precision) == ("dco", 500, 1e-4, 250, "auto")
+
+
+def test_from_values_casts_and_refuses_unknown_names():
+    s = S.from_values({"steps": 7.0, "learning_rate": 1, "gradient_checkpointing": 1, "grad_accumulation": 3,
+                       "sample_prompt": None}, by_input_name=True)
+    assert s.steps == 7 and isinstance(s.steps, int) and s.learning_rate == 1.0 and isinstance(s.learning_rate, float)
+    assert s.gradient_checkpointing is True and s.grad_accum == 3 and s.sample_prompt == ""
+    with pytest.raises(S.TrainingError, match="unknown training setting.*stepz"):
+        S.from_values({"stepz": 3})
+    with pytest.raises(S.TrainingError, match="grad_accumulation"):
+        S.from_values({"grad_accumulation": 3})  # the node's name is not the field's name
+
+
+def test_metadata_forms_are_the_files_forms():
+    s = S.TrainSettings(learning_rate=3e-3, resolution=64, with_convs=True, aspect_buckets=True, loss="mse",
+                        class_prompt="")
+    meta = s.metadata()
+    assert meta["tlora.train.lr"] == meta["ss_learning_rate"] == "0.003"
+    assert meta["tlora.train.resolution"] == "64" and meta["ss_resolution"] == "(64, 64)"
+    assert meta["tlora.train.targets"] == "attn+convs" and meta["tlora.train.aspect_buckets"] == "true"
+    assert meta["tlora.train.total_steps"] == "500" and meta["tlora.train.seed"] == meta["ss_seed"] == "0"
+    assert "tlora.train.dco_beta" not in meta and "tlora.train.class_prompt" not in meta
+    dco = S.TrainSettings(loss="dco", dco_beta=250.0, class_prompt="a dog").metadata()
+    assert dco["tlora.train.dco_beta"] == "250.0" and dco["tlora.train.class_prompt"] == "a dog"
+
+
+def test_file_config_names_what_was_asked():
+    cfg = S.TrainSettings(transform="trm:3", residual="lora:4", targets="attn-ff", train_text_encoder=True).file_config()
+    assert cfg == {"transform": "trm:3", "residual": "lora:4", "targets": "attn-ff", "shapes": "paper",
+                   "with_convs": False, "text_encoder": True}
+
+
+@pytest.mark.parametrize("changes, word", [({"loss": "l1"}, "loss"), ({"steps": 0}, "steps"),
+                                           ({"precision": "fp8"}, "precision"), ({"grad_accum": 0}, "accumulation")])
+def test_validation_names_the_setting(changes, word):
+    with pytest.raises(S.TrainingError, match=word):
+        S.TrainSettings(**changes).validate()
+
+
+def test_settings_are_frozen_and_replace_copies():
+    s = S.TrainSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.steps = 3  # type: ignore[misc]
+    assert s.replace(steps=3).steps == 3 and s.steps == 500

@@ -1,0 +1,123 @@
+"""How a host plugs into the engine: the modules to adapt, a denoiser and its schedule, data, callbacks.
+
+A host (ComfyUI today: trainer/comfy/) builds one `Binding` per run and hands it to
+`Trainer` with the run's `TrainSettings`; the engine never imports a host.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..tlora import arch as tarch
+from ..tlora.adapter import ModuleAdapter
+from ..tlora.module import TLoRAModule
+from .data import Cond, Denoiser, TrainData
+from .runs import StepReport
+from .schedule import Schedule
+from .settings import TARGET_PRESETS, TrainingError, TrainSettings
+
+
+@dataclass
+class AdapterGroup:
+    """Modules of one root to adapt: file keys are `prefix + path`."""
+
+    root: nn.Module
+    prefix: str
+    adapters: dict[str, ModuleAdapter]
+
+
+@dataclass
+class Binding:
+    """What a host gives the engine for one run.
+
+    denoiser(x_t, timestep, cond) returns the model's prediction in its schedule's target
+    space; `encode` (text-encoder training) maps captions to conditioning with gradients;
+    `decode` turns a preview latent into an (H, W, 3) image; `interrupt_check` raises one of
+    `interrupt_types` when the user cancelled; `metadata` / `file_config` are the host's
+    facts for the file (base model name, architecture). `extra_params` are trained beside the
+    TLoRA modules but never saved: another adapter family a benchmark compares (e.g. ComfyUI's
+    own weight adapters), or the weights themselves for a full fine-tune.
+    """
+
+    groups: Sequence[AdapterGroup]
+    denoiser: Denoiser
+    schedule: Schedule
+    data: TrainData
+    device: torch.device | str | None = None
+    encode: Callable[[list[str]], Cond] | None = None
+    decode: Callable[[Tensor], Tensor] | None = None
+    checkpoint_modules: Sequence[nn.Module] = ()
+    interrupt_types: tuple[type[BaseException], ...] = ()
+    interrupt_check: Callable[[], None] | None = None
+    observer: Callable[[StepReport], None] | None = None
+    progress_bar: bool = True
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    file_config: Mapping[str, Any] = field(default_factory=dict)
+    extra_params: Sequence[nn.Parameter] = ()
+
+
+def select_targets(root: nn.Module, preset: str = "attn", with_convs: bool = False,
+                   text_encoder: bool = False) -> list[str]:
+    """Dotted paths under root for a targets preset (tlora.arch's rules, by module name)."""
+    if preset not in TARGET_PRESETS:
+        raise TrainingError(f"unknown targets preset {preset!r}; expected one of {TARGET_PRESETS}")
+    groups = tarch.preset_groups(preset, text_encoder=text_encoder, with_convs=with_convs)
+    paths = []
+    for name, module in root.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() not in (2, 4):
+            continue
+        if weight.dim() == 4 and getattr(module, "groups", 1) != 1:
+            continue
+        if tarch.path_in_groups(name, groups):
+            paths.append(name)
+    return paths
+
+
+def create_adapters(root: nn.Module, paths: Sequence[str], transform: str = "trm:2", residual: str = "tr:6",
+                    shapes: str = "paper", seed: int = 0, prefix: str = "") -> dict[str, ModuleAdapter]:
+    """Fresh adapters (identity transform, zero residual) for each path, seeded."""
+    generator = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for path in paths:
+        weight = root.get_submodule(path).weight
+        out[path] = ModuleAdapter.create(tuple(weight.shape), transform, residual, shapes,
+                                         generator=generator, name=prefix + path)
+    return out
+
+
+def adapter_group(root: nn.Module, prefix: str, settings: TrainSettings, text_encoder: bool = False,
+                  seed_offset: int = 0) -> AdapterGroup:
+    """Fresh adapters on the modules of root that the settings' targets preset names."""
+    paths = select_targets(root, settings.targets, settings.with_convs and not text_encoder, text_encoder)
+    return AdapterGroup(root, prefix, create_adapters(root, paths, settings.transform, settings.residual,
+                                                      settings.shapes, settings.seed + seed_offset, prefix))
+
+
+@contextlib.contextmanager
+def host_view(groups: Sequence[AdapterGroup]) -> Iterator[None]:
+    """The model's own module tree while a host touches it (decode, model management).
+
+    A host may unload/offload or re-patch the model while decoding a preview; it must see
+    its modules where it put them, not our wrappers. The same TLoRAModule objects (and
+    the optimizer's parameters) go back afterwards.
+    """
+    swapped = []
+    for group in groups:
+        for path in group.adapters:
+            parent_path, _, child = path.rpartition(".")
+            parent = group.root.get_submodule(parent_path) if parent_path else group.root
+            module = getattr(parent, child)
+            if isinstance(module, TLoRAModule):
+                setattr(parent, child, module.base)
+                swapped.append((parent, child, module))
+    try:
+        yield
+    finally:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)

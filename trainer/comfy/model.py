@@ -1,0 +1,136 @@
+"""ComfyUI's model as the engine needs it: schedule, denoiser, trainable weights, targets, architecture."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import comfy.model_sampling as cms
+
+from ...tlora import arch as tarch
+from ...tlora.errors import TLoRAError
+from ..binding import AdapterGroup, adapter_group
+from ..data import Cond, Denoiser, collate_conds
+from ..schedule import Schedule
+from ..settings import TrainSettings
+from .data import Encoder, Prepared, vae_downscale
+
+
+def schedule_for(base_model: Any) -> Schedule:
+    """The training schedule of a ComfyUI BaseModel, read from its model_sampling."""
+    ms = base_model.model_sampling
+    discrete = isinstance(ms, cms.ModelSamplingDiscrete) and type(ms).timestep is cms.ModelSamplingDiscrete.timestep
+    if discrete and not isinstance(ms, (cms.EDM, cms.X0, getattr(cms, "IMG_TO_IMG", cms.X0))):
+        if isinstance(ms, cms.V_PREDICTION):
+            return Schedule.from_sigmas(ms.sigmas, "v")
+        if isinstance(ms, cms.EPS):
+            return Schedule.from_sigmas(ms.sigmas, "eps")
+    raise TLoRAError(f"training supports eps- and v-prediction diffusion models (SD1.x/SD2.x/SDXL); this "
+                     f"model samples with {type(ms).__mro__[1].__name__}")
+
+
+def make_denoiser(base_model: Any) -> Denoiser:
+    """The diffusion model's raw output (eps or v) for x_t at discrete timestep t."""
+    diffusion_model = base_model.diffusion_model
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+
+    def denoise(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        x = x_t
+        if "c_concat" in cond:
+            x = torch.cat([x, cond["c_concat"].to(x)], 1)
+        extra = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()
+                 if k not in ("c_crossattn", "c_concat")}
+        context = cond.get("c_crossattn")
+        # The same call BaseModel._apply_model makes, minus its eps->x0 conversion: the loss
+        # is taken on the model's own target.
+        t = base_model.process_timestep(t.float(), x=x_t, **extra)
+        out = diffusion_model(x.to(dtype), t, context=None if context is None else context.to(dtype),
+                              control=None, transformer_options={}, **extra)
+        return out.float()
+    return denoise
+
+
+def make_trainable(module: nn.Module) -> int:
+    """Replace inference-mode parameters/buffers with normal tensors of the same values.
+
+    Models loaded while ComfyUI ran a node under torch.inference_mode hold inference tensors,
+    which autograd cannot save for backward (even frozen, their layers need them to pass
+    gradients on). One conversion per tensor; values, devices and dtypes are unchanged.
+    """
+    converted = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+                    converted += 1
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None and buf.is_inference():
+                    sub._buffers[name] = buf.clone()
+                    converted += 1
+    return converted
+
+
+def arch_of(base_model: Any, clip: Any = None) -> str | None:
+    """`sd15`/`sdxl` when every module of that architecture's table fits this model, else None."""
+    name = {"SD15": "sd15", "SDXL": "sdxl"}.get(type(base_model.model_config).__name__)
+    if name is None:
+        return None
+    shapes = {tarch.UNET_PREFIX + k: tuple(v.shape) for k, v in base_model.diffusion_model.state_dict().items()}
+    try:
+        table = tarch.targets(name, "all-linear")
+    except Exception:
+        return None
+    ok = all(shapes.get(k + ".weight") == tuple(s) for k, s in table.items())
+    return name if ok else None
+
+
+def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
+    """The transformer blocks gradient checkpointing wraps."""
+    try:
+        from comfy.ldm.modules.attention import BasicTransformerBlock
+    except ImportError:  # pragma: no cover
+        return []
+    return [m for m in root.modules() if isinstance(m, BasicTransformerBlock)]
+
+
+def text_group(clip: Any, settings: TrainSettings) -> AdapterGroup:
+    """Adapters on the text encoder's attention (and MLP for the wider presets)."""
+    clip.load_model()
+    root = clip.cond_stage_model
+    make_trainable(root)
+    return adapter_group(root, tarch.TE_PREFIX, settings, text_encoder=True, seed_offset=1)
+
+
+def autograd_safe_norms(root: nn.Module) -> list[Any]:
+    """Feed every LayerNorm a copy of its input; returns the hook handles to remove afterwards.
+
+    ComfyUI's CLIP layers add their residuals in place (`x += attn(norm(x))`), which
+    overwrites the tensor the norm saved for backward. With a copy, the norm keeps its
+    own input and the in-place add touches a tensor nothing saved: gradients flow.
+    """
+    def clone_input(module: nn.Module, args: tuple) -> tuple:
+        return (args[0].clone(), *args[1:]) if args and isinstance(args[0], Tensor) else args
+    return [m.register_forward_pre_hook(clone_input) for m in root.modules() if isinstance(m, nn.LayerNorm)]
+
+
+def text_encode(base: Any, clip: Any, prepared: Prepared, vae: Any, device: torch.device) -> Callable:
+    """Captions -> model conditioning through the (adapted) text encoder, with gradients."""
+    downscale = vae_downscale(vae)
+    shape = tuple(prepared.data.instance[0].latent.shape)
+    encoder = Encoder(base, clip, device)
+
+    def encode(captions: list[str]) -> Cond:
+        conds = []
+        model = clip.cond_stage_model
+        for text in captions:
+            # encode_from_tokens minus its load_model(): the model is loaded and wrapped already.
+            model.reset_clip_options()
+            if clip.layer_idx is not None:
+                model.set_clip_options({"layer": clip.layer_idx})
+            out = model.encode_token_weights(clip.tokenize(text))
+            conds.append(encoder.model_cond([[out[0], {"pooled_output": out[1]}]], shape, downscale, keep_grad=True))
+        return collate_conds(conds)
+    return encode

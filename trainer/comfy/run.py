@@ -1,0 +1,132 @@
+"""A whole training run on a ComfyUI MODEL/CLIP/VAE: the binding is built here and the engine trains."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ...tlora import arch as tarch
+from .. import outputs
+from ..binding import Binding, adapter_group
+from ..loop import Trainer
+from ..runs import RUNS, RunRegistry, TrainResult
+from ..settings import TrainSettings
+from .data import prepare_data
+from .model import (arch_of, autograd_safe_norms, checkpoint_blocks, make_denoiser, make_trainable, schedule_for,
+                    text_encode, text_group)
+from .progress import ComfyProgress, current_prompt_id, report_end, send_event
+
+
+def loras_dir() -> str:
+    """The first `loras` folder (where new adapters are written)."""
+    folder = folder_paths.get_folder_paths("loras")[0]
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def output_path(output_name: str, resume_path: str | None = None) -> tuple[str, str]:
+    """(full path, file name) in the loras folder; an existing file is never overwritten by a new run."""
+    return outputs.output_path(loras_dir(), output_name, resume_path)
+
+
+def base_model_name(model: Any, prompt: Mapping[str, Any] | None = None, node_id: str | None = None) -> str:
+    """The checkpoint a MODEL came from, traced up the graph; else the model's config class name."""
+    seen = set()
+    current = node_id
+    while prompt and current is not None and current not in seen and current in prompt:
+        seen.add(current)
+        inputs = prompt[current].get("inputs", {})
+        for key in ("ckpt_name", "unet_name", "model_name"):
+            if isinstance(inputs.get(key), str) and current != node_id:
+                return os.path.basename(inputs[key])
+        link = inputs.get("model")
+        current = str(link[0]) if isinstance(link, list) and link else None
+    config = getattr(model.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model.model).__name__
+
+
+def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: Sequence[str],
+          settings: TrainSettings, class_images: Sequence[Tensor] = (), node_id: str | None = None,
+          run_id: str | None = None, prompt: Mapping[str, Any] | None = None,
+          ) -> tuple[TrainResult, str, str | None]:
+    """Train on a ComfyUI model; returns (result, saved file name, arch). Cancel saves a partial file.
+
+    `settings.resume` is a full path (or empty). The run is in `trainer.RUNS` (node id, prompt
+    id, file name, every step, the latest sample, how it ended) and every step and the end go
+    out as `tlora.train` events; a run that raises ends with a `cancelled`, `diverged` or
+    `failed` event before the exception reaches ComfyUI.
+    """
+    path, file_name = output_path(settings.output_name, settings.resume or None)
+    run_id = run_id or f"{int(time.time())}-{os.urandom(3).hex()}"
+    run_info = {"node": node_id, "prompt_id": current_prompt_id(), "file_name": file_name}
+    hooks: list[Any] = []
+    try:
+        with torch.inference_mode(False):
+            trainer, arch = _trainer(model, clip, vae, images, captions, settings, class_images, node_id, run_id,
+                                     prompt, path, RUNS, run_info, hooks)
+            result = trainer.run()
+    except BaseException as err:
+        report_end(err, RUNS, run_id, run_info, settings)
+        raise
+    finally:
+        for hook in hooks:
+            hook.remove()
+    send_event({"node": node_id, "run_id": run_id, "status": "done", "step": result.steps_done,
+                "steps": settings.steps, "steps_done": result.steps_done, "file": file_name, "partial": False,
+                "loss": result.final_loss})
+    return result, file_name, arch
+
+
+def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: Sequence[str],
+             settings: TrainSettings, class_images: Sequence[Tensor], node_id: str | None, run_id: str,
+             prompt: Mapping[str, Any] | None, path: str, registry: RunRegistry, run_info: Mapping[str, Any],
+             hooks: list[Any]) -> tuple[Trainer, str | None]:
+    """The engine's Trainer for this ComfyUI run (text-encoder hooks go into `hooks` for the caller to remove)."""
+    base = model.model
+    device = mm.get_torch_device()
+    # Weights on the device with any upstream patches (stacked LoRAs) applied, then made
+    # usable by autograd; the adapters wrap these live layers.
+    mm.load_models_gpu([model], force_full_load=True)
+    prepared = prepare_data(base, clip, vae, images, captions, settings.instance_prompt, settings.resolution,
+                            settings.aspect_buckets, settings.class_prompt, settings.num_class_images,
+                            class_images, settings.sample_prompt, settings.sample_every, device)
+    mm.load_models_gpu([model], force_full_load=True)  # the VAE/CLIP may have displaced it
+    make_trainable(base.diffusion_model)
+    root = base.diffusion_model
+    groups = [adapter_group(root, tarch.UNET_PREFIX, settings)]
+    encode = None
+    if settings.train_text_encoder:
+        groups.append(text_group(clip, settings))
+        encode = text_encode(base, clip, prepared, vae, device)
+    arch = arch_of(base)
+
+    def decode(latent: Tensor) -> Tensor:
+        # Called by the engine under no_grad with the model's own modules in place (host_view).
+        with torch.inference_mode(False), torch.no_grad():
+            pixels = vae.decode(base.process_latent_out(latent.float()))
+            mm.load_models_gpu([model], force_full_load=True)  # back on the device after the VAE
+            # If the VAE displaced the model, reloading may have brought back inference-mode
+            # weights (e.g. restored from ComfyUI's backups): autograd must be able to save them.
+            make_trainable(base.diffusion_model)
+        return pixels[0, ..., :3].detach().float().cpu().clone()
+
+    binding = Binding(
+        groups, make_denoiser(base), schedule_for(base), prepared.data, device=device, encode=encode,
+        decode=decode if settings.sample_every else None, checkpoint_modules=checkpoint_blocks(root),
+        interrupt_types=(mm.InterruptProcessingException,),
+        interrupt_check=mm.throw_exception_if_processing_interrupted,
+        observer=ComfyProgress(settings.steps, node_id, run_id, registry),
+        progress_bar=comfy.utils.PROGRESS_BAR_ENABLED,
+        metadata={"tlora.train.base_model": base_model_name(model, prompt, node_id)},
+        file_config={"arch": arch} if arch else {})
+    if settings.train_text_encoder:
+        hooks.extend(autograd_safe_norms(clip.cond_stage_model))
+    return Trainer(binding, settings, output_path=path, run_id=run_id, registry=registry, run_info=run_info), arch

@@ -1,0 +1,470 @@
+"""The training loop: one run over live modules, from a host's Binding and the run's TrainSettings.
+
+Losses: denoising MSE on the model's own target, or DCO
+(-log sigmoid(-beta (L_model - L_ref)), the reference being the same model with every
+adapter at strength 0, computed under no_grad, so no second model is held in memory),
+plus optional prior preservation. AdamW, torch lr schedulers, grad clipping, gradient
+accumulation, gradient checkpointing, autocast, seed-determinism, atomic checkpoints
+with a safetensors training-state sidecar (never pickle) for exact resume.
+
+Adapters are attached activation-side with tlora.module.attach, so base weights are never
+modified, copied or trained.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # a console bar is nice to have, never required
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+from ..tlora import format as tformat
+from ..tlora.adapter import ModuleAdapter
+from ..tlora.fileio import atomic_write
+from ..tlora.module import TLoRAModule, attach, detach
+from .binding import Binding, host_view
+from .checkpointing import enable_checkpointing, restore_checkpointing
+from .data import Cond, Example, collate_conds, draw_batch
+from .optim import adamw, clip_gradients, fast_forward, lr_scheduler
+from .runs import RUNS, RunRegistry, StepReport, TrainResult
+from .sampling import PRECISION_DTYPES, autocast, class_examples, ddim_sample
+from .settings import TrainingError, TrainSettings, pick_precision
+from .state import TrainState, load_resume, state_path_for
+
+
+class TrainingDiverged(TrainingError):
+    """The loss (or the gradient) became NaN/inf; the last good adapter was kept."""
+
+
+class Trainer:
+    """One training run over live modules; call run() once."""
+
+    def __init__(self, binding: Binding, settings: TrainSettings, *, output_path: str | None = None,
+                 run_id: str | None = None, registry: RunRegistry = RUNS, run_info: Mapping[str, Any] | None = None):
+        settings.validate()
+        data = binding.data
+        if not data.instance:
+            raise TrainingError("no training images: connect at least one image")
+        if not any(g.adapters for g in binding.groups) and not binding.extra_params:
+            raise TrainingError("no modules to adapt: the targets preset matched nothing in this model")
+        self.binding = binding
+        self.groups = list(binding.groups)
+        self.denoiser, self.schedule, self.data = binding.denoiser, binding.schedule, data
+        self.device = torch.device(binding.device) if binding.device is not None else data.instance[0].latent.device
+        # "auto" precision is resolved once, here: the file says what the run used.
+        self.settings = settings.replace(precision=pick_precision(settings.precision, self.device))
+        self.output_path, self.resume_path = output_path, settings.resume or None
+        self.metadata = dict(binding.metadata)
+        self.interrupt_types = tuple(binding.interrupt_types) + (KeyboardInterrupt,)
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.registry = registry
+        self.run_info = dict(run_info or {})  # extra registry fields from the host (node id, prompt id...)
+        self.saved_path: str | None = None  # set once this run has written its file
+        self.run_token = uuid.uuid4().hex
+        self.modules: dict[str, TLoRAModule] = {}
+        self.history: list[dict[str, float]] = []
+        self.step = 0
+        self.last_sample: Tensor | None = None
+        self._gen_state: Tensor | None = None
+        self._start_step = 0
+
+    # ----- setup ------------------------------------------------------------------------
+    def _ordered_params(self) -> list[tuple[str, nn.Parameter]]:
+        named = []
+        for key in sorted(self.modules):
+            for name, param in sorted(self.modules[key].adapter_params.items()):
+                named.append((f"{key}.{name}", param))
+        named += [(f"extra.{i}", p) for i, p in enumerate(self.binding.extra_params)]
+        return named
+
+    # ----- the loop ---------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train; save; return the result. Interrupts save a partial file and re-raise."""
+        # ComfyUI (and others) run nodes under inference_mode: training needs autograd back.
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                self.open()
+            except BaseException as err:
+                # Nothing trained yet (bad resume file, class images failed...): the registry
+                # still learns that this run ended, and how.
+                self.close()
+                status = "cancelled" if isinstance(err, self.interrupt_types) else "failed"
+                if self.registry.get(self.run_id) is None:
+                    self._register()
+                self.registry.finish(self.run_id, status, **self._summary(status, err))
+                raise
+            try:
+                return self._loop()
+            finally:
+                self.close()
+
+    def _register(self) -> None:
+        cfg = self.settings
+        self.registry.start(self.run_id, **{**self.run_info, "steps": cfg.steps, "path": self.output_path,
+                                            "loss_kind": cfg.loss, "start_step": self.step})
+
+    def _summary(self, status: str, error: BaseException | None = None) -> dict[str, Any]:
+        """The registry's summary of a run that ended with `status`."""
+        summary: dict[str, Any] = {
+            "steps_done": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
+            "path": self.output_path, "partial": status != "done",
+            "file_name": os.path.basename(self.saved_path) if self.saved_path else None}
+        if error is not None and status in ("diverged", "failed"):
+            summary["message"] = (str(error) or type(error).__name__)[:500]
+        return summary
+
+    def open(self) -> None:
+        """Attach the adapters, build optimizer and schedule (restoring a resume state), make class images.
+
+        run() = open(), train_step() until done, close(); the pieces are public for callers
+        that drive steps themselves (benchmarks, step-wise UIs). Call close() even if this raises.
+        """
+        cfg = self.settings
+        self._warm_start_step = 0
+        self._frozen: list[nn.Parameter] = []
+        self._undo_ckpt: list = []
+        state = None
+        if self.resume_path:
+            state, self._warm_start_step, note = load_resume(self.resume_path, self.groups)
+            if note:
+                self.metadata.setdefault("tlora.train.resume_note", note)
+        trained = {id(p) for p in self.binding.extra_params}
+        for group in self.groups:
+            for param in group.root.parameters():
+                if param.requires_grad and id(param) not in trained:
+                    self._frozen.append(param)
+                    param.requires_grad_(False)
+        for group in self.groups:
+            wrapped = attach(group.root, group.adapters, strength=1.0, form=cfg.form, trainable=True)
+            for path, module in wrapped.items():
+                module.adapter_params.to(self.device)
+                module.scale = module.scale.to(self.device)
+                self.modules[group.prefix + path] = module
+        if cfg.gradient_checkpointing:
+            self._undo_ckpt = enable_checkpointing(self.binding.checkpoint_modules)
+        named = self._ordered_params()
+        self._params = [p for _, p in named]
+        optimizer = adamw(self._params, cfg)
+        scheduler = lr_scheduler(optimizer, cfg)
+        self._amp_dtype = PRECISION_DTYPES[cfg.precision]
+        scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        generator = torch.Generator().manual_seed(int(cfg.seed))
+        if state is not None:
+            names = [n for n, _ in named]
+            if state.param_names != names:
+                raise TrainingError("training state does not match this run's adapters (different targets "
+                                    "or kinds); delete the .tlora-state file to continue from weights only")
+            optimizer.load_state_dict(state.optimizer)
+            saved_total = state.extra.get("total_steps", cfg.steps)
+            if saved_total == cfg.steps and state.extra.get("lr_schedule", cfg.lr_schedule) == cfg.lr_schedule:
+                scheduler.load_state_dict(state.scheduler)
+            else:
+                # Another length or schedule: the new schedule, taken to the current step.
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] = cfg.learning_rate
+                scheduler = lr_scheduler(optimizer, cfg)
+                fast_forward(scheduler, state.step)
+                self.metadata.setdefault("tlora.train.resume_note", (
+                    f"resumed at step {state.step} with {cfg.steps} total steps ({cfg.lr_schedule}) instead of "
+                    f"{saved_total} ({state.extra.get('lr_schedule')}): the new schedule continues from there"))
+            if scaler is not None and state.scaler:
+                scaler.load_state_dict(state.scaler)
+            generator.set_state(state.generator)
+            self.step = state.step
+            self.run_token = state.run_token
+            self.history = [h for h in state.extra.get("history", []) if h.get("step", 0) <= state.step]
+        elif self._warm_start_step:
+            # Weights only: keep counting from the file's steps so names/metadata stay honest.
+            self.step = min(self._warm_start_step, cfg.steps)
+            generator.manual_seed(int(cfg.seed) + self.step)
+            fast_forward(scheduler, self.step)
+        self._start_step = self.step
+        self._generator = generator
+        self._gen_state = generator.get_state()
+        self._optimizer, self._scheduler, self._scaler = optimizer, scheduler, scaler
+        self._times: list[float] = []
+        self._register()
+        self._prior = self._prior_examples(self._amp_dtype)
+
+    def close(self) -> None:
+        """Undo open(): checkpointing off, adapters detached, base parameters' requires_grad restored."""
+        restore_checkpointing(getattr(self, "_undo_ckpt", []))
+        for group in self.groups:
+            detach(group.root, list(group.adapters))
+        for param in getattr(self, "_frozen", []):
+            if not param.is_inference():  # torch refuses requires_grad on those here
+                param.requires_grad_(True)
+        self._frozen, self._undo_ckpt = [], []
+
+    def train_step(self) -> StepReport:
+        """One optimizer step (over grad_accum micro-batches), then history, saves, previews, observer."""
+        cfg = self.settings
+        optimizer, scheduler, scaler = self._optimizer, self._scheduler, self._scaler
+        started = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = mse_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                loss, mse = self._micro_step(self._generator, self._prior, self._amp_dtype)
+                if not math.isfinite(loss.item()):
+                    self._diverged("loss", loss.item())
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                mse_sum += mse / cfg.grad_accum
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = float(clip_gradients(self._params, cfg.max_grad_norm))
+            if not math.isfinite(grad_norm) and scaler is None:
+                self._diverged("gradient norm", grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+        self.step += 1
+        self._gen_state = self._generator.get_state()
+        elapsed = time.perf_counter() - started
+        self._times.append(elapsed)
+        point = {"step": self.step, "loss": loss_sum, "mse": mse_sum, "lr": lr}
+        self.history.append(point)
+        recent = self._times[-20:]
+        eta = max(cfg.steps - self.step, 0) * (sum(recent) / len(recent))
+        # The step is done: the registry knows it before previews or saves can fail.
+        self.registry.update(self.run_id, {**point, "step_time": elapsed, "eta": eta,
+                                           "grad_norm": grad_norm, "steps": cfg.steps})
+        sample, sample_latent = self._maybe_sample(self._amp_dtype)
+        if self.output_path and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            self.save(self.output_path, partial=True)
+        report = StepReport(self.run_id, self.step, cfg.steps, loss_sum, mse_sum, lr, elapsed, eta,
+                            grad_norm, sample, sample_latent)
+        if self.binding.observer is not None:
+            self.binding.observer(report)
+        return report
+
+    def _loop(self) -> TrainResult:
+        cfg = self.settings
+        bar = None
+        if self.binding.progress_bar and tqdm is not None:
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="Training TLoRA", smoothing=0.05)
+        status = "failed"
+        error: BaseException | None = None
+        try:
+            while self.step < cfg.steps:
+                report = self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}")
+            result = self._finish(partial=False)
+            status = "done"
+            return result
+        except self.interrupt_types:
+            status = "cancelled"
+            self._save_partial("cancelled")
+            raise
+        except TrainingDiverged as err:
+            status, error = "diverged", err
+            raise
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if status == "failed" and self.step > self._start_step and self.output_path:
+                # Any other crash: the steps done so far are still worth keeping.
+                self._save_partial("failed")
+            self.registry.finish(self.run_id, status, **self._summary(status, error))
+
+    def _diverged(self, what: str, value: float) -> None:
+        kept = ""
+        if self.output_path and self.step > 0:
+            self._save_partial("diverged")
+            kept = (f" The adapter from step {self.step} (the last good one) was saved to "
+                    f"{os.path.basename(self.output_path)}, marked partial.")
+        elif self.step == 0:
+            kept = " Nothing was saved: no step had completed."
+        raise TrainingDiverged(f"training stopped: the {what} became {value} at step {self.step + 1}.{kept} "
+                               f"Lower the learning rate or use fp32/bf16 precision.")
+
+    def _save_partial(self, reason: str) -> None:
+        if not self.output_path or self.step == 0:
+            return  # nothing trained yet: an untouched adapter is not worth a file
+        try:
+            self.save(self.output_path, partial=True, reason=reason)
+        except Exception as err:  # never mask the original error
+            self.metadata["tlora.train.save_error"] = str(err)
+
+    # ----- one micro-batch ------------------------------------------------------------------
+    def _conds(self, batch: list[Example]) -> Cond:
+        if self.binding.encode is not None:
+            return self.binding.encode([ex.caption for ex in batch])
+        return {k: v.to(self.device) for k, v in collate_conds([ex.cond for ex in batch]).items()}
+
+    def _noised(self, batch: list[Example], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x0 = torch.stack([ex.latent for ex in batch]).to(self.device, torch.float32)
+        # Noise and timesteps come from the run's own CPU generator: identical on any device,
+        # and its state is all that resume needs to replay the same draws.
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        idx = torch.randint(len(self.schedule), (x0.shape[0],), generator=generator)
+        return x0, noise, idx, self.schedule.add_noise(x0, noise, idx)
+
+    def _set_strength(self, strength: float) -> None:
+        for module in self.modules.values():
+            module.strength = strength
+
+    def _per_sample_mse(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+    def _micro_step(self, generator: torch.Generator, prior: list[Example],
+                    amp_dtype: torch.dtype | None) -> tuple[Tensor, float]:
+        cfg = self.settings
+        batch = draw_batch(self.data.instance, self.settings.batch_size, generator)
+        x0, noise, idx, x_t = self._noised(batch, generator)
+        t = self.schedule.timesteps[idx].to(self.device)
+        target = self.schedule.target(x0, noise, idx)
+        prior_parts = None
+        if prior:
+            prior_batch = draw_batch(prior, self.settings.batch_size, generator)
+            prior_parts = self._noised(prior_batch, generator), prior_batch
+        ref_mse = None
+        if cfg.loss == "dco":
+            # The reference is this very model with every adapter at strength 0 (= the base).
+            with torch.no_grad():
+                self._set_strength(0.0)
+                try:
+                    with autocast(self.device.type, amp_dtype):
+                        ref = self.denoiser(x_t, t, self._conds(batch))
+                finally:
+                    self._set_strength(1.0)
+                ref_mse = self._per_sample_mse(ref, target)
+        with autocast(self.device.type, amp_dtype):
+            pred = self.denoiser(x_t, t, self._conds(batch))
+        mse = self._per_sample_mse(pred, target)
+        if ref_mse is not None:
+            loss = -F.logsigmoid(-cfg.dco_beta * (mse - ref_mse)).mean()
+        else:
+            loss = mse.mean()
+        if prior_parts is not None:
+            (p_x0, p_noise, p_idx, p_xt), p_batch = prior_parts
+            with autocast(self.device.type, amp_dtype):
+                p_pred = self.denoiser(p_xt, self.schedule.timesteps[p_idx].to(self.device), self._conds(p_batch))
+            # DreamBooth's prior term: plain denoising MSE on the class images.
+            loss = loss + cfg.prior_loss_weight * self._per_sample_mse(
+                p_pred, self.schedule.target(p_x0, p_noise, p_idx)).mean()
+        return loss, float(mse.mean().detach())
+
+    # ----- prior images, previews -------------------------------------------------------------
+    def _prior_examples(self, amp_dtype: torch.dtype | None) -> list[Example]:
+        """The class images given, plus the missing ones generated by the base model (strength 0)."""
+        self._set_strength(0.0)
+        try:
+            return class_examples(self.denoiser, self.schedule, self.data, self.settings, self.device, amp_dtype,
+                                  self.binding.interrupt_check)
+        finally:
+            self._set_strength(1.0)
+
+    def _maybe_sample(self, amp_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
+        cfg = self.settings
+        if not (cfg.sample_every and self.data.sample_cond is not None and self.data.sample_shape is not None):
+            return None, None
+        if self.step % cfg.sample_every and self.step != cfg.steps:
+            return None, None
+        latent = self.sample(amp_dtype)
+        image = None
+        if self.binding.decode is not None:
+            # Inference only: no graph may reach into the host's decoder (its weights can be
+            # inference tensors, which autograd refuses to save), and none is needed.
+            with self.host_view(), torch.no_grad():
+                image = self.binding.decode(latent)
+            if isinstance(image, Tensor):
+                image = image.detach()
+        self.last_sample = image
+        return image, latent
+
+    def sample(self, amp_dtype: torch.dtype | None = None) -> Tensor:
+        """A preview latent from the sample prompt with the adapters as they are now (fixed seed)."""
+        gen = torch.Generator().manual_seed(int(self.settings.seed) + 104729)
+        return ddim_sample(self.denoiser, self.schedule, self.data.sample_cond, self.data.sample_uncond,
+                           (1, *self.data.sample_shape), self.settings.sample_steps, self.settings.sample_cfg, gen,
+                           self.device, amp_dtype)
+
+    def host_view(self) -> contextlib.AbstractContextManager[None]:
+        """The model's own module tree while a host touches it (see binding.host_view)."""
+        return host_view(self.groups)
+
+    # ----- saving ------------------------------------------------------------------------------
+    def current_adapters(self) -> dict[str, ModuleAdapter]:
+        """The adapters as trained so far, keyed by file prefix (float32, CPU)."""
+        return {key: module.to_adapter() for key, module in self.modules.items()}
+
+    def _train_metadata(self, partial: bool, reason: str | None) -> dict[str, str]:
+        """Settings, what this run did, and the host's facts, as the file's string metadata."""
+        cfg = self.settings
+        final = self.history[-1]["loss"] if self.history else None
+        now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+        meta = cfg.metadata()
+        meta.update({
+            "tlora.train.steps": str(self.step),
+            "tlora.train.partial": "true" if partial else "false",
+            "tlora.train.final_loss": "" if final is None else f"{final:.6g}",
+            "tlora.train.dataset_size": str(len(self.data.instance)),
+            "tlora.train.time": now,
+            "tlora.train.run_id": self.run_id,
+            "tlora.train.run_token": self.run_token,
+            "tlora.train.prediction": self.schedule.prediction,
+            "ss_steps": str(self.step),
+            "ss_num_train_images": str(len(self.data.instance)),
+            "ss_training_finished_at": now,
+        })
+        if self.output_path:
+            meta["ss_output_name"] = os.path.splitext(os.path.basename(self.output_path))[0]
+        if self.data.prior or self.data.generate_prior:
+            meta["tlora.train.prior_loss_weight"] = repr(cfg.prior_loss_weight)
+            meta["tlora.train.num_class_images"] = str(max(len(self.data.prior), self.data.generate_prior))
+        if reason:
+            meta["tlora.train.stopped"] = reason
+        meta.update({k: str(v) for k, v in self.metadata.items()})
+        return meta
+
+    def file_config(self) -> dict[str, Any]:
+        """The file's tlora.config: the settings' part plus the host's (e.g. the architecture)."""
+        return {**self.settings.file_config(), **self.binding.file_config}
+
+    def save(self, path: str, partial: bool, reason: str | None = None) -> dict[str, str]:
+        """Adapter file + state sidecar, both atomic; returns the metadata written."""
+        metadata = self._train_metadata(partial, reason)
+        state = TrainState(self.step, self.run_token, self._optimizer.state_dict(), self._scheduler.state_dict(),
+                           self._gen_state, [n for n, _ in self._ordered_params()],
+                           self._scaler.state_dict() if self._scaler is not None else None,
+                           {"history": self.history[-10000:], "total_steps": self.settings.steps,
+                            "lr_schedule": self.settings.lr_schedule})
+        # Sidecar first: a crash in between leaves a newer sidecar, which resume detects
+        # (step/run token mismatch) and then falls back to the adapter's weights.
+        atomic_write(state_path_for(path), state.to_bytes())
+        tformat.save_file(self.current_adapters(), path, metadata=metadata, config=self.file_config())
+        if self.output_path and os.path.abspath(path) == os.path.abspath(self.output_path):
+            self.saved_path = path
+        return metadata
+
+    def _finish(self, partial: bool) -> TrainResult:
+        metadata = self._train_metadata(partial, None)
+        if self.output_path:
+            metadata = self.save(self.output_path, partial=partial)
+        return TrainResult(self.run_id, self.current_adapters(), self.step, self.settings.steps,
+                           self.history[-1]["loss"] if self.history else None, list(self.history),
+                           self.output_path, partial, metadata, self.last_sample)

@@ -1,0 +1,239 @@
+"""Every training setting, once: name, type, default, range, help, node input and metadata key.
+
+`TrainSettings` is the one object a run is described by. Hosts build their inputs from it
+(the ComfyUI node's inputs are generated from `SETTINGS`; a command line can do the same)
+and the engine reads it. Adding a setting is one field here plus the one place that uses it:
+its node input, validation, metadata and file config follow from the field's `Spec`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..tlora.arch import PRESETS as TARGET_PRESETS
+from ..tlora.errors import TLoRAError
+
+LOSSES = ("mse", "dco")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+class TrainingError(TLoRAError):
+    """Training cannot start or continue as asked (bad settings, data, or resume file)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a host and the file need to know about one setting besides its type and default."""
+
+    help: str
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    options: tuple[str, ...] | None = None
+    node_name: str | None = None  # the node input's name when it differs from the field's
+    required: bool = False  # a required node input (else optional)
+    multiline: bool = False
+    # A setting without a node input says why (a test checks every field has one or the other).
+    no_node: str | None = None
+    # "loras": the host offers its adapter files as the options (a file to resume from).
+    host_choices: str | None = None
+    # Metadata keys this setting's value is written to: a key, or (key, fmt(value, settings)).
+    meta: tuple = ()
+    meta_when: Callable[[Any], bool] | None = None  # write them only when this holds for the settings
+    config: str | None = None  # key in the file's tlora.config
+
+    def input_name(self, name: str) -> str:
+        """The node input's name for a field."""
+        return self.node_name or name
+
+
+def _setting(default: Any, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"spec": Spec(help, **spec)})
+
+
+def _fmt_value(value: Any) -> str:
+    """A setting's value as metadata text (the forms the files have always used)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One training run's settings (defaults follow the paper's subject-driven setting).
+
+    Field order is the ComfyUI node's input order (saved workflows store widget values by
+    position): add new settings at the end.
+    """
+
+    instance_prompt: str = _setting(
+        "a photo of sks dog", "Prompt for every image without its own caption; include a rare token.",
+        required=True, meta=("tlora.train.instance_prompt",))
+    steps: int = _setting(500, "Optimizer steps in all (a resumed run continues up to this number).",
+                          min=1, max=100000, required=True, meta=("tlora.train.total_steps",))
+    output_name: str = _setting(
+        "tlora_subject", "File name in the loras folder (no folders). An existing file is never overwritten: "
+        "_2, _3... are added, unless resuming it.", required=True)
+    transform: str = _setting("trm:2", "none | diag | trm:R (tensor-ring matrix).", required=True,
+                              config="transform")
+    residual: str = _setting("tr:6", "none | lora:r | tr:R (tensor ring).", required=True, config="residual")
+    targets: str = _setting(
+        "attn", "attn: to_q/k/v/out of every attention (the paper's set).", options=TARGET_PRESETS,
+        required=True, config="targets",
+        meta=(("tlora.train.targets", lambda v, s: v + ("+convs" if s.with_convs else "")),))
+    learning_rate: float = _setting(1e-4, "AdamW learning rate.", min=1e-7, max=1.0, step=1e-7, required=True,
+                                    meta=("tlora.train.lr", "ss_learning_rate"))
+    batch_size: int = _setting(1, "Images per micro-batch (drawn from one size bucket).", min=1, max=64,
+                               required=True, meta=("tlora.train.batch_size",))
+    resolution: int = _setting(
+        512, "Training side in pixels (a multiple of 64).", min=64, max=4096, step=64, required=True,
+        meta=("tlora.train.resolution", ("ss_resolution", lambda v, s: f"({v}, {v})")))
+    loss: str = _setting("dco", "dco: direct consistency optimisation against the base model (the paper's "
+                                "choice); mse: plain denoising loss.", options=LOSSES, required=True,
+                         meta=("tlora.train.loss",))
+    seed: int = _setting(0, "Seeds the adapters' initialisation, noise and timesteps.", min=0, max=MAX_SEED,
+                         required=True, meta=("tlora.train.seed", "ss_seed"))
+    save_every: int = _setting(250, "Save a checkpoint (marked partial) every N steps; 0 = only at the end.",
+                               min=0, max=100000, required=True)
+    sample_every: int = _setting(0, "Make a preview image every N steps (0 = never).", min=0, max=100000,
+                                 required=True)
+    sample_prompt: str = _setting("", "Preview prompt (empty = the instance prompt).")
+    class_prompt: str = _setting("", "Prior preservation: the class, e.g. 'a photo of a dog'.",
+                                 meta=("tlora.train.class_prompt",), meta_when=lambda s: bool(s.class_prompt))
+    num_class_images: int = _setting(0, "Class images to use; missing ones are generated by the base model.",
+                                     min=0, max=1000)
+    prior_loss_weight: float = _setting(1.0, "Weight of the prior-preservation loss.", min=0.0, max=100.0,
+                                        step=0.05)
+    resume: str = _setting("", "Continue a run from its file (and its .tlora-state sidecar).",
+                           host_choices="loras")
+    lr_schedule: str = _setting("constant", "Learning-rate schedule after the warm-up.", options=LR_SCHEDULES,
+                                meta=("tlora.train.lr_schedule",))
+    warmup_steps: int = _setting(0, "Linear learning-rate warm-up steps.", min=0, max=100000,
+                                 meta=("tlora.train.warmup_steps",))
+    grad_accum: int = _setting(1, "Micro-batches per optimizer step.", min=1, max=1024,
+                               node_name="grad_accumulation", meta=("tlora.train.grad_accum",))
+    precision: str = _setting(
+        "auto", "auto: bf16 autocast on GPUs that have it, fp32 otherwise. Adapter weights are always fp32.",
+        options=PRECISION_CHOICES, meta=("tlora.train.precision",))
+    gradient_checkpointing: bool = _setting(False, "Less memory, about 30% slower.")
+    aspect_buckets: bool = _setting(False, "Keep each image's aspect ratio (buckets of about resolution^2 pixels).",
+                                    meta=("tlora.train.aspect_buckets",))
+    train_text_encoder: bool = _setting(False, "Also adapt the text encoder(s).", config="text_encoder",
+                                        meta=("tlora.train.text_encoder",))
+    dco_beta: float = _setting(1000.0, "DCO's beta: how hard the loss holds the base model's behaviour.",
+                               min=0.0, max=100000.0, step=1.0, meta=("tlora.train.dco_beta",),
+                               meta_when=lambda s: s.loss == "dco")
+    # ----- settings without a node input (the command line and benchmarks set them) -----
+    with_convs: bool = _setting(False, "Also adapt the UNet's ResBlock and sampler convs.", config="with_convs",
+                                no_node="the node's targets presets are the paper's linear sets; convs are an "
+                                        "expert option of the engine")
+    shapes: str = _setting("paper", "How channel counts are factored into tensor-ring cores (paper | auto).",
+                           options=("paper", "auto"), config="shapes",
+                           no_node="the paper's factorisation is the tested one; `auto` is for experiments")
+    sample_steps: int = _setting(20, "DDIM steps of previews and generated class images.", min=1, max=1000,
+                                 no_node="previews are a glance, not a render: 20 steps is plenty")
+    sample_cfg: float = _setting(5.0, "Classifier-free guidance of previews and class images.", min=0.0,
+                                 max=100.0, no_node="fixed at a value that suits every SD family")
+    weight_decay: float = _setting(1e-4, "AdamW weight decay.", min=0.0, max=1.0,
+                                   no_node="the paper's value; rarely worth changing")
+    adam_betas: tuple[float, float] = _setting((0.9, 0.999), "AdamW betas.",
+                                               no_node="torch's defaults; rarely worth changing")
+    max_grad_norm: float = _setting(1.0, "Gradient clipping norm.", min=0.0,
+                                    no_node="clipping at 1 keeps DCO stable; rarely worth changing")
+    form: str = _setting("auto", "How the transform runs (auto picks the fastest; see tlora/forms.py).",
+                         no_node="a performance knob for benchmarks (TLORA_FORM overrides it too)")
+
+    def validate(self) -> None:
+        """Raise TrainingError naming the first setting that cannot work."""
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1 (got {self.steps})"),
+            (self.learning_rate > 0, f"learning rate must be > 0 (got {self.learning_rate})"),
+            (self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})"),
+            (self.grad_accum >= 1, f"gradient accumulation must be >= 1 (got {self.grad_accum})"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {LR_SCHEDULES}"),
+            (0 <= self.warmup_steps < max(self.steps, 1) or self.warmup_steps == 0,
+             f"warm-up ({self.warmup_steps}) must be shorter than the run ({self.steps} steps)"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES} (got {self.loss!r})"),
+            (self.precision in PRECISION_CHOICES,
+             f"precision must be one of {PRECISION_CHOICES} (got {self.precision!r})"),
+            (self.save_every >= 0 and self.sample_every >= 0, "save_every/sample_every must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainingError(message)
+
+    def replace(self, **changes: Any) -> "TrainSettings":
+        """A copy with some settings changed."""
+        return dataclasses.replace(self, **changes)
+
+    def metadata(self) -> dict[str, str]:
+        """The `tlora.train.*` / `ss_*` metadata these settings write into the file."""
+        out: dict[str, str] = {}
+        for f, spec in specs():
+            if not spec.meta or (spec.meta_when is not None and not spec.meta_when(self)):
+                continue
+            value = getattr(self, f.name)
+            for entry in spec.meta:
+                key, fmt = entry if isinstance(entry, tuple) else (entry, None)
+                out[key] = fmt(value, self) if fmt is not None else _fmt_value(value)
+        return out
+
+    def file_config(self) -> dict[str, Any]:
+        """The settings part of the file's `tlora.config` (what the adapter was asked to be)."""
+        return {spec.config: getattr(self, f.name) for f, spec in specs() if spec.config}
+
+
+def specs() -> Iterator[tuple[dataclasses.Field, Spec]]:
+    """Every setting's dataclass field and Spec, in declaration (node input) order."""
+    for f in dataclasses.fields(TrainSettings):
+        yield f, f.metadata["spec"]
+
+
+SETTINGS: tuple[str, ...] = tuple(f.name for f, _ in specs())
+
+
+def from_values(values: dict[str, Any], by_input_name: bool = False) -> TrainSettings:
+    """Settings from host values ({name: value}); None or missing means the default.
+
+    Values are cast to each field's type (hosts hand ints as floats, flags as 0/1...).
+    """
+    kwargs = {}
+    for f, spec in specs():
+        key = spec.input_name(f.name) if by_input_name else f.name
+        value = values.get(key)
+        if value is None:
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            value = bool(value)
+        elif isinstance(default, int):
+            value = int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        elif isinstance(default, str):
+            value = str(value)
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        kwargs[f.name] = value
+    unknown = set(values) - {(s.input_name(f.name) if by_input_name else f.name) for f, s in specs()}
+    if unknown:
+        raise TrainingError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    return TrainSettings(**kwargs)
+
+
+def pick_precision(choice: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast where the accelerator has it, fp32 on CPUs (fast and exact there)."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"

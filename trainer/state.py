@@ -1,0 +1,138 @@
+"""The training-state sidecar beside an adapter file: what exact resume needs (never pickle)."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import Tensor
+
+from ..tlora import format as tformat
+from ..tlora.errors import TLoRAError
+from .settings import TrainingError
+
+STATE_VERSION = "1"
+STATE_SUFFIX = ".tlora-state"
+
+
+def state_path_for(adapter_path: str) -> str:
+    """The training-state sidecar beside an adapter file (`name.safetensors` -> `name.tlora-state`).
+
+    Not `.safetensors`, so ComfyUI's `loras` list never offers it as an adapter.
+    """
+    root, ext = os.path.splitext(adapter_path)
+    return (root if ext.lower() == ".safetensors" else adapter_path) + STATE_SUFFIX
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class TrainState:
+    """What exact resume needs besides the adapter: optimizer, scheduler, RNG, step."""
+
+    step: int
+    run_token: str
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    generator: Tensor
+    param_names: list[str]
+    scaler: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes: tensors as tensors, everything else as JSON metadata (no pickle)."""
+        tensors: dict[str, Tensor] = {"rng.generator": self.generator.clone()}
+        state = {}
+        for index, entry in self.optimizer["state"].items():
+            plain = {}
+            for key, value in entry.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous().clone()
+                else:
+                    plain[key] = value
+            state[str(index)] = plain
+        meta = {
+            "tlora.state.version": STATE_VERSION,
+            "step": str(self.step),
+            "run_token": self.run_token,
+            "param_names": json.dumps(self.param_names),
+            "optimizer.param_groups": json.dumps(_jsonable(self.optimizer["param_groups"])),
+            "optimizer.plain_state": json.dumps(_jsonable(state)),
+            "scheduler": json.dumps(_jsonable(self.scheduler)),
+            "scaler": json.dumps(_jsonable(self.scaler)) if self.scaler is not None else "null",
+            "extra": json.dumps(_jsonable(self.extra)),
+        }
+        return _st_save(tensors, metadata=meta)
+
+    @classmethod
+    def read(cls, path: str) -> "TrainState":
+        """Parse a sidecar written by to_bytes (TrainingError if it is not one)."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            meta = tformat.read_header(path)[0].get("__metadata__", {})
+            tensors = _st_load(raw)
+            if meta.get("tlora.state.version") != STATE_VERSION:
+                raise ValueError(f"unknown state version {meta.get('tlora.state.version')!r}")
+            plain = json.loads(meta["optimizer.plain_state"])
+            state: dict[int, dict[str, Any]] = {}
+            for key, value in tensors.items():
+                if key.startswith("optim."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            for index, entry in plain.items():
+                state.setdefault(int(index), {}).update(entry)
+            return cls(step=int(meta["step"]), run_token=meta["run_token"],
+                       optimizer={"state": state, "param_groups": json.loads(meta["optimizer.param_groups"])},
+                       scheduler=json.loads(meta["scheduler"]), generator=tensors["rng.generator"],
+                       param_names=json.loads(meta["param_names"]), scaler=json.loads(meta["scaler"]),
+                       extra=json.loads(meta["extra"]))
+        except (OSError, KeyError, ValueError, TLoRAError) as err:
+            raise TrainingError(f"training state {path} is unreadable ({err}); delete it to continue "
+                                f"from the adapter's weights only") from None
+
+
+def load_resume(path: str, groups: Sequence[Any]) -> tuple[TrainState | None, int, str | None]:
+    """Put the resume file's adapters into the groups (replacing fresh ones); read its sidecar.
+
+    Returns (the sidecar's state if it matches the file, the file's step count, a note when
+    training goes on from the weights only).
+    """
+    loaded = tformat.load(path)
+    for group in groups:
+        for p in list(group.adapters):
+            key = group.prefix + p
+            if key not in loaded.adapters:
+                raise TrainingError(f"cannot resume from {os.path.basename(path)}: it has no adapter for "
+                                    f"{key} (was it trained with other targets or on another model?)")
+            adapter = loaded.adapters[key]
+            adapter.check_fits(tuple(group.root.get_submodule(p).weight.shape))
+            group.adapters[p] = adapter
+    extra = set(loaded.adapters) - {g.prefix + p for g in groups for p in g.adapters}
+    if extra:
+        raise TrainingError(f"cannot resume from {os.path.basename(path)}: it adapts {len(extra)} modules "
+                            f"this run does not target (e.g. {sorted(extra)[0]}); pick the same targets")
+    steps_in_file = int(loaded.metadata.get("tlora.train.steps", "0") or 0)
+    sidecar = state_path_for(path)
+    if os.path.exists(sidecar):
+        state = TrainState.read(sidecar)
+        if state.step == steps_in_file and state.run_token == loaded.metadata.get("tlora.train.run_token"):
+            return state, 0, None
+        note = (f"training state {os.path.basename(sidecar)} is from step {state.step}, the adapter from "
+                f"step {steps_in_file}: continuing from the adapter's weights with a fresh optimizer")
+    else:
+        note = (f"no training state beside {os.path.basename(path)}: continuing from its weights with "
+                f"a fresh optimizer")
+    return None, steps_in_file, note
