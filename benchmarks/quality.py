@@ -6,7 +6,11 @@
     .venv/bin/python benchmarks/quality.py --parts sim    # only the simulation (core + model, no sampling)
 
 docs/QUALITY.md section 5 gives the split run (tuning, one process per subject and seed, merge)
-that produced the documented results.
+that produced the documented results. The smallest end-to-end run (under a minute on the 20-second
+`scripts/build_default_model.py --tiny --out M` build; its scores mean nothing):
+
+    .venv/bin/python benchmarks/quality.py --quick --model M --steps 2 --sim-steps 2 --sim-iters 2 \
+        --methods 'TLoRA(2,6);LoRA r4' --sample-steps 2 --train-prompts 0 --no-references --no-wide-times
 
 Two parts, both on the embedded default model (built first if missing, see
 scripts/build_default_model.py), all metrics analytic (no downloaded models):
@@ -26,6 +30,13 @@ scripts/build_default_model.py), all metrics analytic (no downloaded models):
   family is fitted to them at several budgets (closed-form optima for LoRA, LoKr and OFT;
   gradient fits for the tensorised ones) and the relative error is plotted against parameters.
 
+Every run trains through the engine (trainer.Trainer, driven step-wise; denoising MSE, AdamW,
+constant lr, clip 1.0): TLoRA methods as AdapterGroups the engine attaches, ComfyUI's weight
+adapters and the full fine-tune's raw weights as its extra_params. The engine draws batches,
+noise and timesteps from TrainSettings.seed, a different random stream from the per-step
+generators of the benchmark's former loop of its own: results move within noise against the
+figures in docs/QUALITY.md, which that loop produced.
+
 Writes out/quality/results.json, summary.md, simulation.md, every evaluated image
 (images/*.npz, so that --rescore can recompute the metrics) and PNG plots (copied to
 docs/quality/ with --docs). Attention-only adapters let the wide UNet's ResBlocks run as their
@@ -42,7 +53,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -50,12 +61,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from harness.pack import pack_module  # noqa: E402
 from proving import default_model as D  # noqa: E402
 from proving import measure as M  # noqa: E402
 from proving import procedural as P  # noqa: E402
 
 OUT = ROOT / "out" / "quality"
 DOCS = ROOT / "docs" / "quality"
+
+
+def pack(sub: str) -> Any:
+    """`tlora` or `trainer` of this repository as a subpackage (trainer/ imports ..tlora), no ComfyUI __init__."""
+    return pack_module(sub)
 
 
 # --------------------------------------------------------------------------- methods
@@ -102,9 +119,11 @@ TRAIN_PROMPTS = 1  # training captions sampled too (overfitting: the subject on 
 class Bench:
     """The default model loaded as ComfyUI loads it, with cached conditionings and latents."""
 
-    def __init__(self, path: Path, hybrid: bool = True):
+    def __init__(self, path: Path, hybrid: bool = True, sample_steps: int = SAMPLE_STEPS) -> None:
+        """Load the checkpoint; with `hybrid`, let the ResBlocks run as their narrow twins (checked)."""
         import torch
         self.torch = torch
+        self.sample_steps = sample_steps
         self.patcher, self.clip, self.vae = D.load(path)
         self.base = self.patcher.model
         self.unet = self.base.diffusion_model
@@ -150,7 +169,7 @@ class Bench:
     def generate(self, prompt: str, seeds: list[int], patcher: Any = None, steps: Optional[int] = None,
                  cfg: float = 5.0) -> np.ndarray:
         """uint8 (len(seeds), 64, 64, 3): one image per seed (each seed its own noise, so runs compare)."""
-        steps = steps or SAMPLE_STEPS
+        steps = steps or self.sample_steps
         pos = [[self.cond(prompt), {}]]
         neg = [[self.cond(""), {}]]
         out = [D.generate(patcher or self.patcher, self.clip, self.vae, prompt, seed=s, steps=steps, cfg=cfg,
@@ -160,8 +179,7 @@ class Bench:
 
 def _config_of(path: Path) -> Any:
     """The BuildConfig stored in a default model's metadata."""
-    from tlora.format import read_metadata
-    meta = read_metadata(str(path))
+    meta = pack("tlora.format").read_metadata(str(path))
     cfg = json.loads(meta["tlora.proving.config"])
     if "vae_blocks" in cfg:
         cfg["vae_blocks"] = tuple(tuple(b) for b in cfg["vae_blocks"])
@@ -173,33 +191,56 @@ def _config_of(path: Path) -> Any:
 
 @dataclasses.dataclass
 class Attached:
-    """Adapters live on the model: trainable parameters, how to sample with them, how to remove them."""
+    """A method's fresh adapters: what the engine trains, how to sample with them, how to remove them.
 
+    TLoRA methods come as AdapterGroups: the engine attaches them while it trains and `train`
+    leaves the trained adapters in them; `apply` then puts those on the model for sampling.
+    ComfyUI's weight adapters sit on the model from the start; their parameters are `params`.
+    """
+
+    groups: list
     params: list
     patcher: Any
+    apply: Callable[[], None]
     detach: Callable[[], None]
     export: Callable[[], dict]
     num_params: int
 
 
 def attach(bench: Bench, method: Method, seed: int) -> Attached:
-    """Put fresh adapters of a method on every attention projection (seeded init)."""
-    torch = bench.torch
+    """Fresh adapters of a method on every attention projection (seeded init)."""
     if method.kind == "tlora":
-        import tlora
-        from tlora.format import state_dict as tlora_state_dict
-        gen = torch.Generator().manual_seed(int(seed) * 101 + 7)
-        adapters = {p: tlora.ModuleAdapter.create(tuple(bench.unet.get_submodule(p).weight.shape), method.transform,
-                                                  method.residual, "paper", generator=gen, name=p)
-                    for p in bench.targets}
-        wrapped = tlora.attach(bench.unet, adapters)
-        params = [q for m in wrapped.values() for q in m.adapter_params.values()]
-        return Attached(params, bench.patcher, lambda: tlora.detach(bench.unet, list(wrapped)),
-                        lambda: tlora_state_dict({f"diffusion_model.{k}": m for k, m in
-                                                  ((k, v.to_adapter()) for k, v in wrapped.items())}),
-                        sum(a.num_params() for a in adapters.values()))
+        return _tlora_adapters(bench, method, seed)
+    return _comfy_adapters(bench, method, seed)
+
+
+def _tlora_adapters(bench: Bench, method: Method, seed: int) -> Attached:
+    """An AdapterGroup of TLoRA adapters (the engine's seeded init); sampled activation-side once trained."""
+    E, T = pack("trainer"), pack("tlora")
+    adapters = E.create_adapters(bench.unet, bench.targets, method.transform, method.residual, "paper",
+                                 int(seed) * 101 + 7, prefix="diffusion_model.")
+    group = E.AdapterGroup(bench.unet, "diffusion_model.", adapters)
+
+    def apply() -> None:
+        """The group's (trained) adapters on the model, activation-side, for sampling."""
+        T.attach(bench.unet, group.adapters, trainable=False)
+
+    def detach() -> None:
+        """Take them off again (nothing to do where they are not on)."""
+        T.detach(bench.unet, list(group.adapters))
+
+    def export() -> dict:
+        """The tensors a TLoRA file of these adapters holds."""
+        return T.format.state_dict({group.prefix + p: a for p, a in group.adapters.items()})
+
+    return Attached([group], [], bench.patcher, apply, detach, export,
+                    sum(a.num_params() for a in adapters.values()))
+
+
+def _comfy_adapters(bench: Bench, method: Method, seed: int) -> Attached:
+    """ComfyUI's own weight adapters (create_train), set as weight functions now and on a patcher clone."""
     import comfy.weight_adapter as wa
-    torch.manual_seed(int(seed) * 101 + 7)  # ComfyUI's create_train draws from the global generator
+    bench.torch.manual_seed(int(seed) * 101 + 7)  # ComfyUI's create_train draws from the global generator
     patcher = bench.patcher.clone()
     diffs = {}
     for p in bench.targets:
@@ -212,15 +253,17 @@ def attach(bench: Bench, method: Method, seed: int) -> Attached:
         diffs[p] = diff
 
     def detach() -> None:
+        """Remove the weight functions."""
         for p in diffs:
             bench.unet.get_submodule(p).weight_function = []
 
     def export() -> dict:
+        """The adapters' tensors as ComfyUI would save them (alpha left out)."""
         return {f"diffusion_model.{p}.{k}": v.detach().float().contiguous()
                 for p, d in diffs.items() for k, v in d.state_dict().items() if k != "alpha"}
 
     params = [q for d in diffs.values() for q in d.parameters() if q.requires_grad]
-    return Attached(params, patcher, detach, export, sum(q.numel() for q in params))
+    return Attached([], params, patcher, lambda: None, detach, export, sum(q.numel() for q in params))
 
 
 # --------------------------------------------------------------------------- training
@@ -260,31 +303,42 @@ def all_subject_references(bench: Bench) -> dict:
     return {n: subject_data(bench, n, 5).references for n in P.SUBJECTS}
 
 
-def train(bench: Bench, params: list, data: SubjectData, steps: int, lr: float, seed: int, batch: int = 2,
-          log_every: int = 0, skip_times: int = 0) -> dict:
-    """Denoising-MSE training of `params` (AdamW, constant lr, clip 1.0); batches and noise from the seed only."""
-    torch = bench.torch
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-4)
+def training_data(data: SubjectData) -> Any:
+    """The subject's cached latents and conditionings as the engine's TrainData."""
+    E = pack("trainer")
+    return E.TrainData([E.Example(data.latents[i], {"c_crossattn": data.conds[i:i + 1]}, caption)
+                        for i, caption in enumerate(data.captions)])
+
+
+def train(bench: Bench, data: SubjectData, steps: int, lr: float, seed: int, groups: Sequence = (),
+          params: Sequence = (), batch: int = 2, log_every: int = 0, skip_times: int = 0) -> dict:
+    """Denoising-MSE training through the engine, step by step (AdamW, constant lr, clip 1.0, fp32).
+
+    The engine attaches `groups` while it trains and detaches them after; their trained
+    adapters replace the fresh ones in `group.adapters`. `params` train beside them.
+    """
+    E = pack("trainer")
+    settings = E.TrainSettings(steps=steps, learning_rate=lr, batch_size=batch, loss="mse", seed=int(seed),
+                               save_every=0, precision="fp32", lr_schedule="constant", weight_decay=1e-4,
+                               adam_betas=(0.9, 0.999), max_grad_norm=1.0)
+    binding = E.Binding(list(groups), lambda x, t, cond: bench.unet(x, t, context=cond["c_crossattn"]),
+                        E.Schedule.discrete(bench.alphas, "eps"), training_data(data), progress_bar=False,
+                        extra_params=list(params))
+    trainer = E.Trainer(binding, settings, output_path=None, registry=E.RunRegistry())
     losses, times = [], []
-    for step in range(steps):
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
-        pick = torch.randint(len(data.latents), (batch,), generator=g)
-        x0 = data.latents[pick]
-        t = torch.randint(len(bench.alphas), (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = bench.alphas[t].view(-1, 1, 1, 1)
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            pred = bench.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), context=data.conds[pick])
-            loss = (pred - noise).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-        if log_every and (step + 1) % log_every == 0:
-            print(f"    step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
+    try:
+        trainer.open()
+        for step in range(steps):
+            report = trainer.train_step()
+            losses.append(report.loss)
+            times.append(report.step_time)
+            if log_every and (step + 1) % log_every == 0:
+                print(f"    step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
+        trained = trainer.current_adapters()
+    finally:
+        trainer.close()
+    for group in groups:
+        group.adapters.update({p: trained[group.prefix + p] for p in group.adapters})
     return {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
             "step_time": float(np.median(times[skip_times:] or times))}
 
@@ -299,9 +353,8 @@ def validation_prompts(name: str) -> list[P.SubjectPrompt]:
 
 
 def evaluate(bench: Bench, patcher: Any, data: SubjectData, prompts: list, seeds: list[int],
-             train_prompts: Optional[int] = None) -> tuple[dict, list]:
-    """Sample prompts x seeds (plus training captions) and score them (see score_rows)."""
-    train_prompts = TRAIN_PROMPTS if train_prompts is None else train_prompts
+             train_prompts: int = TRAIN_PROMPTS) -> tuple[dict, list]:
+    """Sample prompts x seeds (plus the first `train_prompts` training captions) and score them (see score_rows)."""
     rows = [bench.generate(p.text, seeds, patcher) for p in prompts]
     rows += [bench.generate(c, seeds, patcher) for c in data.captions[:train_prompts]]
     return score_rows(data, prompts, rows), rows
@@ -352,7 +405,8 @@ def score_rows(data: SubjectData, prompts: list, rows: list) -> dict:
     }
 
 
-def reference_records(bench: Bench, data: SubjectData, prompts: list, eval_seeds: list[int]) -> tuple[list, list]:
+def reference_records(bench: Bench, data: SubjectData, prompts: list, eval_seeds: list[int],
+                      train_prompts: int = TRAIN_PROMPTS) -> tuple[list, list]:
     """Two reference rows per subject: the floor and the ceiling of the subject metrics.
 
     * "base model": the default model without any adapter on the held-out prompts (it has never
@@ -364,7 +418,7 @@ def reference_records(bench: Bench, data: SubjectData, prompts: list, eval_seeds
     Returns (records, image rows of the base model).
     """
     with bench.torch.no_grad():
-        base, rows = evaluate(bench, bench.patcher, data, prompts, eval_seeds)
+        base, rows = evaluate(bench, bench.patcher, data, prompts, eval_seeds, train_prompts)
     ceiling = ceiling_metrics(data)
     common = {"subject_name": data.name, "seed": 0, "lr": float("nan"), "steps": 0, "params": 0, "file_bytes": 0,
               "loss_first": float("nan"), "loss_last": float("nan"), "step_time": float("nan")}
@@ -397,16 +451,17 @@ def ceiling_metrics(data: SubjectData) -> dict:
 
 
 def run_one(bench: Bench, method: Method, data: SubjectData, lr: float, seed: int, steps: int,
-            prompts: list, eval_seeds: list[int]) -> tuple[dict, list]:
+            prompts: list, eval_seeds: list[int], train_prompts: int = TRAIN_PROMPTS) -> tuple[dict, list]:
     """Attach, train, evaluate, detach; returns the record and the image rows."""
     torch = bench.torch
     import comfy.model_management as mm
     from safetensors.torch import save as st_save
     att = attach(bench, method, seed)
     try:
-        stats = train(bench, att.params, data, steps, lr, seed)
+        stats = train(bench, data, steps, lr, seed, att.groups, att.params)
+        att.apply()
         with torch.no_grad():
-            metrics, rows = evaluate(bench, att.patcher, data, prompts, eval_seeds)
+            metrics, rows = evaluate(bench, att.patcher, data, prompts, eval_seeds, train_prompts)
         size = len(st_save(att.export()))
     finally:
         mm.unload_all_models()
@@ -426,7 +481,8 @@ def wide_step_times(path: Path, methods: list[Method], data_name: str, steps: in
     for method in methods:
         att = attach(bench, method, 0)
         try:
-            out[method.name] = train(bench, att.params, data, steps, method.lr, 0, skip_times=3)["step_time"]
+            out[method.name] = train(bench, data, steps, method.lr, 0, att.groups, att.params,
+                                     skip_times=3)["step_time"]
         finally:
             att.detach()
     return out
@@ -442,7 +498,7 @@ def full_finetune_deltas(bench: Bench, data: SubjectData, steps: int, lr: float,
     for w in weights.values():
         w.requires_grad_(True)
     try:
-        train(bench, list(weights.values()), data, steps, lr, seed)
+        train(bench, data, steps, lr, seed, params=list(weights.values()))
         return {p: (w0[p], w.detach().clone()) for p, w in weights.items()}
     finally:
         with torch.no_grad():
@@ -487,47 +543,16 @@ def fit_oft(w0: Any, w1: Any, factor: int) -> tuple[Any, int]:
     return (r @ a).reshape(w0.shape), num * size * size  # ComfyUI stores full blocks
 
 
-def _merge(cores: list) -> Any:
-    """Batched contraction of consecutive TRM cores over their shared ring index: -> (b, P, P, R, R)."""
+def trm_dense_batch(cores: list) -> Any:
+    """Dense TRM transforms of same-shaped modules, (b, n, n, R, R) cores -> (b, I, I): vmap of the core's trm.dense."""
     import torch
-    p = cores[0]
-    for a in cores[1:]:
-        b, n1, _, r, _ = p.shape
-        n2 = a.shape[1]
-        p = torch.einsum("bijrs,bklst->bikjlrt", p, a).reshape(b, n1 * n2, n1 * n2, r, a.shape[-1])
-    return p
+    return torch.vmap(pack("tlora.functional.trm").dense)(list(cores))
 
 
-def _trm_dense(cores: list) -> Any:
-    """Batched dense TRM transforms: cores (b, n, n, R, R) -> (b, I, I) (tlora.functional.trm's convention).
-
-    One GEMM over the ring pair of a prefix/suffix split, as tlora.functional.trm.dense does per module.
-    """
+def tr_dense_batch(out_cores: list, in_cores: list) -> Any:
+    """Dense TR residuals of same-shaped modules, (b, n, R, R) cores -> (b, O, I): vmap of the core's tr.dense."""
     import torch
-
-    from tlora.functional import trm
-    if len(cores) == 1:
-        return cores[0].diagonal(dim1=-2, dim2=-1).sum(-1)
-    split = trm.best_split([int(c.shape[1]) for c in cores])
-    pre, suf = _merge(cores[:split]), _merge(cores[split:])
-    b, p, _, r, _ = pre.shape
-    q = suf.shape[1]
-    t4 = torch.bmm(pre.reshape(b, p * p, r * r), suf.permute(0, 4, 3, 1, 2).reshape(b, r * r, q * q))
-    return t4.reshape(b, p, p, q, q).permute(0, 1, 3, 2, 4).reshape(b, p * q, p * q)
-
-
-def _ring_chain(cores: list) -> Any:
-    """Batched product of ring cores along the chain: (b, n_d, R, R)... -> (b, prod n, R, R)."""
-    out = cores[0]
-    for c in cores[1:]:
-        out = __import__("torch").einsum("bprs,bist->bpirt", out, c).reshape(out.shape[0], -1, out.shape[2], c.shape[-1])
-    return out
-
-
-def _tr_dense(out_cores: list, in_cores: list) -> Any:
-    """Batched dense TR residuals (b, O, I) (same convention as tlora.functional.tr)."""
-    u, v = _ring_chain(out_cores), _ring_chain(in_cores)
-    return __import__("torch").einsum("bars,bcsr->bac", u, v)
+    return torch.vmap(pack("tlora.functional.tr").dense)(list(out_cores), list(in_cores))
 
 
 def fit_tlora_group(w0: Any, w1: Any, transform: str, residual: str, iters: int, seed: int = 0,
@@ -540,11 +565,9 @@ def fit_tlora_group(w0: Any, w1: Any, transform: str, residual: str, iters: int,
     tensor-ring PEFT practice the paper argues against). Returns (fits (b, O, I), params per module).
     """
     import torch
-
-    import tlora
     b = w0.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    ads = [tlora.ModuleAdapter.create(tuple(w0.shape[1:]), transform, residual, "paper", generator=gen)
+    ads = [pack("tlora").ModuleAdapter.create(tuple(w0.shape[1:]), transform, residual, "paper", generator=gen)
            for _ in range(b)]
     ad = ads[0]
     stacked = {k: torch.stack([a.tensors[k] for a in ads]) for k in ad.tensors if k != "tlora_scale"}
@@ -567,9 +590,10 @@ def fit_tlora_group(w0: Any, w1: Any, transform: str, residual: str, iters: int,
     lora_delta: dict[str, Any] = {}
 
     def weight(refresh: bool) -> Any:
-        w = torch.bmm(w0_nz, _trm_dense([params[k] for k in t_keys])[:, nz]) if t_keys else w0
+        """Every module's W0 T + s Delta (plus the LoRA residual's optimum, re-solved when `refresh`)."""
+        w = torch.bmm(w0_nz, trm_dense_batch([params[k] for k in t_keys])[:, nz]) if t_keys else w0
         if out_keys:
-            w = w + scale * _tr_dense([params[k] for k in out_keys], [params[k] for k in in_keys])
+            w = w + scale * tr_dense_batch([params[k] for k in out_keys], [params[k] for k in in_keys])
         if ad.residual.kind == "lora":
             # The residual's optimum for the current T, held fixed in the gradient (at the optimum the
             # partial gradient in T is the full one); refreshed every few steps since SVDs cost.
@@ -658,6 +682,7 @@ def simulate(deltas: dict, iters: int, families: Optional[list[str]] = None, log
 # --------------------------------------------------------------------------- plots
 
 def _plt() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None (with a note) where matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -906,9 +931,8 @@ def merge(paths: list[str], out: Path) -> dict:
     return merged
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Parse arguments and run the selected parts."""
-    global SAMPLE_STEPS, TRAIN_PROMPTS
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (quick and default values are filled in by make_config)."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few minutes: one subject, five methods, short runs")
     ap.add_argument("--parts", default="sim,subjects",
@@ -948,164 +972,260 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="recompute every image metric from the images saved under --out/images (after --merge or "
                          "on --out's results.json), then write the reports")
     ap.add_argument("--docs", action="store_true", help="also copy the plots to docs/quality/")
+    return ap
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What one invocation does, resolved from the command line (quick and default values filled in)."""
+
+    out: Path
+    model: Optional[str]
+    threads: Optional[int]
+    docs: bool
+    merge: list[str]
+    rescore: bool
+    quick: bool
+    parts: frozenset
+    subjects: list[str]
+    seeds: list[int]
+    eval_seeds: list[int]
+    methods: list[Method]  # base learning rates already multiplied by --lr-factor
+    steps: int
+    sim_steps: int
+    sim_iters: int
+    lr_grid: list[float]
+    prompts: int
+    sample_steps: int
+    train_prompts: int
+    tune: bool
+    tune_only: bool
+    given_lrs: dict  # {method: lr} from --lrs (those methods are not tuned)
+    references: bool
+    wide_times: bool
+    hybrid: bool
+    argv: list[str]
+
+
+def make_config(ap: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> Config:
+    """Parse the command line into a Config; bad values end in ap.error."""
     a = ap.parse_args(argv)
-
-    t_start = time.perf_counter()
-    SAMPLE_STEPS, TRAIN_PROMPTS = a.sample_steps, a.train_prompts
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    if a.merge or a.rescore:
-        results = merge(a.merge.split(","), out) if a.merge else json.loads(results_path.read_text())
-        if a.rescore:
-            path = Path(a.model or results.get("model") or D.default_path())
-            D.ensure_host()
-            import torch
-            torch.set_num_threads(int(a.threads or os.environ.get("TLORA_TORCH_THREADS", "1")))
-            rescore(Bench(path, hybrid=False), results, out / "images")
-        write_reports(results, out)
-        results_path.write_text(json.dumps(results, indent=1))
-        _copy_docs(a.docs, out)
-        print(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {results_path}")
-        return 0
-
     quick = a.quick
-    subjects = (a.subjects or (SUBJECT_QUICK if quick else SUBJECTS_FULL)).split(",")
-    seeds = [int(s) for s in (a.seeds or ("0" if quick else "0,1")).split(",")]
     eval_seeds = [int(s) for s in a.eval_seeds.split(",")]
     if len(eval_seeds) < 2:
         ap.error("--eval-seeds needs at least two seeds (diversity is measured across them)")
-    names = [n.strip() for n in a.methods.split(";")] if a.methods else (list(QUICK_METHODS) if quick else [m.name for m in METHODS])
-    methods = [m for m in METHODS if m.name in names]
+    names = ([n.strip() for n in a.methods.split(";")] if a.methods
+             else list(QUICK_METHODS) if quick else [m.name for m in METHODS])
+    methods = [dataclasses.replace(m, lr=m.lr * a.lr_factor) for m in METHODS if m.name in names]
     unknown = set(names) - {m.name for m in methods}
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; known: {[m.name for m in METHODS]}")
-    steps = a.steps or (50 if quick else 150)
-    sim_steps, sim_iters = a.sim_steps or (40 if quick else 150), a.sim_iters or (100 if quick else 300)
-    lr_grid = [float(f) for f in a.lr_grid.split(",")]
-    parts = set(a.parts.split(","))
+    given: dict[str, float] = {}
+    if a.lrs and a.lrs.lstrip().startswith("{"):
+        given = json.loads(a.lrs)
+    elif a.lrs:
+        given = json.loads(Path(a.lrs).read_text()).get("lrs", {})
+    return Config(
+        out=Path(a.out), model=a.model, threads=a.threads, docs=a.docs,
+        merge=a.merge.split(",") if a.merge else [], rescore=a.rescore, quick=quick,
+        parts=frozenset(a.parts.split(",")),
+        subjects=(a.subjects or (SUBJECT_QUICK if quick else SUBJECTS_FULL)).split(","),
+        seeds=[int(s) for s in (a.seeds or ("0" if quick else "0,1")).split(",")], eval_seeds=eval_seeds,
+        methods=methods, steps=a.steps or (50 if quick else 150), sim_steps=a.sim_steps or (40 if quick else 150),
+        sim_iters=a.sim_iters or (100 if quick else 300), lr_grid=[float(f) for f in a.lr_grid.split(",")],
+        prompts=a.prompts, sample_steps=a.sample_steps, train_prompts=a.train_prompts,
+        tune=not (quick or a.no_tune), tune_only=a.tune_only, given_lrs=given, references=not a.no_references,
+        wide_times=not a.no_wide_times, hybrid=not a.no_hybrid, argv=sys.argv[1:] if argv is None else list(argv))
 
-    path = Path(a.model) if a.model else D.make_default_model(log=lambda m: print(m, file=sys.stderr))
-    D.ensure_host()
+
+@dataclasses.dataclass
+class Recorder:
+    """A run's results, written to results.json after every finished piece of work."""
+
+    path: Path
+    started: float
+    results: dict
+
+    def dump(self) -> None:
+        """Write the results so far (with the seconds since the start)."""
+        self.results["seconds"] = time.perf_counter() - self.started
+        self.path.write_text(json.dumps(self.results, indent=1))
+
+
+def _torch_threads(threads: Optional[int]) -> int:
+    """Set torch's intra-op threads (default TLORA_TORCH_THREADS or 1); returns the count."""
     import torch
-    torch.set_num_threads(int(a.threads or os.environ.get("TLORA_TORCH_THREADS", "1")))
-    bench = Bench(path, hybrid=not a.no_hybrid)
-    results: dict[str, Any] = {"model": str(path), "quick": quick, "steps": steps, "subjects_run": subjects,
-                               "seeds": seeds, "eval_seeds": eval_seeds, "hybrid": bench.hybrid,
-                               "threads": torch.get_num_threads(), "sim_steps": sim_steps, "sim_iters": sim_iters,
-                               "lr_grid": lr_grid, "sample_steps": SAMPLE_STEPS,
-                               "train_prompts": TRAIN_PROMPTS, "argv": sys.argv[1:] if argv is None else argv}
+    torch.set_num_threads(int(threads or os.environ.get("TLORA_TORCH_THREADS", "1")))
+    return torch.get_num_threads()
 
-    def dump() -> None:
-        results["seconds"] = time.perf_counter() - t_start
-        results_path.write_text(json.dumps(results, indent=1))
 
-    if "sim" in parts:
-        print(f"simulation: full fine-tunes ({sim_steps} steps) and fits ({sim_iters} iterations)", flush=True)
-        sim_records = []
-        for name in subjects[:1]:
-            data = subject_data(bench, name, 5)
-            deltas = full_finetune_deltas(bench, data, sim_steps, 2e-4)
-            if quick:  # a third of the modules: same families, a rougher average
-                deltas = dict(list(deltas.items())[::3])
-            rel = math.sqrt(sum(float((w1 - w0).pow(2).sum()) for w0, w1 in deltas.values())
-                            / sum(float(w0.pow(2).sum()) for w0, _ in deltas.values()))
-            print(f"  {name}: |W*-W0|/|W0| = {rel:.4f} over {len(deltas)} modules", flush=True)
-            recs = simulate(deltas, sim_iters, QUICK_SIM_FAMILIES if quick else None)
-            for r in recs:
-                r["subject"] = name
-                r["delta_rel_norm"] = rel
-            sim_records += recs
-            results["simulation"] = sim_records
-            dump()
-        write_reports({"simulation": sim_records, "sim_steps": sim_steps}, out)
+def reports_only(cfg: Config) -> None:
+    """--merge / --rescore: combine (or rescore) saved results and write the reports, no training."""
+    results_path = cfg.out / "results.json"
+    results = merge(cfg.merge, cfg.out) if cfg.merge else json.loads(results_path.read_text())
+    if cfg.rescore:
+        path = Path(cfg.model or results.get("model") or D.default_path())
+        D.ensure_host()
+        _torch_threads(cfg.threads)
+        rescore(Bench(path, hybrid=False), results, cfg.out / "images")
+    write_reports(results, cfg.out)
+    results_path.write_text(json.dumps(results, indent=1))
 
-    if "subjects" in parts:
-        methods = [dataclasses.replace(m, lr=m.lr * a.lr_factor) for m in methods]
-        lrs = {m.name: m.lr for m in methods}
-        given: dict[str, float] = {}
-        if a.lrs:
-            src = Path(a.lrs)
-            given = json.loads(a.lrs) if a.lrs.lstrip().startswith("{") else json.loads(src.read_text()).get("lrs", {})
-            lrs.update({k: float(v) for k, v in given.items() if k in lrs})
-        prompts_of = {n: subject_prompts(n, quick, a.prompts) for n in subjects}
-        to_tune = [m for m in methods if m.name not in given]
-        if to_tune and not (quick or a.no_tune):
-            print(f"tuning learning rates on {subjects[0]} (seed {seeds[0]}, validation prompts, "
-                  f"factors {lr_grid})", flush=True)
-            data = subject_data(bench, subjects[0], 5)
-            tuning = []
-            for m in to_tune:
-                best = None
-                for factor in lr_grid:
-                    t0 = time.perf_counter()
-                    rec, _ = run_one(bench, m, data, m.lr * factor, seeds[0], steps,
-                                     validation_prompts(subjects[0]), eval_seeds[:2])
-                    score = rec["subject"] + rec["prompt"]
-                    tuning.append({**rec, "score": score})
-                    print(f"  {m.name:14s} lr {m.lr * factor:.0e}: subject {rec['subject']:.3f} "
-                          f"prompt {rec['prompt']:.2f} -> {score:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                    if best is None or score > best[0]:
-                        best = (score, m.lr * factor)
-                lrs[m.name] = best[1]
-                results["tuning"] = tuning
-                dump()
-        results["lrs"] = lrs
-        dump()
-        if a.tune_only:
-            print(f"tuned learning rates: {json.dumps(lrs)}", flush=True)
-            return 0
-        image_dir = out / "images"  # every evaluated image, so that metrics can be recomputed (--rescore)
-        image_dir.mkdir(exist_ok=True)
 
-        def keep(name: str, method: str, seed: int, rows: list, texts: list) -> None:
-            np.savez_compressed(image_file(image_dir, name, method, seed), images=np.stack(rows),
-                                prompts=np.array(texts))
-        records, grids = [], {}
-        others = all_subject_references(bench)
-        for name in subjects:
-            data = subject_data(bench, name, 5)
-            data.others = others
+def run_simulation(bench: Bench, cfg: Config, recorder: Recorder) -> None:
+    """The sim part: full fine-tune deltas on the first subject, every family fitted to them."""
+    print(f"simulation: full fine-tunes ({cfg.sim_steps} steps) and fits ({cfg.sim_iters} iterations)", flush=True)
+    sim_records = []
+    for name in cfg.subjects[:1]:
+        data = subject_data(bench, name, 5)
+        deltas = full_finetune_deltas(bench, data, cfg.sim_steps, 2e-4)
+        if cfg.quick:  # a third of the modules: same families, a rougher average
+            deltas = dict(list(deltas.items())[::3])
+        rel = math.sqrt(sum(float((w1 - w0).pow(2).sum()) for w0, w1 in deltas.values())
+                        / sum(float(w0.pow(2).sum()) for w0, _ in deltas.values()))
+        print(f"  {name}: |W*-W0|/|W0| = {rel:.4f} over {len(deltas)} modules", flush=True)
+        recs = simulate(deltas, cfg.sim_iters, QUICK_SIM_FAMILIES if cfg.quick else None)
+        for r in recs:
+            r["subject"] = name
+            r["delta_rel_norm"] = rel
+        sim_records += recs
+        recorder.results["simulation"] = sim_records
+        recorder.dump()
+    write_reports({"simulation": sim_records, "sim_steps": cfg.sim_steps}, cfg.out)
+
+
+def tune_learning_rates(bench: Bench, cfg: Config, methods: list[Method], recorder: Recorder) -> dict[str, float]:
+    """Best factor (of --lr-grid) of each method's base rate: subject + prompt score on validation prompts."""
+    name, seed = cfg.subjects[0], cfg.seeds[0]
+    print(f"tuning learning rates on {name} (seed {seed}, validation prompts, factors {cfg.lr_grid})", flush=True)
+    data = subject_data(bench, name, 5)
+    tuning, best_lrs = [], {}
+    for m in methods:
+        best = None
+        for factor in cfg.lr_grid:
             t0 = time.perf_counter()
-            if a.no_references:
-                refs, base_rows = [], [bench.generate(p.text, eval_seeds) for p in prompts_of[name]]
-            else:
-                refs, base_rows = reference_records(bench, data, prompts_of[name], eval_seeds)
-            records += refs
-            texts = [p.text for p in prompts_of[name]] + list(data.captions[:TRAIN_PROMPTS])
-            if refs:
-                keep(name, "base model (no adapter)", 0, base_rows, texts)
-            for r in refs:
-                print(f"  {name} {r['method']:24s} subject {r['subject']:.3f} shape {r['subject_shape']:.2f} "
-                      f"palette {r['subject_palette']:.2f} pattern {r['subject_pattern']:.2f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            for seed in seeds:
-                for m in methods:
-                    t0 = time.perf_counter()
-                    rec, rows = run_one(bench, m, data, lrs[m.name], seed, steps, prompts_of[name], eval_seeds)
-                    records.append(rec)
-                    keep(name, m.name, seed, rows, texts)
-                    print(f"  {name} seed {seed} {m.name:14s} subject {rec['subject']:.3f} bg {rec['background']:.2f} "
-                          f"place {rec['position']:.2f} div {rec['diversity']:.3f} copied {rec['copied_background']:.2f}"
-                          f" loss {rec['loss_last']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                    if seed == seeds[0]:
-                        grids.setdefault(name, []).append((m.name, np.concatenate([r for r in rows], 0)))
-                    results["subjects"] = records
-                    dump()
-            labels = ["training images", "base model"] + [g[0] for g in grids[name]]
-            save_grid([data.images, np.concatenate(base_rows, 0)] + [g[1] for g in grids[name]],
-                      out / f"samples_{name}.png", labels)
-        results["subjects"] = records
-        if not a.no_wide_times:
-            results["wide_step_time"] = wide_step_times(path, methods, subjects[0])
-        write_reports(results, out)
-        dump()
+            rec, _ = run_one(bench, m, data, m.lr * factor, seed, cfg.steps, validation_prompts(name),
+                             cfg.eval_seeds[:2], cfg.train_prompts)
+            score = rec["subject"] + rec["prompt"]
+            tuning.append({**rec, "score": score})
+            print(f"  {m.name:14s} lr {m.lr * factor:.0e}: subject {rec['subject']:.3f} "
+                  f"prompt {rec['prompt']:.2f} -> {score:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if best is None or score > best[0]:
+                best = (score, m.lr * factor)
+        best_lrs[m.name] = best[1]
+        recorder.results["tuning"] = tuning
+        recorder.dump()
+    return best_lrs
 
-    if parts == {"wide"}:
-        results["wide_step_time"] = wide_step_times(path, methods, subjects[0])
-        dump()
-    _copy_docs(a.docs, out)
-    print(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {results_path}")
+
+def learning_rates(bench: Bench, cfg: Config, recorder: Recorder) -> dict[str, float]:
+    """Each method's learning rate: given by --lrs, else tuned (unless quick or --no-tune), else its base rate."""
+    lrs = {m.name: m.lr for m in cfg.methods}
+    lrs.update({k: float(v) for k, v in cfg.given_lrs.items() if k in lrs})
+    to_tune = [m for m in cfg.methods if m.name not in cfg.given_lrs]
+    if to_tune and cfg.tune:
+        lrs.update(tune_learning_rates(bench, cfg, to_tune, recorder))
+    return lrs
+
+
+def run_subject(bench: Bench, cfg: Config, name: str, lrs: dict[str, float], others: dict, records: list,
+                recorder: Recorder) -> None:
+    """One subject: its reference rows, then every seed x method (records appended, images and grid saved)."""
+    data = subject_data(bench, name, 5)
+    data.others = others
+    prompts = subject_prompts(name, cfg.quick, cfg.prompts)
+    texts = [p.text for p in prompts] + list(data.captions[:cfg.train_prompts])
+    image_dir = cfg.out / "images"  # every evaluated image, so that metrics can be recomputed (--rescore)
+    image_dir.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    if cfg.references:
+        refs, base_rows = reference_records(bench, data, prompts, cfg.eval_seeds, cfg.train_prompts)
+    else:
+        refs, base_rows = [], [bench.generate(p.text, cfg.eval_seeds) for p in prompts]
+    records += refs
+    if refs:
+        keep_images(image_dir, name, "base model (no adapter)", 0, base_rows, texts)
+    for r in refs:
+        print(f"  {name} {r['method']:24s} subject {r['subject']:.3f} shape {r['subject_shape']:.2f} "
+              f"palette {r['subject_palette']:.2f} pattern {r['subject_pattern']:.2f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    grid = []
+    for seed in cfg.seeds:
+        for m in cfg.methods:
+            t0 = time.perf_counter()
+            rec, rows = run_one(bench, m, data, lrs[m.name], seed, cfg.steps, prompts, cfg.eval_seeds,
+                                cfg.train_prompts)
+            records.append(rec)
+            keep_images(image_dir, name, m.name, seed, rows, texts)
+            print(f"  {name} seed {seed} {m.name:14s} subject {rec['subject']:.3f} bg {rec['background']:.2f} "
+                  f"place {rec['position']:.2f} div {rec['diversity']:.3f} copied {rec['copied_background']:.2f}"
+                  f" loss {rec['loss_last']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if seed == cfg.seeds[0]:
+                grid.append((m.name, np.concatenate(rows, 0)))
+            recorder.results["subjects"] = records
+            recorder.dump()
+    save_grid([data.images, np.concatenate(base_rows, 0)] + [g[1] for g in grid], cfg.out / f"samples_{name}.png",
+              ["training images", "base model"] + [g[0] for g in grid])
+
+
+def run_subjects(bench: Bench, cfg: Config, path: Path, recorder: Recorder) -> None:
+    """The subjects part: learning rates, then each subject (and the wide step times unless --no-wide-times)."""
+    lrs = learning_rates(bench, cfg, recorder)
+    recorder.results["lrs"] = lrs
+    recorder.dump()
+    if cfg.tune_only:
+        print(f"tuned learning rates: {json.dumps(lrs)}", flush=True)
+        return
+    records: list[dict] = []
+    others = all_subject_references(bench)
+    for name in cfg.subjects:
+        run_subject(bench, cfg, name, lrs, others, records, recorder)
+    recorder.results["subjects"] = records
+    if cfg.wide_times:
+        recorder.results["wide_step_time"] = wide_step_times(path, cfg.methods, cfg.subjects[0])
+    write_reports(recorder.results, cfg.out)
+    recorder.dump()
+
+
+def keep_images(folder: Path, name: str, method: str, seed: int, rows: list, texts: list) -> None:
+    """Save a run's evaluated image rows and their prompts (for --rescore)."""
+    np.savez_compressed(image_file(folder, name, method, seed), images=np.stack(rows), prompts=np.array(texts))
+
+
+def run_parts(cfg: Config, started: float) -> bool:
+    """Load the model and run the selected parts; False when only tuning was asked for (--tune-only)."""
+    path = Path(cfg.model) if cfg.model else D.make_default_model(log=lambda m: print(m, file=sys.stderr))
+    D.ensure_host()
+    threads = _torch_threads(cfg.threads)
+    bench = Bench(path, hybrid=cfg.hybrid, sample_steps=cfg.sample_steps)
+    recorder = Recorder(cfg.out / "results.json", started, {
+        "model": str(path), "quick": cfg.quick, "steps": cfg.steps, "subjects_run": cfg.subjects, "seeds": cfg.seeds,
+        "eval_seeds": cfg.eval_seeds, "hybrid": bench.hybrid, "threads": threads, "sim_steps": cfg.sim_steps,
+        "sim_iters": cfg.sim_iters, "lr_grid": cfg.lr_grid, "sample_steps": cfg.sample_steps,
+        "train_prompts": cfg.train_prompts, "argv": cfg.argv})
+    if "sim" in cfg.parts:
+        run_simulation(bench, cfg, recorder)
+    if "subjects" in cfg.parts:
+        run_subjects(bench, cfg, path, recorder)
+        if cfg.tune_only:
+            return False
+    if cfg.parts == {"wide"}:
+        recorder.results["wide_step_time"] = wide_step_times(path, cfg.methods, cfg.subjects[0])
+        recorder.dump()
+    return True
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Parse arguments and run the selected parts (or only merge/rescore saved results)."""
+    started = time.perf_counter()
+    cfg = make_config(build_parser(), argv)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.merge or cfg.rescore:
+        reports_only(cfg)
+    elif not run_parts(cfg, started):
+        return 0
+    _copy_docs(cfg.docs, cfg.out)
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min; results in {cfg.out / 'results.json'}")
     return 0
 
 
@@ -1120,6 +1240,7 @@ def subject_prompts(name: str, quick: bool = False, count: int = 5) -> list[P.Su
 
 
 def _copy_docs(enabled: bool, out: Path) -> None:
+    """With --docs: copy the PNG plots of `out` to docs/quality/."""
     if enabled:
         DOCS.mkdir(parents=True, exist_ok=True)
         for png in out.glob("*.png"):

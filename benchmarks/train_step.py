@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib
 import json
 import math
 import os
@@ -41,13 +40,15 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from harness.pack import pack_module  # noqa: E402
+
 COMFY_DIR = Path(os.environ.get("TLORA_COMFY_DIR", ROOT / ".host" / "ComfyUI"))
-PACK = "tlora_pack_bench"
 CONFIGS = ("floor", "builtin", "lora4", "tlora26", "tlora24", "dense26")
 LABELS = {
     "floor": "(1) frozen fwd+bwd floor",
@@ -80,14 +81,11 @@ def setup_host(device: str) -> None:
     from comfy.cli_args import args
     args.cpu = device == "cpu"
     import utils  # noqa: F401  (ComfyUI's own package must win over any other `utils`)
-    if PACK not in sys.modules:  # the pack as a package (it uses relative imports), without its ComfyUI __init__
-        pkg = types.ModuleType(PACK)
-        pkg.__path__ = [str(ROOT)]
-        sys.modules[PACK] = pkg
 
 
 def pack(sub: str) -> Any:
-    return importlib.import_module(f"{PACK}.{sub}")
+    """A module of the pack (imported as a package, without its ComfyUI __init__)."""
+    return pack_module(sub)
 
 
 def sync(device: str) -> None:

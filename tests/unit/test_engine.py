@@ -1,32 +1,17 @@
 """The host-agnostic training engine (trainer/) on a tiny pure-torch denoiser."""
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "tlora_pack_under_test"
+from harness.pack import pack_module
 
-
-def _engine():
-    """Import trainer the way ComfyUI imports the pack: as a subpackage (relative imports)."""
-    if PACK not in sys.modules:
-        pkg = types.ModuleType(PACK)
-        pkg.__path__ = [str(ROOT)]  # a namespace for the pack without running its ComfyUI __init__
-        sys.modules[PACK] = pkg
-    return importlib.import_module(PACK + ".trainer")
-
-
-E = _engine()
-tformat = importlib.import_module(PACK + ".tlora.format")
+E = pack_module("trainer")
+tformat = pack_module("tlora.format")
 
 
 # ----- a tiny denoiser with ComfyUI/diffusers-like module names ------------------------------
@@ -125,8 +110,7 @@ def stop_at(step):
 @torch.no_grad()
 def eval_loss(net, adapters, data, sched, n=32):
     """Mean denoising MSE at fixed (noise, t) draws with the given adapters attached."""
-    from importlib import import_module
-    module = import_module(PACK + ".tlora.module")
+    module = pack_module("tlora.module")
     paths = {k.removeprefix("diffusion_model."): v for k, v in adapters.items()}
     wrapped = module.attach(net, paths, trainable=False) if paths else {}
     try:

@@ -2,20 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import sys
-import types
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "tlora_pack_under_test"
-if PACK not in sys.modules:
-    pkg = types.ModuleType(PACK)
-    pkg.__path__ = [str(ROOT)]
-    sys.modules[PACK] = pkg
-S = importlib.import_module(PACK + ".trainer.settings")
+from harness.pack import pack_module
+
+S = pack_module("trainer.settings")
 
 
 def test_every_setting_has_a_spec_with_help_and_a_node_input_or_a_reason():
