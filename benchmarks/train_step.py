@@ -7,6 +7,8 @@ Configs (all on the same live UNet, base weights frozen):
              bias/norm diffs, bf16, gradient checkpointing, AdamW lr 5e-4), driven through
              its own TrainSampler by calling the node (one step per call, timed from the
              step's forward to its progress-bar update, which follows optimizer.step)
+  builtin32  the same at fp32 (training and LoRA dtype): on a CPU without native bf16 the
+             default's bf16 emulation is no fair figure
   lora4      our engine, transform none + residual lora:4 on the attn preset (128 modules)
   tlora26    our engine, TLoRA(2,6): trm:2 + tr:6 on attn
   tlora24    our engine, TLoRA*(2,4): trm:2 + lora:4 on attn
@@ -25,11 +27,13 @@ optimizer state). CUDA: the same with torch.cuda.max_memory_allocated, in one pr
     .venv/bin/python benchmarks/train_step.py                  # CPU, 16x16 and 32x32 latents
     .venv/bin/python benchmarks/train_step.py --json           # one JSON object on stdout
     .venv/bin/python benchmarks/train_step.py --device cuda --sizes 64 128
+    TLORA_COMFY_DIR=.host/ComfyUI-0.12.1 .venv-comfy-0.12/bin/python benchmarks/train_step.py   # on 0.12.1
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import ctypes
 import json
 import math
@@ -49,10 +53,11 @@ if str(ROOT) not in sys.path:
 from harness.pack import pack_module  # noqa: E402
 
 COMFY_DIR = Path(os.environ.get("TLORA_COMFY_DIR", ROOT / ".host" / "ComfyUI"))
-CONFIGS = ("floor", "builtin", "lora4", "tlora26", "tlora24", "dense26")
+CONFIGS = ("floor", "builtin", "builtin32", "lora4", "tlora26", "tlora24", "dense26")
 LABELS = {
     "floor": "(1) frozen fwd+bwd floor",
     "builtin": "(2) ComfyUI TrainLoraNode defaults",
+    "builtin32": "(2') TrainLoraNode defaults at fp32",
     "lora4": "(3) ours none+lora:4 attn",
     "tlora26": "(4) ours TLoRA(2,6) attn",
     "tlora24": "(4*) ours TLoRA*(2,4) attn",
@@ -269,8 +274,9 @@ class Builtin:
     """ComfyUI's TrainLoraNode with its defaults, one step per call, timed inside its own loop."""
 
     def __init__(self, env: dict[str, Any], ex: dict[str, Any], steps_per_call: int = 1,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.env, self.ex, self.steps_per_call, self.clock = env, ex, steps_per_call, clock
+                 clock: Callable[[], float] = time.perf_counter, dtype: str = "bf16"):
+        # dtype: its default bf16, or fp32 (bf16 on a CPU without native bf16 is no fair figure).
+        self.env, self.ex, self.steps_per_call, self.clock, self.dtype = env, ex, steps_per_call, clock, dtype
         self.times: list[float] = []
 
     def setup(self) -> None:
@@ -301,12 +307,15 @@ class Builtin:
         latents = [{"samples": lat}, {"samples": lat.clone()}]
         positive = [[[ex["context"].cpu(), {}]]]
         node = self.nt.TrainLoraNode
+        inputs = dict(model=[self.env["patcher"]], latents=latents, positive=positive, batch_size=[1],
+                      steps=[self.steps_per_call], grad_accumulation_steps=[1], learning_rate=[0.0005],
+                      rank=[8], optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=[self.dtype],
+                      lora_dtype=[self.dtype], algorithm=["LoRA"], gradient_checkpointing=[True],
+                      existing_lora=["[None]"])
+        if "bypass_mode" in inspect.signature(node.execute).parameters:  # 0.12's V3 node: two more inputs
+            inputs.update(bucket_mode=[False], bypass_mode=[False])
         with torch.inference_mode():  # as ComfyUI's executor runs it
-            node.execute(model=[self.env["patcher"]], latents=latents, positive=positive, batch_size=[1],
-                         steps=[self.steps_per_call], grad_accumulation_steps=[1], learning_rate=[0.0005],
-                         rank=[8], optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["bf16"],
-                         lora_dtype=["bf16"], algorithm=["LoRA"], gradient_checkpointing=[True],
-                         existing_lora=["[None]"])
+            node.execute(**inputs)
         # Its weight wrappers stay on the modules until the next load: load the plain model.
         mm.load_models_gpu([self.env["patcher"]], force_full_load=True)
         left = [m for m in self.env["dm"].modules() if getattr(m, "weight_function", None)]
@@ -327,8 +336,8 @@ def make_runner(name: str, env: dict[str, Any], ex: dict[str, Any], precision: s
         return torch.autocast(env["device"], dtype=dtype)
     if name == "floor":
         return Floor(env, ex, amp)
-    if name == "builtin":
-        return Builtin(env, ex, clock=clock)
+    if name in ("builtin", "builtin32"):
+        return Builtin(env, ex, clock=clock, dtype="fp32" if name == "builtin32" else "bf16")
     if name == "dense26":
         return Dense(env, ex, amp)
     return Engine(env, ex, name, precision)
@@ -501,6 +510,9 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
             if t("builtin"):
                 r = ours / t("builtin")
                 add(size, f"{tag} step / TrainLoraNode step", r, r < 1.0, "< 1.0")
+            if t("builtin32"):
+                r = ours / t("builtin32")
+                add(size, f"{tag} step / TrainLoraNode fp32 step", r, r < 1.0, "< 1.0")
             if t("floor"):
                 r = ours / t("floor")
                 add(size, f"{tag} step / frozen fwd+bwd floor", r, r <= 1.3, "<= 1.3")

@@ -44,6 +44,26 @@ def comfy_dir() -> Path:
     return Path(_state["comfy_dir"] or DEFAULT_COMFY_DIR)
 
 
+def host_version(cdir: Optional[os.PathLike] = None) -> tuple[int, ...]:
+    """The installed ComfyUI's version as a tuple, e.g. (0, 12, 1), read from its comfyui_version.py.
+
+    Read as text (nothing is imported), so tests can decide what to run before the host starts.
+    """
+    path = Path(cdir or comfy_dir()) / "comfyui_version.py"
+    try:
+        text = path.read_text()
+    except OSError:
+        return (0,)
+    import re
+    match = re.search(r"__version__\s*=\s*[\"']([0-9.]+)", text)
+    return tuple(int(p) for p in match.group(1).split(".")) if match else (0,)
+
+
+def host_label(cdir: Optional[os.PathLike] = None) -> str:
+    """"ComfyUI 0.12.1" for messages and skip reasons."""
+    return "ComfyUI " + ".".join(str(p) for p in host_version(cdir))
+
+
 def _module_is_under(mod: Any, directory: Path) -> bool:
     """True when a module object was loaded from a file under `directory`."""
     f = getattr(mod, "__file__", None)

@@ -56,7 +56,14 @@ def free_port() -> int:
 
 
 def venv_python() -> str:
-    """The repository's .venv python (ComfyUI's requirements live there), else this interpreter."""
+    """The python that runs ComfyUI subprocesses: this interpreter when it is a virtualenv's.
+
+    Each ComfyUI host has an environment of its own (.venv for 0.3.75, .venv-comfy-0.12 for
+    0.12.1): a test run under one starts servers with the same one. Outside a virtualenv,
+    the repository's .venv.
+    """
+    if sys.prefix != sys.base_prefix:
+        return sys.executable
     p = ROOT / ".venv" / "bin" / "python"
     return str(p) if p.exists() else sys.executable
 

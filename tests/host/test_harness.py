@@ -1,4 +1,5 @@
 """Smoke tests for the real-host harness: tiny models, in-process execution, the server."""
+import json
 import os
 import subprocess
 import sys
@@ -103,7 +104,9 @@ def test_loras_dir_is_seen_by_comfy(comfy_host, loras_dir):
 
 def test_validation_errors_come_back(comfy_host):
     res = ch.run_prompt({"1": {"class_type": "NoSuchNode", "inputs": {}}})
-    assert not res.ok and res.validation_error["type"] == "invalid_prompt"
+    # 0.3.75 says invalid_prompt, 0.12 missing_node_type: what matters is that it fails, naming the node.
+    assert not res.ok and res.validation_error["type"] in ("invalid_prompt", "missing_node_type")
+    assert "NoSuchNode" in json.dumps(res.validation_error)
     res = ch.run_prompt(graphs.blank_image())
     assert res.ok, res.describe()
     assert res.outputs["img"][0].shape == (1, 64, 64, 3)

@@ -73,11 +73,11 @@ def clip_patched_weights(clip: Any, keys: Iterable[str] | None = None) -> dict[s
 # --------------------------------------------------------------------------- nodes
 
 def unet_shapes(model: Any, convs: bool = True) -> dict[str, tuple[int, ...]]:
-    """{`diffusion_model.<path>`: weight shape} of every attention linear, plus a 3x3 and a 1x1 conv."""
+    """{`diffusion_model.<path>`: weight shape} of every attention linear, plus a 3x3 padded, a 1x1 and a strided conv."""
     sd = model.state_dict()
     paths = [n for n, _ in model.diffusion_model.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
     if convs:
-        paths += ["input_blocks.1.0.in_layers.2", "output_blocks.3.1.proj_in"]
+        paths += ["input_blocks.1.0.in_layers.2", "output_blocks.3.1.proj_in", "input_blocks.2.0.op"]
     return {f"diffusion_model.{p}": tuple(sd[f"diffusion_model.{p}.weight"].shape) for p in paths}
 
 

@@ -14,6 +14,7 @@ import comfy.utils
 import folder_paths
 
 from ...tlora import arch as tarch
+from ...tlora.errors import TLoRAError
 from .. import outputs
 from ..binding import Binding, adapter_group
 from ..loop import Trainer
@@ -35,6 +36,20 @@ def loras_dir() -> str:
 def output_path(output_name: str, resume_path: str | None = None) -> tuple[str, str]:
     """(full path, file name) in the loras folder; an existing file is never overwritten by a new run."""
     return outputs.output_path(loras_dir(), output_name, resume_path)
+
+
+def refuse_dynamic_vram(model: Any) -> None:
+    """Training needs resident weights: refuse 0.12's dynamic-VRAM patcher with a message that says what to do.
+
+    ModelPatcherDynamic (`--fast dynamic_vram`, GPU only) streams each layer's weights in per
+    forward through a virtual address range; our adapters wrap the live layers and autograd
+    keeps their inputs for the backward pass, which that streaming does not plan for (and no
+    GPU was at hand to prove otherwise).
+    """
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        raise TLoRAError("Train TLoRA does not train under ComfyUI's dynamic VRAM mode (--fast dynamic_vram), "
+                         "which streams weights in per layer; restart ComfyUI without dynamic_vram to train")
 
 
 def base_model_name(model: Any, prompt: Mapping[str, Any] | None = None, node_id: str | None = None) -> str:
@@ -64,6 +79,7 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
     out as `tlora.train` events; a run that raises ends with a `cancelled`, `diverged` or
     `failed` event before the exception reaches ComfyUI.
     """
+    refuse_dynamic_vram(model)
     path, file_name = output_path(settings.output_name, settings.resume or None)
     run_id = run_id or f"{int(time.time())}-{os.urandom(3).hex()}"
     run_info = {"node": node_id, "prompt_id": current_prompt_id(), "file_name": file_name}
