@@ -135,20 +135,43 @@ function setupLoaderNode(node, tloraOnly) {
     card.update(current());
     return onDrawForeground?.apply(this, args);
   };
+  // The modern node design (DOM nodes) draws no node foreground and its dropdowns set the
+  // value without the widget callback: a light watch keeps the card in step (update() is a
+  // no-op while the name is unchanged).
+  node.tloraWatch = () => card.update(current());
   queueMicrotask(() => card.update(current()));
 }
+
+setInterval(() => {
+  for (const node of allNodes()) node.tloraWatch?.();
+}, 250);
+
+// The loras list as of the last run that saved a file (null until then): nodes created later
+// (a workflow opened after the run) offer it too, not the list the page loaded with.
+let adapterNames = null;
 
 /** A new adapter file exists after a run: offer it in the dropdowns without a full refresh. */
 async function refreshAdapterLists() {
   const names = await fetchJson("/models/loras");
   if (!Array.isArray(names)) return;
+  adapterNames = names;
+  offerAdapterNames(names);
+}
+
+/** New combo options, in place: the modern node design's dropdown watches the array it was given. */
+function setOptions(widget, values) {
+  if (Array.isArray(widget.options.values)) widget.options.values.splice(0, widget.options.values.length, ...values);
+  else widget.options.values = values;
+}
+
+function offerAdapterNames(names) {
   for (const node of allNodes()) {
     const kind = typeOf(node);
     for (const w of node.widgets ?? []) {
-      if (w.name === "adapter_name" && kind in LOADER_NODES && w.options) w.options.values = [...names];
+      if (w.name === "adapter_name" && kind in LOADER_NODES && w.options) setOptions(w, [...names]);
       if (w.name === "resume" && TRAIN_NODES.has(kind) && w.options && Array.isArray(w.options.values)) {
         const none = w.options.values[0];
-        w.options.values = [none, ...names.filter((n) => n.toLowerCase().endsWith(".safetensors"))];
+        setOptions(w, [none, ...names.filter((n) => n.toLowerCase().endsWith(".safetensors"))]);
       }
     }
     if (node.tloraCard) node.tloraCard.invalidate();
@@ -200,6 +223,7 @@ const EXTENSION = {
   },
 
   async afterConfigureGraph() {
+    if (adapterNames) offerAdapterNames(adapterNames);
     await restoreRuns();
   },
 };

@@ -31,6 +31,10 @@ EXTERNAL_FETCH = re.compile(r"^(?:Refused to connect to|Connecting to) '([^']+)'
 # custom nodes at all (seen with --disable-all-custom-nodes): its render-mode setting has no
 # definition yet. Matched exactly so that any other TypeError still fails the tests.
 FRONTEND_STARTUP_BUG = ("TypeError: Cannot read properties of undefined (reading 'id')", "at onChange (")
+# PrimeVue's Select in frontend 1.37 (the modern node design's dropdown) throws this inside its
+# own bundle when an option is picked from a long, virtually scrolled list (a loras folder with
+# many files); the pick itself goes through. Matched with its origin so our code never hides here.
+PRIMEVUE_SELECT_BUG = ("Cannot read properties of null (reading '$el')", "/assets/vendor-primevue-")
 
 
 class ConsoleLog:
@@ -72,6 +76,8 @@ class ConsoleLog:
             return True  # 404s of optional per-user files (user.css, favicon, userdata listings)
         if text.startswith(FRONTEND_STARTUP_BUG[0]) and FRONTEND_STARTUP_BUG[1] in text and "/extensions/" not in text:
             return True
+        if text.startswith(PRIMEVUE_SELECT_BUG[0]) and PRIMEVUE_SELECT_BUG[1] in text and "/extensions/" not in text:
+            return True
         return False
 
     def problems(self) -> list[str]:
@@ -91,9 +97,10 @@ class ConsoleLog:
 class ComfyPage:
     """One browser tab on the ComfyUI server."""
 
-    def __init__(self, page: Any, server: Any, console: ConsoleLog) -> None:
-        """Wrap a Playwright page for `server`."""
+    def __init__(self, page: Any, server: Any, console: ConsoleLog, node_design: str = "classic") -> None:
+        """Wrap a Playwright page for `server`; node_design: "classic" (canvas) or "vue" (0.12's DOM nodes)."""
         self.page, self.server, self.console = page, server, console
+        self.node_design = node_design
 
     # ----- page ------------------------------------------------------------------------------
     def open(self, timeout: float = 180.0) -> None:
@@ -134,8 +141,29 @@ class ComfyPage:
         self.js("([g, name]) => app.loadApiJson(g, name)", [graph, name])
         self.wait_js("ids => ids.every(id => app.graph.getNodeById(+id))", list(graph), 30, "graph nodes")
         if positions:
+            self.move_nodes(positions)
+        self.settle()
+
+    def move_nodes(self, positions: dict) -> None:
+        """Put nodes at graph positions {id: (x, y)}.
+
+        Classic nodes read `node.pos` when drawn. The modern design keeps a layout of its own
+        that `node.pos` does not reach: there the workflow is loaded again with the positions
+        in it, as when a user opens a saved workflow (our panels then restore from /tlora/runs).
+        """
+        pos = {str(k): list(v) for k, v in positions.items()}
+        if self.node_design != "vue":
             self.js("""pos => { for (const [id, xy] of Object.entries(pos)) app.graph.getNodeById(+id).pos = xy;
-                                app.canvas.setDirty(true, true); }""", {k: list(v) for k, v in positions.items()})
+                                app.canvas.setDirty(true, true); }""", pos)
+            self.settle()
+            return
+        had_runs = self.js("() => app.graph.nodes.filter(n => n.tloraPanel?.run).map(n => n.id)")
+        self.js("""async pos => { const g = app.graph.serialize();
+                                  for (const n of g.nodes) if (pos[String(n.id)]) n.pos = pos[String(n.id)];
+                                  await app.loadGraphData(g, true, true, app.workflowManager?.activeWorkflow?.filename); }""",
+                pos)
+        self.wait_js("ids => ids.every(id => app.graph.getNodeById(id)?.tloraPanel?.run?.summary)", had_runs, 60,
+                     "training panels restored after the layout change")
         self.settle()
 
     def add_node(self, class_type: str, pos: tuple[float, float]) -> int:
@@ -168,6 +196,9 @@ class ComfyPage:
 
     def pick_combo(self, node_id: int, widget: str, value: str) -> None:
         """Choose `value` in a combo widget with the mouse: click the widget, click the menu entry."""
+        if self.node_design == "vue":
+            self._pick_combo_vue(node_id, widget, value)
+            return
         self.settle()
         point = self.js("""([id, name]) => {
             const n = app.graph.getNodeById(id);
@@ -182,6 +213,21 @@ class ComfyPage:
         entry = self.page.locator(".litecontextmenu .litemenu-entry", has_text=value).first
         entry.wait_for(state="visible", timeout=15000)
         entry.click()
+        self.wait_js("([id, name, v]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).value === v",
+                     [node_id, widget, value], 10, f"{widget} = {value}")
+
+    def _pick_combo_vue(self, node_id: int, widget: str, value: str) -> None:
+        """The modern node design: the widget is a DOM select on the node; its options open in a list."""
+        self.settle()
+        box = self.page.locator(f'[data-node-id="{node_id}"] [role="combobox"][aria-label="{widget}"]')
+        box.wait_for(state="visible", timeout=15000)
+        box.click()
+        listbox = self.page.locator(f'#{box.get_attribute("aria-controls")}')
+        listbox.wait_for(state="visible", timeout=15000)
+        options = listbox.locator('[role="option"]')
+        offered = options.all_inner_texts()
+        assert value in [o.strip() for o in offered], f"{value!r} is not offered in {widget}: {offered[:8]}"
+        options.filter(has_text=value).first.click()
         self.wait_js("([id, name, v]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).value === v",
                      [node_id, widget, value], 10, f"{widget} = {value}")
 

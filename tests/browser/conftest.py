@@ -1,4 +1,7 @@
-"""Browser tests: real ComfyUI 0.3.75 + its frontend package, Debian's chromium driven by Playwright.
+"""Browser tests: real ComfyUI (0.3.75, 0.12.1) + its frontend package, Debian's chromium driven by Playwright.
+
+On 0.12.1 (frontend 1.37) every test runs in both node designs: the classic canvas nodes and
+the modern one (`Comfy.VueNodes.Enabled`: nodes are DOM elements).
 
 No browser is ever downloaded: chromium comes from apt (`/usr/bin/chromium`, or TLORA_CHROMIUM).
 A missing chromium or Playwright FAILS these tests (they are part of `make test`), it never
@@ -20,7 +23,11 @@ if str(ROOT) not in sys.path:
 # The harness' session fixtures (one ComfyUI server for this directory, the cached checkpoint).
 from tests.support.fixtures import comfy_server, harness_checkpoint, neutralize_pack_root_package  # noqa: E402,F401
 
+from harness import comfy_host as ch  # noqa: E402
 from tests.browser.comfy_page import CHROMIUM_FLAGS, INIT_SCRIPT, VIEWPORT, ComfyPage, ConsoleLog  # noqa: E402
+
+# The modern node design came with the 0.12-era frontend; 0.3.75's is tested as users run it.
+NODE_DESIGNS = ("classic", "vue") if ch.host_version() >= (0, 12) else ("classic",)
 
 CHROMIUM = os.environ.get("TLORA_CHROMIUM", "/usr/bin/chromium")
 
@@ -53,13 +60,21 @@ def playwright() -> Iterator[Any]:
         yield pw
 
 
+@pytest.fixture(params=NODE_DESIGNS)
+def node_design(request: Any) -> str:
+    """Which node design the UI shows (a user setting)."""
+    return request.param
+
+
 @pytest.fixture
-def ui(playwright: Any, comfy_server: Any, tmp_path: Path, request: Any) -> Iterator[ComfyPage]:
+def ui(playwright: Any, comfy_server: Any, tmp_path: Path, request: Any, node_design: str) -> Iterator[ComfyPage]:
     """A fresh chromium profile with ComfyUI's UI open; console errors are checked by each test."""
     comfy_server.assert_pack_imported()
     # A first visit opens the templates browser over the canvas (new-user onboarding).
     status, _ = comfy_server.request("POST", "/settings/Comfy.TutorialCompleted", True)
     assert status == 200, f"could not store a user setting ({status})"
+    status, _ = comfy_server.request("POST", "/settings/Comfy.VueNodes.Enabled", node_design == "vue")
+    assert status == 200, f"could not store the node design setting ({status})"
     context = playwright.chromium.launch_persistent_context(
         str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
         viewport=VIEWPORT, timeout=120_000)
@@ -68,7 +83,7 @@ def ui(playwright: Any, comfy_server: Any, tmp_path: Path, request: Any) -> Iter
         page = context.pages[0] if context.pages else context.new_page()
         page.set_default_timeout(60_000)
         console = ConsoleLog(page, comfy_server.url)
-        comfy = ComfyPage(page, comfy_server, console)
+        comfy = ComfyPage(page, comfy_server, console, node_design)
         comfy.open()
         yield comfy
         if getattr(request.node, "rep_call_failed", False):
