@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -210,6 +212,29 @@ def _op(form: str, x: torch.Tensor, cores: list[torch.Tensor], weight: torch.Ten
     return trm.apply_channels(x, cores, form)
 
 
+def _apart(work: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Run timed trials in a thread of their own, away from the caller's autograd state.
+
+    A first call can come from inside a gradient-checkpointed block: torch.utils.checkpoint's
+    saved-tensor hooks (thread-local) would count the trials' tensors in the forward but not
+    in the recompute (by then the choice is cached) and fail the backward. Inference and
+    no-grad modes are thread-local too, so trials measure the same work from any caller.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["times"] = work()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+    thread = threading.Thread(target=run, name="tlora-form-trial")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["times"]
+
+
 def select_form(factors: Sequence[int], rank: int, tokens: int, *, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, requires_grad: bool = True, layout: str = "linear",
                 weight: torch.Tensor | None = None) -> str:
@@ -233,8 +258,9 @@ def select_form(factors: Sequence[int], rank: int, tokens: int, *, device: torch
     cheapest = min(costs.values())
     timed = [f for f in options if costs[f] <= PREFILTER * cheapest]
     try:
-        times = benchmark_forms(factors, rank, tokens, device=device, dtype=dtype, requires_grad=requires_grad,
-                                layout=layout, weight=weight, forms=timed)
+        times = _apart(lambda: benchmark_forms(factors, rank, tokens, device=device, dtype=dtype,
+                                               requires_grad=requires_grad, layout=layout, weight=weight,
+                                               forms=timed))
         form = min(timed, key=lambda f: (times[f] * (1.0 if f == "factored" else 1.0 / MARGIN), FORMS.index(f)))
     except (RuntimeError, torch.cuda.OutOfMemoryError):  # e.g. no memory for the trial: use the model
         form = choose_form(factors, rank, tokens, device.type, requires_grad)

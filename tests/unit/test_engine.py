@@ -413,3 +413,22 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
     assert longer.steps_done == 8 and "8 total steps" in longer.metadata["tlora.train.resume_note"]
     # Steps 5..8 use the 8-step cosine's learning rates (never the 4-step one's, which ended at 0).
     assert [h["lr"] for h in longer.history[4:]] == pytest.approx([h["lr"] for h in fresh.history[4:]])
+
+
+def test_gradient_checkpointing_with_a_cold_form_cache():
+    """The first forward of a checkpointed block times the transform's forms: those trials must not
+    count as tensors saved by the block (torch.utils.checkpoint compares forward and recompute)."""
+    forms = pack_module("tlora.forms")
+    kw = dict(steps=2, learning_rate=1e-3)
+
+    def run64(checkpointing: bool):
+        forms.clear_cache()
+        net = TinyNet(dim=64)
+        binding = E.Binding(groups_for(net), denoiser_for(net), schedule(), make_data(size=16),
+                            checkpoint_modules=list(net.blocks) if checkpointing else (), progress_bar=False)
+        return E.Trainer(binding, settings(gradient_checkpointing=checkpointing, **kw)).run()
+    plain, ckpt = run64(False), run64(True)
+    assert ckpt.steps_done == 2 and forms.cached_choices(), "the forms must have been timed in this run"
+    for key, adapter in plain.adapters.items():
+        for suffix, tensor in adapter.tensors.items():
+            assert torch.allclose(ckpt.adapters[key].tensors[suffix], tensor, atol=1e-5), (key, suffix)
