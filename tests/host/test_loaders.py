@@ -15,7 +15,7 @@ from tests.host import tlora_refs as R
 from tests.host.tlora_refs import (assert_all_base, loader, stock_full, stock_model_only, tlora_full,
                                     tlora_model_only, unet_shapes)
 
-STRENGTHS = (1.0, 0.0, -0.5, 0.35, 2.0)
+STRENGTHS = (1.0, 0.0, 0.5, -1.0, -0.5, 0.35, 2.0)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def sample(tm, m, patcher) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- stock vs ours
 
-@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0, 0.6])
 def test_stock_lora_loaders_and_tlora_loader_agree(tm, sd15, loras_dir, caplog, strength):
     m, clip, base = sd15
     shapes = unet_shapes(m.model)
