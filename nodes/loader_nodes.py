@@ -1,13 +1,13 @@
 """Loader and info nodes: apply TLoRA files from `models/loras` with strengths."""
 from __future__ import annotations
 
-import json
 import os
 
 import folder_paths
 from comfy_api.latest import io, ui
 
 from ..tlora.errors import TLoRAError
+from ..tlora.fileio import parse_json
 from . import apply
 
 CATEGORY = "loaders/TLoRA"
@@ -109,8 +109,8 @@ def describe(adapter_name: str) -> dict:
     path = resolve(adapter_name)
     adapters, metadata = apply.load_cached(path, adapter_name)
     try:
-        config = json.loads(metadata.get("tlora.config", "{}"))
-    except json.JSONDecodeError:
+        config = parse_json(metadata.get("tlora.config", "{}"))
+    except ValueError:
         config = {}
     kinds: dict[str, int] = {}
     for adapter in adapters.values():

@@ -139,6 +139,9 @@ class ModuleAdapter:
             if not isinstance(value, Tensor) or not value.is_floating_point():
                 raise self._fail(f"tensor {key!r} must be floating point (got "
                                  f"{getattr(value, 'dtype', type(value).__name__)})")
+            if value.numel() == 0:
+                # A rank-0 LoRA or a 0-wide core would load as a silent no-op.
+                raise self._fail(f"tensor {key!r} is empty (shape {tuple(value.shape)})")
             if not bool(torch.isfinite(value).all()):
                 raise self._fail(f"tensor {key!r} has NaN or infinite values")
         # Transform.

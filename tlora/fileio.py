@@ -1,17 +1,48 @@
 """Atomic file writes shared by the core and the trainer."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
+from typing import Any
+
+
+TEMP_PREFIX, TEMP_SUFFIX = ".tlora-", ".tmp"
+# A temp file this old is a leftover of a writer that was killed (writes take seconds).
+STALE_TEMP_S = 15 * 60
+
+
+def remove_stale_temps(folder: str, older_than_s: float = STALE_TEMP_S) -> list[str]:
+    """Delete our own temp files (`.tlora-*.tmp`) that a killed writer left in folder; returns their names."""
+    removed = []
+    now = time.time()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            if now - os.stat(full).st_mtime > older_than_s:
+                os.unlink(full)
+                removed.append(name)
+        except OSError:  # gone already, or not ours to delete
+            continue
+    return removed
 
 
 def atomic_write(path: str, data: bytes) -> None:
     """Write bytes beside the target, then rename over it: readers never see half a file.
 
-    An existing file's mode is kept (else rw-r--r--); the temp file is removed on any failure.
+    An existing file's mode is kept (else rw-r--r--); the temp file is removed on any failure,
+    and temp files a killed writer left behind earlier are cleared first.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tlora-", suffix=".tmp", dir=folder)
+    remove_stale_temps(folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -24,3 +55,16 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def parse_json(text: str | bytes) -> Any:
+    """json.loads that answers absurdly nested input with ValueError, never RecursionError.
+
+    A header, `tlora.config` or state sidecar nested thousands deep makes json's scanner
+    recurse past Python's limit; callers turn the ValueError into their one-line,
+    file-naming error like any other malformed JSON (json.JSONDecodeError is a ValueError).
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

@@ -22,7 +22,7 @@ from safetensors.torch import save as _st_save
 from . import arch as arch_mod
 from .adapter import SUFFIX_PATTERN, ModuleAdapter
 from .errors import TLoRAError, TLoRAFormatError
-from .fileio import atomic_write
+from .fileio import atomic_write, parse_json
 
 FORMAT_VERSION = "1"
 SUFFIX_MARK = ".tlora_"
@@ -93,9 +93,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     except OSError as exc:
         raise TLoRAFormatError(f"{path}: cannot read file ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise TLoRAFormatError(f"{path}: corrupted safetensors header (not valid JSON)") from None
+        header = parse_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise TLoRAFormatError(f"{path}: corrupted safetensors header (not valid JSON: {err})") from None
     if not isinstance(header, dict):
         raise TLoRAFormatError(f"{path}: corrupted safetensors header (not a JSON object)")
     data_bytes = size - 8 - length
@@ -152,9 +152,9 @@ def _parse_config(path: str, metadata: Mapping[str, str]) -> dict[str, Any]:
     if text is None:
         return {}
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError:
-        raise TLoRAFormatError(f"{path}: metadata tlora.config is not valid JSON") from None
+        config = parse_json(text)
+    except ValueError as err:
+        raise TLoRAFormatError(f"{path}: metadata tlora.config is not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise TLoRAFormatError(f"{path}: metadata tlora.config must be a JSON object")
     return config

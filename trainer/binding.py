@@ -19,7 +19,7 @@ from ..tlora.module import TLoRAModule
 from .data import Cond, Denoiser, TrainData
 from .runs import StepReport
 from .schedule import Schedule
-from .settings import TARGET_PRESETS, TrainingError, TrainSettings
+from .settings import TARGET_PRESETS, TrainingError, TrainSettings, derived_seed
 
 
 @dataclass
@@ -96,7 +96,7 @@ def adapter_group(root: nn.Module, prefix: str, settings: TrainSettings, text_en
     """Fresh adapters on the modules of root that the settings' targets preset names."""
     paths = select_targets(root, settings.targets, settings.with_convs and not text_encoder, text_encoder)
     return AdapterGroup(root, prefix, create_adapters(root, paths, settings.transform, settings.residual,
-                                                      settings.shapes, settings.seed + seed_offset, prefix))
+                                                      settings.shapes, derived_seed(settings.seed, seed_offset), prefix))
 
 
 @contextlib.contextmanager

@@ -99,10 +99,18 @@ def fit_image(image: Tensor, width: int, height: int) -> Tensor:
     return chw[0, :, top:top + height, left:left + width].movedim(0, -1).clamp(0, 1)
 
 
+# Below this a "photo" is an icon or a mistake (a 1x1 pixel upscaled to 512 trains on a flat colour).
+MIN_IMAGE_SIDE = 16
+
+
 def prepare_images(images: Sequence[Tensor], resolution: int, buckets: bool = False) -> list[Tensor]:
     """Each (H, W, C) image resized + center-cropped to the resolution (or its aspect bucket)."""
     out = []
-    for image in images:
+    for i, image in enumerate(images):
+        if min(int(image.shape[0]), int(image.shape[1])) < MIN_IMAGE_SIDE:
+            raise TrainingError(f"training image {i + 1} is {int(image.shape[1])}x{int(image.shape[0])} pixels: "
+                                f"too small to learn from (at least {MIN_IMAGE_SIDE} px a side; ideally about the "
+                                f"training resolution, {resolution})")
         width, height = choose_size(int(image.shape[1]), int(image.shape[0]), resolution, buckets)
         out.append(fit_image(image[..., :3], width, height))
     return out

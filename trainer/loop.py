@@ -40,7 +40,7 @@ from .data import Cond, Example, collate_conds, draw_batch
 from .optim import adamw, clip_gradients, fast_forward, lr_scheduler
 from .runs import RUNS, RunRegistry, StepReport, TrainResult
 from .sampling import PRECISION_DTYPES, autocast, class_examples, ddim_sample
-from .settings import TrainingError, TrainSettings, pick_precision
+from .settings import TrainingError, TrainSettings, derived_seed, pick_precision
 from .state import TrainState, load_resume, state_path_for
 
 
@@ -188,7 +188,7 @@ class Trainer:
         elif self._warm_start_step:
             # Weights only: keep counting from the file's steps so names/metadata stay honest.
             self.step = min(self._warm_start_step, cfg.steps)
-            generator.manual_seed(int(cfg.seed) + self.step)
+            generator.manual_seed(derived_seed(cfg.seed, self.step))
             fast_forward(scheduler, self.step)
         self._start_step = self.step
         self._generator = generator
@@ -398,7 +398,7 @@ class Trainer:
 
     def sample(self, amp_dtype: torch.dtype | None = None) -> Tensor:
         """A preview latent from the sample prompt with the adapters as they are now (fixed seed)."""
-        gen = torch.Generator().manual_seed(int(self.settings.seed) + 104729)
+        gen = torch.Generator().manual_seed(derived_seed(self.settings.seed, 104729))
         return ddim_sample(self.denoiser, self.schedule, self.data.sample_cond, self.data.sample_uncond,
                            (1, *self.data.sample_shape), self.settings.sample_steps, self.settings.sample_cfg, gen,
                            self.device, amp_dtype)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .data import Cond, Denoiser, Example, TrainData, collate_conds
 from .schedule import Schedule
-from .settings import TrainingError, TrainSettings
+from .settings import TrainingError, TrainSettings, derived_seed
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def class_examples(denoiser: Denoiser, schedule: Schedule, data: TrainData, sett
         if data.prior_cond is None or data.prior_shape is None:
             raise TrainingError("prior preservation needs a class prompt to generate class images")
         # A generator of its own: the same class images on resume, whatever the main RNG did.
-        gen = torch.Generator().manual_seed(int(settings.seed) + 7919)
+        gen = torch.Generator().manual_seed(derived_seed(settings.seed, 7919))
         for _ in range(missing):
             if interrupt_check is not None:
                 interrupt_check()  # class images take a while: Cancel works between them

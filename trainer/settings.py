@@ -237,3 +237,11 @@ def pick_precision(choice: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """A seed for a second stream (text encoder, previews, class images), wrapped into torch's range.
+
+    The node allows seeds up to 2**64 - 1; `seed + 1` past that overflowed torch's generator.
+    """
+    return (int(seed) + int(offset)) % (MAX_SEED + 1)

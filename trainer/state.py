@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..tlora import format as tformat
 from ..tlora.errors import TLoRAError
+from ..tlora.fileio import parse_json
 from .settings import TrainingError
 
 STATE_VERSION = "1"
@@ -86,7 +87,7 @@ class TrainState:
             tensors = _st_load(raw)
             if meta.get("tlora.state.version") != STATE_VERSION:
                 raise ValueError(f"unknown state version {meta.get('tlora.state.version')!r}")
-            plain = json.loads(meta["optimizer.plain_state"])
+            plain = parse_json(meta["optimizer.plain_state"])
             state: dict[int, dict[str, Any]] = {}
             for key, value in tensors.items():
                 if key.startswith("optim."):
@@ -95,13 +96,34 @@ class TrainState:
             for index, entry in plain.items():
                 state.setdefault(int(index), {}).update(entry)
             return cls(step=int(meta["step"]), run_token=meta["run_token"],
-                       optimizer={"state": state, "param_groups": json.loads(meta["optimizer.param_groups"])},
-                       scheduler=json.loads(meta["scheduler"]), generator=tensors["rng.generator"],
-                       param_names=json.loads(meta["param_names"]), scaler=json.loads(meta["scaler"]),
-                       extra=json.loads(meta["extra"]))
+                       optimizer={"state": state, "param_groups": parse_json(meta["optimizer.param_groups"])},
+                       scheduler=parse_json(meta["scheduler"]), generator=tensors["rng.generator"],
+                       param_names=parse_json(meta["param_names"]), scaler=parse_json(meta["scaler"]),
+                       extra=parse_json(meta["extra"]))
         except (OSError, KeyError, ValueError, TLoRAError) as err:
-            raise TrainingError(f"training state {path} is unreadable ({err}); delete it to continue "
+            # The file's own name, never the folder: messages reach the UI and the history.
+            name = os.path.basename(path)
+            reason = str(err).replace(path, name)
+            raise TrainingError(f"training state {name} is unreadable ({reason}); delete it to continue "
                                 f"from the adapter's weights only") from None
+
+
+def _check_same_kinds(file_name: str, key: str, asked: Any, found: Any) -> None:
+    """A resumed run trains what the file holds: refuse settings that ask for other kinds or shapes.
+
+    Following the file silently would write metadata (tlora.config) describing tensors the
+    file does not have.
+    """
+    for part in ("transform", "residual"):
+        want, have = str(getattr(asked, part)), str(getattr(found, part))
+        if want != have:
+            raise TrainingError(f"cannot resume from {file_name}: it was trained with {part} {have}, this run "
+                                f"asks for {want} (module {key}); set {part} to {have} to continue it, or "
+                                f"start a new run")
+    shapes = {k: tuple(v.shape) for k, v in asked.tensors.items()}
+    if shapes != {k: tuple(v.shape) for k, v in found.tensors.items()}:
+        raise TrainingError(f"cannot resume from {file_name}: its cores are factored differently from this "
+                            f"run's (module {key}: another `shapes` preset?); use the settings it was trained with")
 
 
 def load_resume(path: str, groups: Sequence[Any]) -> tuple[TrainState | None, int, str | None]:
@@ -110,7 +132,11 @@ def load_resume(path: str, groups: Sequence[Any]) -> tuple[TrainState | None, in
     Returns (the sidecar's state if it matches the file, the file's step count, a note when
     training goes on from the weights only).
     """
-    loaded = tformat.load(path)
+    try:
+        loaded = tformat.load(path)
+    except TLoRAError as err:  # the file's name only: the message reaches the UI and the history
+        raise TrainingError(f"cannot resume from {os.path.basename(path)}: "
+                            f"{str(err).replace(path, os.path.basename(path))}") from None
     for group in groups:
         for p in list(group.adapters):
             key = group.prefix + p
@@ -119,6 +145,7 @@ def load_resume(path: str, groups: Sequence[Any]) -> tuple[TrainState | None, in
                                     f"{key} (was it trained with other targets or on another model?)")
             adapter = loaded.adapters[key]
             adapter.check_fits(tuple(group.root.get_submodule(p).weight.shape))
+            _check_same_kinds(os.path.basename(path), key, group.adapters[p], adapter)
             group.adapters[p] = adapter
     extra = set(loaded.adapters) - {g.prefix + p for g in groups for p in g.adapters}
     if extra:

@@ -432,3 +432,58 @@ def test_gradient_checkpointing_with_a_cold_form_cache():
     for key, adapter in plain.adapters.items():
         for suffix, tensor in adapter.tensors.items():
             assert torch.allclose(ckpt.adapters[key].tensors[suffix], tensor, atol=1e-5), (key, suffix)
+
+
+def test_state_sidecar_with_deeply_nested_json_is_named_by_its_file_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+    first = run(TinyNet(), tmp_path, "deep.safetensors", steps=1)
+    sidecar = E.state_path_for(first.path)
+    tensors = load_file(sidecar)
+    meta = pack_module("tlora.format").read_metadata(sidecar)
+    meta["param_names"] = "[" * 200_000 + "]" * 200_000
+    save_file(tensors, sidecar, metadata=meta)
+    with pytest.raises(E.TrainingError, match="deep.tlora-state is unreadable.*nested too deeply") as err:
+        E.TrainState.read(sidecar)
+    assert str(tmp_path) not in str(err.value)
+
+
+def test_resume_from_a_plain_lora_names_the_file_not_its_folder(tmp_path):
+    from safetensors.torch import save_file
+    plain = tmp_path / "plain_lora.safetensors"
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(4, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 4)},
+              str(plain))
+    with pytest.raises(E.TrainingError, match="cannot resume from plain_lora.safetensors") as err:
+        run(TinyNet(), tmp_path, "x.safetensors", resume=str(plain), steps=1)
+    assert str(tmp_path) not in str(err.value)
+
+
+@pytest.mark.parametrize("changes, word", [({"residual": "lora:4"}, "residual tr:2"),
+                                           ({"transform": "trm:3"}, "transform trm:2")])
+def test_resume_with_other_kinds_is_refused_and_writes_nothing(tmp_path, changes, word):
+    """A tr:2 file resumed with residual lora:4 used to keep training tr:2 and write tlora.config saying lora:4."""
+    first = run(TinyNet(), tmp_path, "k.safetensors", steps=2)
+    before = open(first.path, "rb").read()
+    net = TinyNet()
+    kinds = {"transform": changes.get("transform", "trm:2"), "residual": changes.get("residual", "tr:2")}
+    groups = groups_for(net, **kinds)
+    with pytest.raises(E.TrainingError, match=f"cannot resume from k.safetensors: it was trained with {word}"):
+        E.Trainer(E.Binding(groups, denoiser_for(net), schedule(), make_data(), progress_bar=False),
+                  settings(steps=4, resume=first.path, **kinds), output_path=first.path).run()
+    assert open(first.path, "rb").read() == before
+    assert not any(type(m).__name__ == "TLoRAModule" for m in net.modules())
+
+
+def test_the_largest_seed_trains_a_second_group():
+    """seed = 2**64 - 1 (the node's maximum) with a second adapter group (the text encoder's, seed + 1)."""
+    net = TinyNet()
+    top = E.TrainSettings().replace(seed=0xFFFFFFFFFFFFFFFF, targets="attn", transform="trm:2", residual="tr:2")
+    unet = E.adapter_group(net.blocks[0], "diffusion_model.blocks.0.", top)
+    second = E.adapter_group(net.blocks[1], "text_encoders.fake.", top, seed_offset=1)
+    binding = E.Binding([unet, second], denoiser_for(net), schedule(), make_data(), progress_bar=False)
+    result = E.Trainer(binding, settings(steps=1, seed=0xFFFFFFFFFFFFFFFF)).run()
+    assert result.steps_done == 1 and any(k.startswith("text_encoders.") for k in result.adapters)
+
+
+def test_tiny_training_images_are_refused_by_number():
+    with pytest.raises(E.TrainingError, match="training image 2 is 1x1 pixels: too small"):
+        E.prepare_images([torch.rand(64, 64, 3), torch.rand(1, 1, 3)], 64)

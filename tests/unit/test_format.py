@@ -335,3 +335,55 @@ def test_format_doc_worked_example(tmp_path) -> None:
     assert torch.equal(adapter.patched_weight(w0), torch.tensor([[7.5, 2.25, 15, 4.5], [-0.5, -0.25, 3, 0.5]]))
     assert torch.equal(adapter.patched_weight(w0, 0.5),
                        torch.tensor([[4.25, 2.125, 7.5, 2.25], [-0.25, -0.125, 2, 0.75]]))
+
+
+def _deep(n: int = 200_000) -> str:
+    return "[" * n + "]" * n
+
+
+def test_deeply_nested_json_is_a_clear_error_naming_the_file(tmp_path):
+    """Nesting past Python's recursion limit in the header or in tlora.config: the usual one-line error."""
+    import struct
+    header = ('{"__metadata__":{},"x":' + _deep() + "}").encode()
+    bad = tmp_path / "deep_header.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(TLoRAFormatError, match="deep_header.safetensors.*nested too deeply"):
+        tlora.format.read_header(bad)
+    adapters = {"m": ModuleAdapter.create((8, 8), "trm:1", "lora:2")}
+    path = tmp_path / "deep_config.safetensors"
+    save_file(adapters, path)
+    from safetensors.torch import load_file as st_load
+    meta = read_metadata(path)
+    meta["tlora.config"] = _deep()
+    st_save_file(st_load(str(path)), str(path), metadata=meta)
+    with pytest.raises(TLoRAFormatError, match="deep_config.safetensors.*nested too deeply"):
+        load(path)
+
+
+@pytest.mark.parametrize("suffix, shape", [("tlora_r.up", (8, 0)), ("tlora_r.down", (0, 8)), ("tlora_t.0", (0, 0, 1, 1))])
+def test_zero_size_tensors_are_refused(tmp_path, suffix, shape):
+    """A rank-0 LoRA residual or a 0-wide core would load as a no-op; `inspect` would exit 0."""
+    tensors = dict(ModuleAdapter.create((8, 8), "trm:1", "lora:2").tensors)
+    if suffix == "tlora_r.down":
+        tensors["tlora_r.up"] = torch.zeros(8, 0)
+    tensors[suffix] = torch.zeros(shape)
+    with pytest.raises(TLoRAFormatError, match="is empty"):
+        ModuleAdapter(tensors, name="m")
+    path = tmp_path / "empty.safetensors"
+    st_save_file({f"{PREFIX}.{k}": v.contiguous() for k, v in tensors.items()}, str(path))
+    res = subprocess.run([sys.executable, "-m", "tlora", "inspect", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and "empty" in (res.stderr + res.stdout), (res.returncode, res.stdout, res.stderr)
+
+
+def test_temp_files_left_by_a_killed_writer_are_cleared_by_the_next_write(tmp_path):
+    import time as _time
+    old, fresh, other = tmp_path / ".tlora-abc.tmp", tmp_path / ".tlora-new.tmp", tmp_path / ".other.tmp"
+    for p in (old, fresh, other):
+        p.write_bytes(b"half a file")
+    past = _time.time() - 3600
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    atomic_write(str(tmp_path / "a.safetensors"), b"data")
+    assert not old.exists(), "a leftover of a killed write must go"
+    assert fresh.exists(), "a temp file being written right now must stay"
+    assert other.exists(), "files that are not ours are never touched"

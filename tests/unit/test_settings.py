@@ -70,3 +70,10 @@ def test_settings_are_frozen_and_replace_copies():
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.steps = 3  # type: ignore[misc]
     assert s.replace(steps=3).steps == 3 and s.steps == 500
+
+
+def test_derived_seeds_stay_in_torchs_range_at_the_nodes_maximum():
+    import torch
+    top = S.MAX_SEED
+    assert S.derived_seed(top, 1) == 0 and S.derived_seed(5, 1) == 6
+    torch.Generator().manual_seed(S.derived_seed(top, 104729))  # no "Overflow when unpacking long long"
