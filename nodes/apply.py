@@ -7,6 +7,7 @@ A file that does not fit is refused whole: it is never half-applied.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -141,18 +142,39 @@ def block_of(weight_key: str) -> str:
     return "other"
 
 
+def check_strengths(**strengths: float) -> None:
+    """Refuse NaN and infinite strengths (JSON NaN passes the host's min/max check): an all-black image otherwise."""
+    for name, value in strengths.items():
+        if value is not None and not math.isfinite(float(value)):
+            raise TLoRAError(f"{name} is {value}: strengths must be finite numbers")
+
+
 def parse_block_overrides(text: str) -> list[tuple[str, float]]:
     """`input_blocks.4=0.5, output_blocks.2=0` -> [(prefix, multiplier)], longest prefix first."""
     overrides = []
     for part in filter(None, (p.strip() for p in (text or "").replace("\n", ",").split(","))):
         name, sep, value = part.partition("=")
-        if not sep:
+        name = name.strip().removeprefix("diffusion_model.")
+        if not sep or not name:
             raise TLoRAError(f"block weight {part!r} must look like input_blocks.4=0.5")
         try:
-            overrides.append((name.strip().removeprefix("diffusion_model."), float(value)))
+            number = float(value)
         except ValueError:
             raise TLoRAError(f"block weight {part!r}: {value.strip()!r} is not a number") from None
+        if not math.isfinite(number):
+            raise TLoRAError(f"block weight {part!r}: {value.strip()!r} is not a finite number")
+        overrides.append((name, number))
     return sorted(overrides, key=lambda o: -len(o[0]))
+
+
+def check_overrides_exist(overrides: list[tuple[str, float]], weight_keys) -> None:
+    """Every override must name a block of the model (a typo would otherwise be ignored silently)."""
+    paths = [k.removeprefix("diffusion_model.") for k in weight_keys]
+    for prefix, _ in overrides:
+        base = prefix.rstrip(".")
+        if not any(p == base or p.startswith(base + ".") for p in paths):
+            raise TLoRAError(f"block weight {prefix!r} names no block of this model "
+                             f"(e.g. input_blocks.4, middle_block.1, output_blocks.2)")
 
 
 def block_multiplier(weights: Mapping[str, float], overrides: list[tuple[str, float]]) -> Callable[[str], float]:

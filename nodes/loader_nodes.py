@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 from ..tlora.errors import TLoRAError
 from ..tlora.fileio import parse_json
 from . import apply
+from .display import short_metadata, short_value
 
 CATEGORY = "loaders/TLoRA"
 
@@ -46,6 +47,7 @@ class TLoRALoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, adapter_name, strength_model, strength_clip) -> io.NodeOutput:
+        apply.check_strengths(strength_model=strength_model, strength_clip=strength_clip)
         new_model, new_clip = apply.apply_file(resolve(adapter_name), adapter_name, model, clip,
                                                strength_model, strength_clip)
         return io.NodeOutput(new_model, new_clip)
@@ -65,6 +67,7 @@ class TLoRALoaderModelOnly(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter_name, strength_model) -> io.NodeOutput:
+        apply.check_strengths(strength_model=strength_model)
         new_model, _ = apply.apply_file(resolve(adapter_name), adapter_name, model, None, strength_model)
         return io.NodeOutput(new_model)
 
@@ -91,9 +94,12 @@ class TLoRABlockWeights(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter_name, strength_model, input_blocks, middle_block, output_blocks,
                 other, overrides="") -> io.NodeOutput:
+        apply.check_strengths(strength_model=strength_model, input_blocks=input_blocks, middle_block=middle_block,
+                              output_blocks=output_blocks, other=other)
+        parsed = apply.parse_block_overrides(overrides)
+        apply.check_overrides_exist(parsed, model.model.state_dict().keys())
         multiplier = apply.block_multiplier(
-            {"input": input_blocks, "middle": middle_block, "output": output_blocks, "other": other},
-            apply.parse_block_overrides(overrides))
+            {"input": input_blocks, "middle": middle_block, "output": output_blocks, "other": other}, parsed)
         path = resolve(adapter_name)
         if strength_model == 0:
             return io.NodeOutput(model)
@@ -116,11 +122,11 @@ def describe(adapter_name: str) -> dict:
     for adapter in adapters.values():
         kind = f"{adapter.transform} + {adapter.residual}"
         kinds[kind] = kinds.get(kind, 0) + 1
-    training = {k: v for k, v in metadata.items() if k.startswith(("tlora.train.", "ss_"))}
+    training = short_metadata({k: v for k, v in metadata.items() if k.startswith(("tlora.train.", "ss_"))})
     return {"name": adapter_name, "file_bytes": os.path.getsize(path), "modules": len(adapters),
             "params": sum(a.num_params() for a in adapters.values()), "kinds": kinds,
             "architecture": metadata.get("modelspec.architecture", "unknown"),
-            "title": metadata.get("modelspec.title", ""), "config": config, "training": training}
+            "title": short_value(metadata.get("modelspec.title", "")), "config": config, "training": training}
 
 
 def describe_text(info: dict) -> str:

@@ -18,6 +18,7 @@ import folder_paths
 from aiohttp import web
 
 from ..trainer import previews
+from .display import ABS_PATH, short_metadata
 
 log = logging.getLogger("ComfyUI-TLoRA")
 
@@ -25,10 +26,6 @@ PREFIX = "/tlora"
 # Run ids the trainer makes: "<unix time>-<hex>" (ComfyUI glue) or 12 hex digits (engine default).
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_NAME = 512
-# Metadata values longer than this (kohya's tag frequencies, hashes of datasets) bloat the card.
-_MAX_META_VALUE = 400
-# An absolute path fragment in an error message (POSIX or Windows drive): never sent out.
-_ABS_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]*[\\/][^\s'\"]*")
 _registered = False
 
 
@@ -88,7 +85,7 @@ def public_file_name(path: Any) -> str | None:
 def scrub_message(text: str, path: str, name: str) -> str:
     """An error message with the file's path replaced by its name; generic if any other path remains."""
     out = str(text).replace(path, name)
-    return "this file could not be read" if _ABS_PATH.search(out) else out[:300]
+    return "this file could not be read" if ABS_PATH.search(out) else out[:300]
 
 
 def jsonable(value: Any) -> Any:
@@ -105,17 +102,6 @@ def jsonable(value: Any) -> Any:
 
 
 # ----- adapter info -------------------------------------------------------------------------
-def _short_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
-    """Training metadata for the card: long values cut, anything path-like left out."""
-    out = {}
-    for key, value in meta.items():
-        text = str(value)
-        if key.endswith(("path", "save_error")) or _ABS_PATH.fullmatch(text):
-            continue
-        out[key] = text if len(text) <= _MAX_META_VALUE else text[:_MAX_META_VALUE] + "…"
-    return out
-
-
 def _plain_file_info(name: str, real: str) -> dict[str, Any]:
     """What we can tell about an adapter that is not TLoRA (LoRA, LoHa, ...: the block-weight node takes them)."""
     info: dict[str, Any] = {"name": name, "tlora": False, "file_bytes": os.path.getsize(real)}
@@ -128,7 +114,7 @@ def _plain_file_info(name: str, real: str) -> dict[str, Any]:
             info["architecture"] = meta.get("modelspec.architecture") or meta.get("ss_base_model_version") or "unknown"
             keep = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
                     "ss_resolution", "ss_max_train_steps", "ss_steps", "ss_output_name", "ss_training_comment")
-            info["training"] = _short_metadata({k: meta[k] for k in keep if k in meta})
+            info["training"] = short_metadata({k: meta[k] for k in keep if k in meta})
         except Exception:  # a broken file still gets its size on the card
             info["architecture"] = "unknown"
     return info
@@ -147,7 +133,7 @@ def adapter_info(name: str) -> dict[str, Any]:
         raise Refused(422, scrub_message(str(err), real, name)) from None
     info = dict(info)
     info["tlora"] = True
-    info["training"] = _short_metadata(info.get("training", {}))
+    info["training"] = short_metadata(info.get("training", {}))
     info["partial"] = info["training"].get("tlora.train.partial") == "true"
     return jsonable(info)
 
@@ -203,7 +189,7 @@ def _public_message(value: Any) -> str | None:
     if value is None:
         return None
     text = str(value)[:500]
-    return _ABS_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "…", text)
+    return ABS_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "…", text)
 
 
 def public_run(run: Mapping[str, Any], with_history: bool = True, since: int = 0) -> dict[str, Any]:

@@ -170,6 +170,7 @@ class TLoRAApplyAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, strength_model, clip=None, strength_clip=1.0) -> io.NodeOutput:
+        apply.check_strengths(strength_model=strength_model, strength_clip=strength_clip)
         new_model, new_clip = apply_payload(adapter, model, clip, strength_model, strength_clip)
         return io.NodeOutput(new_model, new_clip)
 

@@ -433,3 +433,52 @@ def test_text_encoder_strength_clip_and_prefix_styles(tm, sd15, loras_dir, style
     only = tlora_model_only(m.patcher, name, 0.8)
     assert set(only.patches) == set(unet_keys)
     assert_all_base(tm.state_fingerprint(clip.cond_stage_model), clip_base, "CLIP after unpatching")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_strengths_are_refused_by_every_loader(sd15, loras_dir, bad):
+    """JSON NaN passes the host's min/max check: each of our loaders refuses it, naming the input."""
+    from tlora.errors import TLoRAError
+    m, clip, base = sd15
+    R.write_tlora(loras_dir / "nan.safetensors", R.random_adapters(unet_shapes(m.model, convs=False), seed=21))
+    calls = {
+        "TLoRALoader": dict(model=m.patcher, clip=clip, adapter_name="nan.safetensors", strength_model=bad,
+                            strength_clip=1.0),
+        "TLoRALoaderModelOnly": dict(model=m.patcher, adapter_name="nan.safetensors", strength_model=bad),
+        "TLoRABlockWeights": dict(model=m.patcher, adapter_name="nan.safetensors", strength_model=1.0,
+                                  **{**BLOCKS, "middle_block": bad}),
+    }
+    for node, kwargs in calls.items():
+        with pytest.raises(Exception, match="must be finite numbers") as err:
+            loader(node).execute(**kwargs)
+        assert isinstance(err.value, (TLoRAError, R.pack("tlora.errors").TLoRAError)), node
+    assert_all_base(tm_state(m), base, "after refused strengths")
+
+
+def tm_state(m):
+    from harness import tiny_models
+    return tiny_models.state_fingerprint(m.model)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("input_blocks.1=1e400", "not a finite number"), ("input_blocks.1=nan", "not a finite number"),
+    ("=0.5", "must look like"), ("input_blocks.99=0.5", "names no block of this model"),
+    ("imput_blocks.1=0.5", "names no block of this model")])
+def test_bad_block_overrides_are_refused(sd15, loras_dir, overrides, message):
+    m, _, _ = sd15
+    R.write_tlora(loras_dir / "blocks_ov.safetensors", R.random_adapters(unet_shapes(m.model, convs=False), seed=22))
+    with pytest.raises(Exception, match=message):
+        loader("TLoRABlockWeights").execute(model=m.patcher, adapter_name="blocks_ov.safetensors", strength_model=1.0,
+                                            overrides=overrides, **BLOCKS)
+
+
+def test_info_node_cuts_huge_metadata(sd15, loras_dir):
+    """A 2 MB ss_training_comment used to come back whole in the node's text, its STRING and /history."""
+    m, _, _ = sd15
+    adapters = R.random_adapters(unet_shapes(m.model, convs=False), seed=23)
+    R.write_tlora(loras_dir / "huge_meta.safetensors", adapters,
+                  metadata={"ss_training_comment": "x" * 2_000_000, "tlora.train.steps": "5"})
+    out = loader("TLoRAInfo").execute(adapter_name="huge_meta.safetensors")
+    text = out.result[0]
+    assert len(text) < 20_000 and "x" * 400 + "…" in text and "tlora.train.steps" in text
+    assert len(str(out.ui)) < 40_000
