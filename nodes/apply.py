@@ -30,13 +30,26 @@ class TLoRAApplyError(TLoRAError):
     """A TLoRA file that cannot be applied: unreadable, invalid, or not fitting the model."""
 
 
+def file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    """(mtime, ctime, size, inode) of a file: changes whenever its content may have (None if unreadable).
+
+    inode: atomic replaces; ctime: an in-place rewrite that restores mtime (utime cannot set
+    ctime). The loaders report it to ComfyUI so a changed file re-runs them (the host never
+    re-runs a node whose inputs did not change), and key their own cache with it.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)
+
+
 def load_cached(path: str, label: str | None = None) -> tuple[dict[str, ModuleAdapter], dict[str, str]]:
-    """load_file + read_metadata, cached by (mtime, size, inode) so re-queues are instant.
+    """load_file + read_metadata, cached by the file's stamp so re-queues are instant.
 
     Errors name the file by `label` (its name in the loras list) instead of the full path.
     """
-    stat = os.stat(path)
-    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)  # inode: rewrites are atomic replaces
+    stamp = file_stamp(path)
     with _cache_lock:
         hit = _cache.get(path)
         if hit is not None and hit[0] == stamp:

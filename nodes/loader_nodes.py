@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import folder_paths
 from comfy_api.latest import io, ui
@@ -26,6 +27,18 @@ def resolve(adapter_name: str) -> str:
     return folder_paths.get_full_path_or_raise("loras", adapter_name)
 
 
+def file_fingerprint(adapter_name: str) -> Any:
+    """What ComfyUI compares to decide whether a loader runs again: the name and the file's stamp.
+
+    The host re-runs a node only when its inputs change; a file replaced on disk (a periodic
+    save, a resume into the same name) must count as a change.
+    """
+    try:
+        return (adapter_name, apply.file_stamp(resolve(adapter_name)))
+    except TLoRAError:
+        return (adapter_name, None)  # execute() says what is wrong
+
+
 def _strength(name: str, tooltip: str) -> io.Float.Input:
     return io.Float.Input(name, default=1.0, min=-100.0, max=100.0, step=0.01, tooltip=tooltip)
 
@@ -46,6 +59,11 @@ class TLoRALoader(io.ComfyNode):
             outputs=[io.Model.Output(), io.Clip.Output()])
 
     @classmethod
+    def fingerprint_inputs(cls, adapter_name, **kwargs) -> Any:
+        """The file's stamp: a replaced file re-runs this node."""
+        return file_fingerprint(adapter_name)
+
+    @classmethod
     def execute(cls, model, clip, adapter_name, strength_model, strength_clip) -> io.NodeOutput:
         apply.check_strengths(strength_model=strength_model, strength_clip=strength_clip)
         new_model, new_clip = apply.apply_file(resolve(adapter_name), adapter_name, model, clip,
@@ -64,6 +82,11 @@ class TLoRALoaderModelOnly(io.ComfyNode):
             inputs=[io.Model.Input("model"), io.Combo.Input("adapter_name", options=lora_names()),
                     _strength("strength_model", "Strength on the diffusion model.")],
             outputs=[io.Model.Output()])
+
+    @classmethod
+    def fingerprint_inputs(cls, adapter_name, **kwargs) -> Any:
+        """The file's stamp: a replaced file re-runs this node."""
+        return file_fingerprint(adapter_name)
 
     @classmethod
     def execute(cls, model, adapter_name, strength_model) -> io.NodeOutput:
@@ -90,6 +113,11 @@ class TLoRABlockWeights(io.ComfyNode):
                                    tooltip="Weights outside the three block groups (time embedding, out)."),
                     io.String.Input("overrides", default="", multiline=True, optional=True)],
             outputs=[io.Model.Output()])
+
+    @classmethod
+    def fingerprint_inputs(cls, adapter_name, **kwargs) -> Any:
+        """The file's stamp: a replaced file re-runs this node."""
+        return file_fingerprint(adapter_name)
 
     @classmethod
     def execute(cls, model, adapter_name, strength_model, input_blocks, middle_block, output_blocks,
@@ -155,6 +183,11 @@ class TLoRAInfo(io.ComfyNode):
                         "training metadata.",
             inputs=[io.Combo.Input("adapter_name", options=lora_names())],
             outputs=[io.String.Output(display_name="info")], is_output_node=True)
+
+    @classmethod
+    def fingerprint_inputs(cls, adapter_name, **kwargs) -> Any:
+        """The file's stamp: a replaced file re-runs this node."""
+        return file_fingerprint(adapter_name)
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:

@@ -5,6 +5,7 @@ there is one input here, with its type, default, range, options and help text.
 """
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import folder_paths
@@ -120,6 +121,15 @@ class TLoRATrain(io.ComfyNode):
                 io.String.Output(display_name="file_name"),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt])
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> Any:
+        """Never the same: queuing a training graph again trains again (into a new file name).
+
+        ComfyUI would otherwise reuse the cached outputs of an identical graph and report
+        success with no run and, if the file was deleted meanwhile, no file.
+        """
+        return uuid.uuid4().hex
 
     @classmethod
     def execute(cls, model, clip, vae, images, captions=None, class_images=None, **values) -> io.NodeOutput:

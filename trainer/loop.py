@@ -190,6 +190,10 @@ class Trainer:
             self.step = min(self._warm_start_step, cfg.steps)
             generator.manual_seed(derived_seed(cfg.seed, self.step))
             fast_forward(scheduler, self.step)
+        if self.resume_path and self.step >= cfg.steps:
+            # Nothing to train: saying so beats a "successful" run that changed nothing.
+            raise TrainingError(f"{os.path.basename(self.resume_path)} has already been trained for {self.step} of "
+                                f"{cfg.steps} steps: set steps higher to train it further")
         self._start_step = self.step
         self._generator = generator
         self._gen_state = generator.get_state()

@@ -218,3 +218,71 @@ def test_ui_workflow_runs_over_http_via_the_demo(comfy_server, harness_checkpoin
     api = json.loads((tmp_path / "out" / "workflow_api.json").read_text())
     assert {v["class_type"] for v in api.values()} >= {"TLoRALoader", "TLoRAInfo", "KSampler", "SaveImage"}
     assert demo.side_by_side(images, tmp_path / "sheet.png").is_file()
+
+
+# --------------------------------------------------------------------------- nothing stale
+
+@pytest.mark.parametrize("how", ["atomic_replace", "in_place_same_mtime"])
+def test_a_replaced_adapter_is_used_by_the_next_prompt(comfy_server, harness_checkpoint, how, tmp_path):
+    """Prompt N uses file A; A is replaced on disk; prompt N+1 (same graph, new seed) must use the new file.
+
+    The host never re-runs a node whose inputs did not change: the loaders report the file's
+    stamp. The in-place rewrite keeps inode, size and mtime: only ctime tells.
+    """
+    import os
+    import shutil
+    import numpy as np
+    demo = demo_module()
+    loras = comfy_server.loras_dir
+    name, ref = f"srv_replaced_{how}.safetensors", f"srv_replaced_ref_{how}.safetensors"
+    demo.make_adapter(harness_checkpoint, loras / name, seed=11)
+    other = demo.make_adapter(harness_checkpoint, tmp_path / "other.safetensors", seed=12)
+    shutil.copyfile(other, loras / ref)
+
+    def pixels(adapter: str, seed: int, prefix: str):
+        base = graphs.txt2img(HARNESS_CKPT_NAME, negative=None, steps=1, cfg=1.0, output="SaveImage",
+                              filename_prefix=prefix, seed=seed)
+        entry = comfy_server.run(with_loader(base, adapter, 1.0, prefix), timeout=180)
+        assert history_ok(entry), history_error(entry)
+        return saved_pixels(comfy_server, entry)
+    first = pixels(name, 1, f"rep_a_{how}")
+    stat = os.stat(loras / name)
+    if how == "atomic_replace":
+        shutil.copyfile(other, loras / f".{name}.new")
+        os.replace(loras / f".{name}.new", loras / name)
+    else:
+        data = other.read_bytes()
+        assert len(data) == stat.st_size, "same shapes and metadata length: the same size"
+        with open(loras / name, "r+b") as f:
+            f.write(data)
+        os.utime(loras / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        now = os.stat(loras / name)
+        assert (now.st_ino, now.st_size, now.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    after = pixels(name, 2, f"rep_b_{how}")
+    expected = pixels(ref, 2, f"rep_ref_{how}")
+    assert np.array_equal(after, expected), "the next prompt must use the file now on disk"
+    assert not np.array_equal(first, pixels(name, 1, f"rep_c_{how}")), "and the old one is gone from the cache"
+
+
+def test_queuing_a_training_graph_again_trains_again(comfy_server):
+    """Two identical prompts used to give one run and one file; a deleted file was never written again."""
+    from tests.host.test_train import _server_train_graph
+    comfy_server.assert_pack_imported()
+    graph = _server_train_graph(steps=2, output_name="srv_again", save_every=0, transform="none", residual="lora:1")
+    loras = comfy_server.loras_dir
+    for expected in ("srv_again.safetensors", "srv_again_2.safetensors"):
+        entry = comfy_server.run(graph, timeout=300)
+        assert history_ok(entry), history_error(entry)
+        assert (loras / expected).is_file(), sorted(p.name for p in loras.iterdir())
+    for f in loras.glob("srv_again*"):
+        f.unlink()
+    entry = comfy_server.run(graph, timeout=300)
+    assert history_ok(entry), history_error(entry)
+    assert (loras / "srv_again.safetensors").is_file(), "a deleted file is trained and written again"
+    # A resume graph queued again: the file is complete, so the prompt fails saying why (never a silent success).
+    resume = _server_train_graph(steps=2, output_name="srv_again", save_every=0, transform="none",
+                                 residual="lora:1", resume="srv_again.safetensors")
+    entry = comfy_server.run(resume, timeout=300)
+    assert not history_ok(entry)
+    assert "already been trained for 2 of 2 steps" in history_error(entry)["exception_message"]
+    assert comfy_server.alive()
