@@ -74,9 +74,11 @@ class TLoRAWeightAdapter(WeightAdapterBase):
         try:
             adapter = ModuleAdapter(mine, name=x)
         except TLoRAError as err:
-            # The registry has no error channel: say why loudly; our own loader raises instead.
-            log.error("TLoRA: %s (module not applied; the TLoRA loader nodes refuse such files)", err)
-            return None
+            # A broken module fails the stock loader's prompt with the reason, as our loaders do:
+            # skipping it (the registry's habit) applied the rest of the file and said so only in
+            # the server log. (A module that does not fit its weight shows only at patch time:
+            # see calculate_weight.)
+            raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
         keys = {prefix + s for s in mine}
         if loaded_keys is not None:
             loaded_keys.update(keys)
