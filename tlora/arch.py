@@ -282,3 +282,21 @@ def module_path_from_kohya(name: str, arch: str) -> str | None:
     against the architecture's table rather than by string rewriting.
     """
     return kohya_map(arch).get(name)
+
+
+def aliases(module_path: str) -> set[str]:
+    """Other names ComfyUI maps to the same weight as a generic module path (its kohya-style names).
+
+    A file holding one module under two names (`diffusion_model.x.to_q` and
+    `lora_unet_x_to_q`) would have one copy applied by one loader and the other by another.
+    """
+    out = set()
+    if module_path.startswith(UNET_PREFIX):
+        out.add("lora_unet_" + module_path[len(UNET_PREFIX):].replace(".", "_"))
+    elif module_path.startswith(TE_PREFIX):
+        for arch in ARCHS:
+            try:
+                out.add(kohya_name(module_path, arch))
+            except ValueError:
+                continue
+    return out

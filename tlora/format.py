@@ -205,6 +205,10 @@ def load(path: str | os.PathLike) -> TLoRAFile:
     for key in keys:
         prefix, suffix = split_key(key)
         grouped.setdefault(prefix, {})[suffix] = tensors[key]
+    twice = duplicate_modules(grouped)
+    if twice:
+        raise TLoRAFormatError(f"{path}: module {twice[0][0]} is given twice (also as {twice[0][1]}); loaders "
+                               f"would apply one copy or the other: keep one name per module")
     adapters = {}
     for prefix, group in grouped.items():
         adapter = ModuleAdapter(group, name=prefix)
@@ -214,6 +218,12 @@ def load(path: str | os.PathLike) -> TLoRAFile:
         adapters[prefix] = adapter
     _check_against_arch(adapters, config.get("arch"))
     return TLoRAFile(adapters, metadata, config, path, size)
+
+
+def duplicate_modules(prefixes: Iterable[str]) -> list[tuple[str, str]]:
+    """(generic name, other name) of each module a file names twice (e.g. generic and kohya-style)."""
+    names = set(prefixes)
+    return sorted((p, alias) for p in names for alias in arch_mod.aliases(p) if alias in names)
 
 
 def load_file(path: str | os.PathLike) -> dict[str, ModuleAdapter]:

@@ -344,3 +344,20 @@ def test_executor_reports_the_error_and_runs_the_next_prompt(comfy_host, host_ch
     assert res.ok, res.describe()
     assert not torch.equal(res.outputs["sampler"][0]["samples"], first.outputs["sampler"][0]["samples"])
     ch.free_models()
+
+
+def test_one_module_given_twice_is_refused_by_both_loaders(sd15, loras_dir):
+    """kohya `lora_unet_...` and generic `diffusion_model....` names of one weight: our loader applied one
+    copy and the stock loader the other (different images)."""
+    m, base = sd15
+    shapes = unet_shapes(m.model, convs=False)
+    sd = good_state(shapes, seed=6)
+    generic = next(iter(shapes))
+    kohya = "lora_unet_" + generic[len("diffusion_model."):].replace(".", "_")
+    sd.update({f"{kohya}.{k.rsplit('.tlora_', 1)[1] and 'tlora_' + k.rsplit('.tlora_', 1)[1]}": v.clone()
+               for k, v in sd.items() if k.startswith(generic + ".")})
+    raw_tlora(loras_dir / "twice.safetensors", sd)
+    for load in (stock_model_only, tlora_model_only):
+        with pytest.raises(Exception, match=f"{generic} is given twice"):
+            load(m.patcher, "twice.safetensors", 1.0)
+    assert_all_base(R.patched_weights(m.patcher), base, "after refusing a module given twice")

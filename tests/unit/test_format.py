@@ -387,3 +387,19 @@ def test_temp_files_left_by_a_killed_writer_are_cleared_by_the_next_write(tmp_pa
     assert not old.exists(), "a leftover of a killed write must go"
     assert fresh.exists(), "a temp file being written right now must stay"
     assert other.exists(), "files that are not ours are never touched"
+
+
+@pytest.mark.parametrize("other", ["lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k",
+                                   "lora_te_text_model_encoder_layers_0_self_attn_q_proj"])
+def test_one_module_under_two_names_is_refused(tmp_path, other):
+    """Generic and kohya-style names of one weight: loaders would apply one copy or the other."""
+    generic = PREFIX if other.startswith("lora_unet_") else \
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    adapter = ModuleAdapter.create((320, 320), "trm:2", "lora:2")
+    sd = {f"{p}.{k}": v.clone() for p in (generic, other) for k, v in adapter.tensors.items()}
+    path = tmp_path / "twice.safetensors"
+    st_save_file(sd, str(path))
+    with pytest.raises(TLoRAFormatError, match=f"module {generic} is given twice.*{other}"):
+        load(path)
+    res = subprocess.run([sys.executable, "-m", "tlora", "inspect", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and "given twice" in (res.stdout + res.stderr)
