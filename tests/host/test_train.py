@@ -600,18 +600,23 @@ def test_dataset_loader_graph(comfy_host, host_checkpoint, loras_dir):
     assert (record["node"], record["prompt_id"], record["file_name"]) == ("train", res.prompt_id, file_name)
 
 
-@pytest.mark.server
-def test_samples_during_training_over_http(comfy_server):
-    """sample_every in the real server: previews on the progress bar and in events, training finishes."""
-    comfy_server.assert_pack_imported()
-    graph = _server_train_graph(steps=4, output_name="http_sample", sample_every=2, save_every=0)
+def _train_over_http(comfy_server, graph: dict) -> tuple[str, list, list, list]:
+    """Queue a training prompt with a websocket listening: (prompt id, messages, tlora.train events, step events)."""
     with comfy_server.events() as ev:
         pid = comfy_server.post_prompt(graph, client_id=ev.client_id)
         end = ev.wait_done(pid, timeout=300)
         messages = list(ev.messages)
     assert end["type"] == "execution_success", (end, comfy_server.log_tail(40))
     events = [m["data"] for m in messages if m.get("type") == "tlora.train"]
-    steps = [e for e in events if "status" not in e]
+    return pid, messages, events, [e for e in events if "status" not in e]
+
+
+@pytest.mark.server
+def test_samples_during_training_over_http(comfy_server):
+    """sample_every in the real server: previews on the progress bar and in events, training finishes."""
+    comfy_server.assert_pack_imported()
+    graph = _server_train_graph(steps=4, output_name="http_sample", sample_every=2, save_every=0)
+    pid, messages, events, steps = _train_over_http(comfy_server, graph)
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     sampled = {e["step"]: e["sample"] for e in steps if "sample" in e}
     assert sorted(sampled) == [2, 4], sampled
@@ -668,13 +673,7 @@ def test_every_step_reaches_the_panel_when_the_host_throttles_progress(comfy_ser
     comfy_server.assert_pack_imported()
     graph = _server_train_graph(steps=24, output_name="http_many", sample_every=12, save_every=0,
                                 transform="none", residual="lora:1")
-    with comfy_server.events() as ev:
-        pid = comfy_server.post_prompt(graph, client_id=ev.client_id)
-        end = ev.wait_done(pid, timeout=300)
-        messages = list(ev.messages)
-    assert end["type"] == "execution_success", (end, comfy_server.log_tail(40))
-    events = [m["data"] for m in messages if m.get("type") == "tlora.train"]
-    steps = [e for e in events if "status" not in e]
+    pid, messages, events, steps = _train_over_http(comfy_server, graph)
     assert [e["step"] for e in steps] == list(range(1, 25))
     assert all(math.isfinite(e["loss"]) and e["steps"] == 24 for e in steps)
     assert sorted(e["step"] for e in steps if "sample" in e) == [12, 24]
