@@ -279,24 +279,33 @@ class Builtin:
         self.env, self.ex, self.steps_per_call, self.clock, self.dtype = env, ex, steps_per_call, clock, dtype
         self.times: list[float] = []
 
+    _original_fwd_bwd: Any = None  # TrainSampler's own, kept once (two runners must not wrap it twice)
+
     def setup(self) -> None:
-        import comfy.utils
         import comfy_extras.nodes_train as nt
         self.nt = nt
-        original = nt.TrainSampler.fwd_bwd
+        if Builtin._original_fwd_bwd is None:
+            Builtin._original_fwd_bwd = nt.TrainSampler.fwd_bwd
+        original = Builtin._original_fwd_bwd
         marks = self.marks = {}
 
         def timed_fwd_bwd(sampler: Any, *args: Any, **kwargs: Any) -> Any:
             sync(self.env["device"])
             marks.setdefault("start", self.clock())
             return original(sampler, *args, **kwargs)
-        nt.TrainSampler.fwd_bwd = timed_fwd_bwd
+        self._timed_fwd_bwd = timed_fwd_bwd
 
         def hook(value: Any, total: Any, preview: Any, node_id: Any = None, prompt_id: Any = None) -> None:
             sync(self.env["device"])  # the bar moves right after optimizer.step()
             if "start" in marks:
                 self.times.append(self.clock() - marks.pop("start"))
-        comfy.utils.set_progress_bar_global_hook(hook)
+        self._hook = hook
+
+    def _install(self) -> None:
+        """This runner's timing hooks (each Builtin runner times its own calls)."""
+        import comfy.utils
+        self.nt.TrainSampler.fwd_bwd = self._timed_fwd_bwd
+        comfy.utils.set_progress_bar_global_hook(self._hook)
 
     def step(self) -> None:
         import torch
@@ -314,6 +323,7 @@ class Builtin:
                       existing_lora=["[None]"])
         if "bypass_mode" in inspect.signature(node.execute).parameters:  # 0.12's V3 node: two more inputs
             inputs.update(bucket_mode=[False], bypass_mode=[False])
+        self._install()
         with torch.inference_mode():  # as ComfyUI's executor runs it
             node.execute(**inputs)
         # Its weight wrappers stay on the modules until the next load: load the plain model.
