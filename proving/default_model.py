@@ -12,8 +12,16 @@ here on `proving.procedural` images, as narrow twins that are embedded exactly a
 
 Stages (each cached in the work folder, the two training stages resumable from periodic
 checkpoints): text (captions -> conditionings through ComfyUI's checkpoint loader and CLIP code),
-vae, latents, unet, export. Everything is seeded; for a fixed thread count a rebuild is
-bit-identical. A finished build is recognised by its manifest and returned at once.
+vae, latents, unet, export. A finished build is recognised by its manifest and returned at once.
+
+What the weights depend on (measured: each of these changes them in the last bits, and training
+amplifies that into a different model): the config (seed, steps...), torch's intra-op thread count
+(reductions split by thread), the CPU kernel level (AVX-512 and AVX2 kernels round differently)
+and the torch/MKL/oneDNN build. So the build pins what it can: one intra-op thread unless
+`threads` says otherwise (part of the cache key; TLORA_TORCH_THREADS is not read here), and
+AVX2 kernels (`PINNED_NUMERICS`, set by scripts/build_default_model.py before torch loads).
+With those, the tensors are bit-identical on any x86-64 CPU with AVX2 for one torch build; the
+manifest and the checkpoint's metadata record the numerics used and a digest of the tensors.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -35,10 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = ROOT / ".cache" / "default_model"
 DEFAULT_NAME = "tlora-proving-sd15.safetensors"
 TINY_NAME = "tlora-proving-sd15-tiny.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: AVX2-pinned kernels and the thread count in the config
 LATENT_SCALE = 0.18215  # SD1.5 latent format's scale factor (comfy.latent_formats.SD15)
 THUMB_GAIN = 3.0        # latent channels 0-2 ~ (8x8 mean colour - 0.5) * gain (unit-ish spread)
 SAVE_EVERY_S = 60.0     # a training stage writes its resume checkpoint at least this often
+# Kernel paths every x86-64 CPU since 2013 has (ATen's vectorised kernels, MKL's BLAS, oneDNN's
+# convolutions): an AVX-512 machine then computes what an AVX2 one does. Read once, at torch's import.
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -69,22 +81,27 @@ class BuildConfig:
     cond_dropout: float = 0.1
     offset_noise: float = 0.1
     ema_decay: float = 0.995
+    threads: int = 1
 
     @classmethod
-    def make(cls, minutes: Optional[float] = None, tiny: bool = False, seed: int = 0) -> "BuildConfig":
+    def make(cls, minutes: Optional[float] = None, tiny: bool = False, seed: int = 0,
+             threads: int = 1) -> "BuildConfig":
         """The default build, scaled to `minutes` on the reference machine (2 shared CPU cores), or the tiny one.
 
         Minutes set step counts, not a clock: the same arguments always give the same model.
         """
+        if int(threads) < 1:
+            raise ValueError(f"--threads must be at least 1 (got {threads})")
         if tiny:
             return cls(seed=seed, minutes=0.0, tiny=True, unet_width=32, vae_width=16, captions=12,
-                       per_caption=2, vae_images=64, vae_steps=6, vae_batch=4, unet_steps=8, unet_batch=4)
+                       per_caption=2, vae_images=64, vae_steps=6, vae_batch=4, unet_steps=8, unet_batch=4,
+                       threads=int(threads))
         m = cls.minutes if minutes is None else float(minutes)
         if m <= 0:
             raise ValueError(f"--minutes must be positive (got {m})")
         scale = m / cls.minutes
         return cls(seed=seed, minutes=m, vae_steps=max(20, round(cls.vae_steps * scale)),
-                   unet_steps=max(40, round(cls.unet_steps * scale)))
+                   unet_steps=max(40, round(cls.unet_steps * scale)), threads=int(threads))
 
     def key(self) -> str:
         """Short hash of the config and the format version (names the work folder)."""
@@ -478,6 +495,24 @@ def default_path(tiny: bool = False, cache_dir: Optional[Path] = None) -> Path:
     return Path(cache_dir or CACHE_DIR) / (TINY_NAME if tiny else DEFAULT_NAME)
 
 
+def numerics() -> dict:
+    """What this process computes with: torch build, CPU kernel level, threads, the pinning variables."""
+    torch = _torch()
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            **{k: os.environ.get(k, "") for k in PINNED_NUMERICS}}
+
+
+def tensor_digest(sd: dict) -> str:
+    """sha256 over names, dtypes, shapes and bytes in name order (the file's header order is not fixed)."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(_torch().uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def manifest_path(out: Path) -> Path:
     """The JSON manifest beside a built model."""
     return out.with_suffix(".json")
@@ -501,16 +536,21 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
     """Build (or find) the default model; returns the checkpoint path.
 
     Work files live in `<cache_dir>/work-<config hash>/`; an interrupted build resumes from them.
-    `threads` sets torch's intra-op threads (default: TLORA_TORCH_THREADS or 1, see README).
-    `config` overrides the whole configuration (experiments; tiny/minutes/seed are then ignored).
+    `threads` sets torch's intra-op threads (default 1; another count builds another model, see above).
+    `config` overrides the whole configuration (experiments; tiny/minutes/seed/threads are then ignored).
     """
-    cfg = config or BuildConfig.make(minutes, tiny, seed)
+    cfg = config or BuildConfig.make(minutes, tiny, seed, threads=threads or 1)
     cache = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     dest = Path(out) if out is not None else default_path(tiny, cache)
     if not force and is_built(dest, cfg):
         return dest
     torch = _torch()
-    torch.set_num_threads(int(threads or os.environ.get("TLORA_TORCH_THREADS", "1")))
+    torch.set_num_threads(cfg.threads)
+    used = numerics()
+    if used["cpu_capability"] != "AVX2":
+        log(f"default model: CPU kernels are {used['cpu_capability']}, not the pinned AVX2 (torch was imported "
+            "before PINNED_NUMERICS was set; run scripts/build_default_model.py): this build is only "
+            "reproducible on this kind of CPU")
     work = cache / f"work-{cfg.key()}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -549,8 +589,10 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
     sd = assemble(cfg, unet_sd, vae_sd, clip_sd)
     check_detection(sd)
     vae_report = json.loads((work / "vae_report.json").read_text()) if (work / "vae_report.json").is_file() else {}
+    digest = tensor_digest(sd)
     meta = {"tlora.proving.format_version": str(FORMAT_VERSION), "tlora.proving.key": cfg.key(),
             "tlora.proving.config": json.dumps(dataclasses.asdict(cfg)),
+            "tlora.proving.numerics": json.dumps(used), "tlora.proving.tensor_sha256": digest,
             "modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "TLoRA proving-ground SD1.5"}
     dest.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save_tensors(sd, dest, meta)
@@ -558,7 +600,7 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
     timings["total_this_run"] = time.perf_counter() - t_all
     manifest = {"key": cfg.key(), "config": dataclasses.asdict(cfg), "file": dest.name,
                 "bytes": dest.stat().st_size, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-                "threads": torch.get_num_threads(), "vae": vae_report,
+                "numerics": used, "tensor_sha256": digest, "vae": vae_report,
                 "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     manifest_path(dest).write_text(json.dumps(manifest, indent=1))
     log(f"default model: {dest} ({dest.stat().st_size / 2 ** 20:.0f} MiB) in "

@@ -5,7 +5,9 @@
                                                     [--threads T] [--force] [--quiet]
 
 Stock ComfyUI's CheckpointLoaderSimple detects the result as SD1.5 (320-channel shallow UNet,
-TAESD VAE, CLIP-L text encoder). Deterministic from the seed; cached in .cache/default_model/
+TAESD VAE, CLIP-L text encoder). Deterministic from the seed and the thread count (default 1) on
+any x86-64 CPU with AVX2 for one torch build (kernels are pinned to AVX2 before torch loads; see
+proving/default_model.py); cached in .cache/default_model/
 (work files resume an interrupted build; a finished build returns at once). `--minutes` scales
 the training length for that many minutes on the reference machine (2 shared CPU cores); the
 steps, not the clock, decide the model. `--tiny` is a ~1 minute smoke build (not a usable model).
@@ -22,6 +24,14 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pin_numerics() -> None:
+    """Set the kernel-pinning variables (proving.default_model.PINNED_NUMERICS) before torch is imported."""
+    from proving.default_model import PINNED_NUMERICS  # imports numpy only, not torch
+    if "torch" in sys.modules:
+        raise RuntimeError("pin_numerics() must run before torch is imported")
+    os.environ.update(PINNED_NUMERICS)
 
 
 def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False, minutes: Optional[float] = None,
@@ -42,11 +52,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--minutes", type=float, default=None,
                     help="training length in reference-machine minutes (default 20)")
     ap.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default TLORA_TORCH_THREADS or 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default 1; another count builds a different model)")
     ap.add_argument("--force", action="store_true", help="rebuild the final file even if it is up to date")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--cache-dir", default=None, help="work and default output folder (default .cache/default_model)")
     a = ap.parse_args(argv)
+    pin_numerics()
     path = make_default_model(a.out, tiny=a.tiny, minutes=a.minutes, seed=a.seed, force=a.force,
                               progress=not a.quiet, threads=a.threads, cache_dir=a.cache_dir)
     print(path)

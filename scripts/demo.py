@@ -212,8 +212,11 @@ def start_server(base_dir: Path, ckpt: Path, ckpt_name: str, threads: int = 0) -
     cpus = os.cpu_count() or 1
     # On 2-core machines a second torch thread spin-waits against everything else (much slower).
     n = threads or int(os.environ.get("TLORA_TORCH_THREADS", "0")) or (1 if cpus <= 2 else min(4, cpus))
+    # Fixed forms (TLORA_AUTOTUNE=0): timed form trials pick by the clock, and forms round differently,
+    # so with autotune two runs of the demo on one machine would train different adapters.
     srv = ComfyServer(base_dir, checkpoints={ckpt_name: ckpt},
-                      env={"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)})
+                      env={"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "TLORA_AUTOTUNE": "0"})
+    srv.torch_threads = n
     log(f"starting ComfyUI (log: {srv.log_path})")
     srv.start(timeout=180)
     srv.assert_pack_imported()
@@ -543,12 +546,24 @@ def before_after_grid(training: list[Path], images: dict[tuple[str, float], list
     return out_path
 
 
+def model_build(ckpt: Path) -> dict:
+    """The build's manifest facts that decide the model's exact weights (empty for a foreign checkpoint)."""
+    from proving.default_model import manifest_path
+    try:
+        m = json.loads(manifest_path(ckpt).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: m[k] for k in ("key", "numerics", "tensor_sha256") if k in m}
+
+
 def write_summary(out_dir: Path, info: dict) -> str:
     """summary.txt (human) and summary.json (everything)."""
     o, tr = info["scores"]["overall"], info["training"]
     lines = [
         f"TLoRA demo: a novel subject trained inside a headless ComfyUI {info['comfyui']} on the embedded default model",
-        f"model:        {info['ckpt']}",
+        f"model:        {info['ckpt']} (tensors sha256 {info['model_build'].get('tensor_sha256', '?')[:16]}, built "
+        f"with {info['model_build'].get('numerics', '?')})",
+        f"server:       {info['server_threads']} torch thread(s), fixed transform forms (TLORA_AUTOTUNE=0)",
         f"subject:      {info['subject']!r} ({info['subject_description']}), {info['n_images']} procedural "
         f"images (64 px) with captions, e.g. {info['captions'][0]!r}",
         f"adapter:      {tr['transform']} + {tr['residual']} on {tr['targets']} ({tr['modules']} modules), "
@@ -635,7 +650,8 @@ def train_demo(a: argparse.Namespace) -> int:
              f"'{a.subject}' ({SUBJECTS[a.subject].description})")
     before_after_grid([p for p, _ in pictures], images, prompts, scores, out_dir / "before_after.png", title)
     info = {"subject": a.subject, "subject_description": SUBJECTS[a.subject].description, "n_images": len(pictures),
-            "captions": captions, "ckpt": str(ckpt), "comfyui": comfy_version, "training": training,
+            "captions": captions, "ckpt": str(ckpt), "model_build": model_build(ckpt), "comfyui": comfy_version,
+            "server_threads": server.torch_threads, "training": training,
             "seed": a.sample_seed, "batch": a.sample_batch, "prompts": [p.text for p in prompts],
             "scores": scores, "sample_seconds": sample_seconds, "total_seconds": time.perf_counter() - t_start}
     text = write_summary(out_dir, info)
