@@ -110,7 +110,7 @@ class TLoRAWeightAdapter(WeightAdapterBase):
     # ----- patching -----------------------------------------------------------------
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        """weight += function(strength * (W T + s Delta - W)), computed in float32.
+        """weight += function(strength * (W T + s Delta - W)), computed in float32 in factored form.
 
         A module that does not fit its weight (possible only through the stock loaders, which
         do not check shapes) is logged and skipped, as ComfyUI's own adapters do, so that
@@ -120,11 +120,11 @@ class TLoRAWeightAdapter(WeightAdapterBase):
             return weight
         adapter = self.module_adapter()
         try:
-            diff = adapter.weight_diff(weight)
+            diff = adapter.weight_diff(weight, strength)  # strength folded into the merge: no extra pass
         except TLoRAError as err:
             log.error("TLoRA: not applied to %s: %s", key, err)
             return weight
-        weight += function((strength * diff).to(weight.dtype))
+        weight += function(diff.to(weight.dtype))
         return weight
 
     def bypass_forward(self, org_forward, x, *args, **kwargs):

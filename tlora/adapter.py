@@ -17,6 +17,7 @@ from torch import Tensor
 from . import shapes as shapes_mod
 from .errors import TLoRAFormatError, TLoRAShapeError
 from .functional import tr, trm
+from .functional import weight as wside
 from .spec import Kind, default_scale, parse_residual, parse_transform
 
 T_CORE = "tlora_t.{}"
@@ -251,37 +252,28 @@ class ModuleAdapter:
             return self.up.to(dtype) @ self.down.to(dtype)
         return None
 
-    def weight_diff(self, weight: Tensor) -> Tensor:
-        """W0 T + s Delta - W0 in float32, shaped like weight, in factored form."""
+    def weight_diff(self, weight: Tensor, strength: float = 1.0) -> Tensor:
+        """sigma (W0 T + s Delta - W0) in float32 (float64 for a float64 weight), shaped like weight.
+
+        One merge for every caller (ComfyUI's patching, `patched_weight`): `weight.merge_diff`,
+        factored, never a dense T; an exact identity start contributes exactly nothing.
+        """
         self.check_fits(weight.shape)
-        w0 = weight.float()
-        diff = torch.zeros_like(w0)
-        if not self.transform_is_identity:
-            # Contract T with the input-channel axis at every kernel tap: rows (O*kh*kw, C).
-            rows = w0.movedim(1, -1) if w0.dim() == 4 else w0
-            flat = rows.reshape(-1, rows.shape[-1])
-            if self.diag is not None:
-                moved = flat * (self.diag.to(flat.device, torch.float64) - 1).to(torch.float32)
-            else:
-                # W0 T - W0 in factored form and float64 (faster than forming T and a float32
-                # GEMM, and the difference keeps ~1e-8 relative accuracy even for T near I);
-                # an exact identity start never gets here (transform_is_identity).
-                cores = [c.to(flat.device, torch.float64) for c in self.transform_cores]
-                rows64 = flat.to(torch.float64)
-                moved = (trm.weight_times_t(rows64, cores) - rows64).float()
-            moved = moved.reshape(rows.shape)
-            diff += moved.movedim(-1, 1) if w0.dim() == 4 else moved
-        if self.residual.kind != "none":
-            delta = self.residual_matrix(torch.float32).to(w0.device)
-            diff += self.scale * delta.reshape(w0.shape)
-        return diff
+        cores = self.transform_cores if self.transform_cores and not self.transform_is_identity else None
+        diag = self.diag if self.diag is not None and not self.transform_is_identity else None
+        residual = None
+        if self.out_cores:
+            residual = ("tr", self.out_cores, self.in_cores, self.scale)
+        elif self.up is not None:
+            residual = ("lora", self.up, self.down, self.scale)
+        return wside.merge_diff(weight, strength, cores=cores, diag=diag, residual=residual)
 
     def patched_weight(self, weight: Tensor, strength: float = 1.0) -> Tensor:
         """The weight at this strength; same shape/dtype as weight; strength 0 returns W0 exactly."""
         if strength == 0:
             return weight.clone()
-        diff = self.weight_diff(weight)
-        return (weight.float() + float(strength) * diff).to(weight.dtype)
+        diff = self.weight_diff(weight, strength)
+        return (weight.to(diff.dtype) + diff).to(weight.dtype)
 
     def to(self, *args, **kwargs) -> "ModuleAdapter":
         """A copy with every tensor moved/cast (as Tensor.to)."""

@@ -4,13 +4,13 @@ forward and hand-written backward shared by the first two."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .. import native
 from . import tr
-from ._trm_chain import _blocks, _scratch, _Threads
+from ._trm_chain import _blocks, _Chain, _scratch, _Threads
 from ._trm_native import _native_for, _native_tile, _transposed_ops, native_threads
 
 
@@ -144,6 +144,36 @@ class _RowsChain(torch.autograd.Function):
         res_grads = _residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, up_s, down, hidden,
                                        any(need[6 + n_cores:]))
         return (gx, gw, g_bias, None, None, None, *core_grads, *res_grads)
+
+
+# Largest chain intermediate (R^2 x width x block floats) of one merge block on an accelerator.
+MERGE_BLOCK_ELEMENTS = 1 << 26
+
+
+def rows_forward(chain: _Chain, ops: Sequence[torch.Tensor], x: torch.Tensor, keep: float) -> torch.Tensor:
+    """T x + keep x for rows x (N, I), no autograd: the compiled chain on CPU float32, else the
+    torch engine in blocks (cache-sized on CPU, at most MERGE_BLOCK_ELEMENTS on accelerators)."""
+    n_tok, width = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib = _native_for(chain, x)
+    if lib is not None:
+        native.chain_forward(lib, chain.sizes, chain.rank, ops, x, out, n_tok, width, 1, keep, _native_tile(chain),
+                             native_threads())
+        return out
+    block = chain.block_size(n_tok, x.device)
+    if x.device.type != "cpu":
+        block = max(1, min(block, MERGE_BLOCK_ELEMENTS // (chain.rank * chain.rank * width)))
+    for start, stop in _blocks(n_tok, block):
+        length = stop - start
+        with _Threads(x.device):
+            xb = _scratch.get("xb", (width, length), x)
+            xb.copy_(x[start:stop].t())
+            tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
+            if keep:
+                tb.add_(xb, alpha=keep)
+        out[start:stop].copy_(tb.t())
+    return out
 
 
 def _residual_forward(x, out, kind, res, n_out, mult, res_scale):

@@ -29,12 +29,12 @@ from torch import Tensor
 from ._trm_algebra import (best_split, dense, dense_with_strength, identity_cores, merge_cores, num_params,
                            transpose_cores)
 from ._trm_chain import ENV_CHAIN_THREADS, FORMS, _plan, _supers, chain_threads, release_scratch
-from ._trm_fused import _ChannelsChain, _DenseLinear, _RowsChain
+from ._trm_fused import _ChannelsChain, _DenseLinear, _RowsChain, rows_forward
 from ._trm_native import ENV_NATIVE_TILE, native_status, native_threads
 
 __all__ = ["ENV_CHAIN_THREADS", "ENV_NATIVE_TILE", "FORMS", "apply", "apply_channels", "best_split", "chain_threads",
            "dense", "dense_with_strength", "identity_cores", "linear", "merge_cores", "native_status",
-           "native_threads", "num_params", "release_scratch", "transpose_cores", "weight_times_t"]
+           "native_threads", "num_params", "release_scratch", "transpose_cores", "weight_diff", "weight_times_t"]
 
 
 def _check_form(form: str) -> None:
@@ -135,3 +135,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cores: Sequence[Tenso
 def weight_times_t(weight_rows: Tensor, cores: Sequence[Tensor]) -> Tensor:
     """W0 @ T in factored form, for W0 given as rows (O, I): (W0 T) = (T^T W0^T)^T."""
     return apply(weight_rows, transpose_cores(cores), form="factored")
+
+
+def weight_diff(weight_rows: Tensor, cores: Sequence[Tensor], strength: float = 1.0) -> Tensor:
+    """sigma (W0 T - W0) for W0 as rows (O, I), in the rows' dtype, no autograd (merging).
+
+    One pass of the factored chain over the O rows (tokens), about O I (n_1 R^2 + sum_middle
+    n_d R^3 + n_D R^2) multiply-adds (the compiled kernel on CPU float32), with sigma folded
+    into the last stage and -sigma W0 added as the chain writes its output: no dense T, no
+    I x I GEMM, no weight-sized temporary beyond the result.
+    """
+    with torch.no_grad():
+        rows = weight_rows.detach()
+        cores = [c.detach().to(device=rows.device, dtype=rows.dtype) for c in cores]
+        if len(cores) == 1:  # one core: T is that core's ring trace, a small dense matrix
+            return (rows @ dense(cores) - rows).mul_(strength)
+        cores_t = transpose_cores(cores)
+        chain, supers = _supers(cores_t, "factored")
+        return rows_forward(chain, chain.operands_detached(supers, strength), rows, -float(strength))
