@@ -188,6 +188,71 @@ def tiny_sdxl(seed: int = 0, *, model_channels: int = 32, context_dim: int = 64,
     return TinyModel(patcher, model, cfg, context_dim, pooled_dim, seed)
 
 
+# --------------------------------------------------------------------------- transformer denoisers
+
+def _mmdit_config(depth: int, in_channels: int = 16, adm: int = 2048, context: int = 4096, patches: int = 192,
+                  qk_norm: Optional[str] = None, self_attn_blocks: tuple = ()) -> dict:
+    """An MMDiT (SD3/SD3.5) config in the form comfy.model_detection produces (hidden = 64 x depth)."""
+    cfg = {"in_channels": in_channels, "patch_size": 2, "out_channels": in_channels, "depth": depth,
+           "input_size": None, "adm_in_channels": adm,
+           "context_embedder_config": {"target": "torch.nn.Linear",
+                                       "params": {"in_features": context, "out_features": 64 * depth}},
+           "num_patches": patches * patches, "pos_embed_max_size": patches, "pos_embed_scaling_factor": None,
+           "x_block_self_attn_layers": list(self_attn_blocks)}
+    if qk_norm:
+        cfg["qk_norm"] = qk_norm
+    return cfg
+
+
+def _flux_config(hidden: int = 3072, depth: int = 19, single: int = 38, context: int = 4096, vec: int = 768,
+                 guidance: bool = True) -> dict:
+    """A Flux config in the form comfy.model_detection produces (heads = hidden / 128, as it derives them)."""
+    cfg = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": vec,
+           "context_in_dim": context, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": hidden // 128,
+           "depth": depth, "depth_single_blocks": single, "axes_dim": [16, 56, 56], "theta": 10000,
+           "qkv_bias": True, "guidance_embed": guidance}
+    from comfy.ldm.flux.model import FluxParams
+    if "txt_ids_dims" in getattr(FluxParams, "__dataclass_fields__", {}):  # 0.12: a required field
+        cfg["txt_ids_dims"] = []
+    return cfg
+
+
+# Released models as ComfyUI detects them: (supported_models class, config maker) per tlora.arch name.
+DIT_FULL = {
+    "flux": ("Flux", lambda: _flux_config()),
+    "sd3": ("SD3", lambda: _mmdit_config(24)),
+    "sd35-medium": ("SD3", lambda: _mmdit_config(24, qk_norm="rms", self_attn_blocks=tuple(range(13)))),
+    "sd35-large": ("SD3", lambda: _mmdit_config(38, qk_norm="rms")),
+    "qwen-image": ("QwenImage", lambda: {"image_model": "qwen_image", "in_channels": 64, "num_layers": 60}),
+}
+# Tiny twins with every module kind of the family (Flux: 1 double + 1 single block, guidance;
+# SD3.5-medium-like: 2 joint blocks, the first with attn2, the last context block pre-only).
+DIT_TINY = {
+    "flux": ("Flux", lambda: _flux_config(hidden=128, depth=1, single=1, context=64, vec=32)),
+    "sd3": ("SD3", lambda: _mmdit_config(2, adm=32, context=64, patches=16, qk_norm="rms", self_attn_blocks=(0,))),
+    "qwen-image": ("QwenImage", lambda: {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1,
+                                         "attention_head_dim": 32, "num_attention_heads": 2,
+                                         "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12)}),
+}
+# (context width, pooled width or None) of each tiny twin's conditioning.
+DIT_TINY_COND = {"flux": (64, 32), "sd3": (64, 32), "qwen-image": (64, None)}
+
+
+def dit_on_meta(family: str) -> Any:
+    """The released model's diffusion model built by the host on the meta device (names and shapes only)."""
+    import comfy.supported_models as sm
+    name, make = DIT_FULL[family]
+    return getattr(sm, name)(make()).get_model({}, device=_torch().device("meta")).diffusion_model
+
+
+def tiny_dit(family: str, seed: int = 0) -> TinyModel:
+    """A tiny Flux / SD3 / Qwen-Image from the host's own classes (supported_models config); seeded init."""
+    name, make = DIT_TINY[family]
+    cfg, model, patcher = _build(name, make(), seed, head_channels=None)
+    context, pooled = DIT_TINY_COND[family]
+    return TinyModel(patcher, model, cfg, context, pooled, seed)
+
+
 # --------------------------------------------------------------------------- text encoder
 
 def tiny_clip(seed: int = 0, kind: str = "sd15", *, hidden: int = 64, layers: int = 3,

@@ -2,7 +2,8 @@
 
 Prefixes are resolved with ComfyUI's own key maps (comfy.lora.model_lora_keys_unet/clip),
 so every prefix form ComfyUI accepts for LoRAs (generic `diffusion_model.<path>`,
-`text_encoders.<key>`, kohya `lora_unet_...`/`lora_te_...`) works for TLoRA too.
+`text_encoders.<key>`, kohya `lora_unet_...`/`lora_te_...`, diffusers `transformer.<path>`
+for Flux/SD3/Qwen-Image, whose q/k/v name slices of fused weights) works for TLoRA too.
 A file that does not fit is refused whole: it is never half-applied.
 """
 from __future__ import annotations
@@ -74,24 +75,64 @@ def clip_key_map(clip) -> dict[str, str]:
     return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
 
 
-def _weight_shape(root, key: str):
+def _weight_shape(root, key):
+    """Shape of the weight a key-map entry names: a weight key, or (key, (dim, start, length)) for a slice."""
+    weight_key, span = (key, None) if isinstance(key, str) else (key[0], key[1])
     try:
-        return tuple(comfy.utils.get_attr(root, key).shape)
+        shape = list(comfy.utils.get_attr(root, weight_key).shape)
     except AttributeError:
         return None
+    if span is not None:  # diffusers q/k/v of a fused weight: ComfyUI patches weight.narrow(*span)
+        dim, start, length = span
+        if start + length > shape[dim]:
+            return None
+        shape[dim] = length
+    return tuple(shape)
 
 
-def match(adapters: Mapping[str, ModuleAdapter], key_map: Mapping[str, str], root,
-          ) -> tuple[dict[str, TLoRAWeightAdapter], dict[str, str]]:
-    """Patches for every prefix found in key_map, and {prefix: problem} for shape misfits."""
-    patches, problems = {}, {}
+def _rows(key) -> tuple[str, int, int | None]:
+    """(weight key, first row, end row or None for all) of a key-map entry."""
+    if isinstance(key, str):
+        return key, 0, None
+    weight_key, (dim, start, length) = key[0], key[1]
+    return (weight_key, start, start + length) if dim == 0 else (weight_key, 0, None)
+
+
+def overlaps(keys: Mapping[str, object]) -> list[tuple[str, str]]:
+    """Pairs of file modules that patch the same rows of one weight (whole and slice, or one weight twice).
+
+    TLoRA patches do not commute (`W0 T` of a patched weight is not the sum of two patches), so
+    such a file would give different images depending on patch order.
+    """
+    by_weight: dict[str, list[tuple[str, int, int | None]]] = {}
+    for prefix, key in keys.items():
+        weight_key, start, end = _rows(key)
+        by_weight.setdefault(weight_key, []).append((prefix, start, end))
+    pairs = []
+    for spans in by_weight.values():
+        for i, (a, a0, a1) in enumerate(spans):
+            for b, b0, b1 in spans[i + 1:]:
+                if (a1 is None or b0 < a1) and (b1 is None or a0 < b1):
+                    pairs.append((a, b))
+    return pairs
+
+
+def match(adapters: Mapping[str, ModuleAdapter], key_map: Mapping[str, object], root,
+          ) -> tuple[dict[object, TLoRAWeightAdapter], dict[str, str]]:
+    """Patches for every prefix found in key_map, and {prefix: problem} for shape misfits.
+
+    A key-map entry is a weight key or, for diffusers names of fused weights (Flux, SD3), a
+    (weight key, (dim, start, length)) slice; the patch is keyed the same way, which is how
+    ComfyUI's ModelPatcher takes offset patches.
+    """
+    patches, problems, found = {}, {}, {}
     for prefix, adapter in adapters.items():
         key = key_map.get(prefix)
         if key is None:
             continue
         shape = _weight_shape(root, key)
         if shape is None:
-            problems[prefix] = f"weight {key} not found"
+            problems[prefix] = f"weight {key if isinstance(key, str) else key[0]} not found"
             continue
         try:
             adapter.check_fits(shape)
@@ -99,20 +140,28 @@ def match(adapters: Mapping[str, ModuleAdapter], key_map: Mapping[str, str], roo
             problems[prefix] = str(err).split(": ", 1)[-1]
             continue
         patches[key] = TLoRAWeightAdapter.from_module_adapter(adapter)
+        found[prefix] = key
+    for a, b in overlaps(found):
+        problems[b] = f"{OVERLAP} {_rows(found[b])[0]} as {a}"
     return patches, problems
 
 
 MISSING = "no such module in this model"
+OVERLAP = "patches the same rows of"
 
 
 def _summary(label: str, total: int, problems: Mapping[str, str], metadata: Mapping[str, str],
              target: str) -> str:
     """One line: how many modules did not match, grouped by why, with examples of each."""
     missing = [p for p, why in problems.items() if why.startswith(MISSING)]
-    misfit = [p for p in problems if p not in missing]
+    twice = [p for p, why in problems.items() if why.startswith(OVERLAP)]
+    misfit = [p for p in problems if p not in missing and p not in twice]
     parts = []
     if missing:
         parts.append(f"{len(missing)} not in this {target}, e.g. {missing[0]}")
+    if twice:
+        parts.append(f"{len(twice)} given twice, e.g. {twice[0]} {problems[twice[0]]} (TLoRA patches of one "
+                     f"weight do not commute: give each weight once)")
     if misfit:
         parts.append(f"{len(misfit)} with other shapes, e.g. {misfit[0]}: {problems[misfit[0]]}")
     made_for = metadata.get("modelspec.architecture", "unknown")

@@ -1,4 +1,7 @@
-"""Target tables: which weights of SD1.5 / SDXL an adapter covers, with their shapes.
+"""Target tables: which weights of a base model an adapter covers, with their shapes.
+
+Families: the SD1.5 / SDXL UNets, Flux.1 (dev), SD3 / SD3.5 (MMDiT) and Qwen-Image (see
+"Transformer families" below for their tables and presets).
 
 Module names are ComfyUI's generic LoRA keys (what `comfy.lora.model_lora_keys_unet/clip`
 map to weights, without `.weight`):
@@ -25,6 +28,36 @@ Presets:
   out_layers.3, skip_connection) and the down/up-sampler convs; conv_in/out are left out.
 * `text_encoder=True` adds CLIP layers: self_attn q/k/v/out_proj for `attn`, plus
   mlp.fc1/fc2 for `attn-ff` and `all-linear`.
+
+Transformer families (rules of ComfyUI's comfy/ldm/flux, modules/diffusionmodules/mmdit.py
+and qwen_image, with the configs comfy/model_detection.py detects for the released models):
+
+* `flux` (Flux.1 dev; schnell lacks guidance_in): 19 double-stream blocks (img_/txt_attn.qkv
+  fused 3072 -> 9216, attn.proj, img_/txt_mlp.0/2, img_/txt_mod.lin) and 38 single-stream
+  blocks (linear1 = fused q, k, v and MLP-in 3072 -> 21504; linear2 = attention-out and
+  MLP-out 15360 -> 3072; modulation.lin).
+  `attn`: every weight that holds an attention projection: img/txt attn.qkv and attn.proj
+  of the double blocks, linear1 and linear2 of the single blocks (they have no separate
+  attention weights). `attn-ff`: plus the double blocks' MLPs. `all-linear`: plus the
+  modulations and the embedders (img_in, txt_in, time_in, vector_in, guidance_in,
+  final_layer).
+* `sd3` (SD3 medium, 24 joint blocks at 1536), `sd35-medium` (24 at 1536, second
+  self-attention attn2 in blocks 0-12) and `sd35-large` (38 at 2432): per joint block the
+  x_block (image) and context_block (text) each have attn.qkv (fused), attn.proj, mlp.fc1/2
+  and adaLN_modulation.1; the last context_block has attn.qkv and its modulation only.
+  `attn`: attn(2).qkv/proj; `attn-ff`: plus mlp.fc1/fc2; `all-linear`: plus modulations
+  and the linear embedders (context_embedder, t_/y_embedder, final_layer; the x_embedder
+  patch conv is not a linear).
+* `qwen-image` (Qwen-Image, 60 blocks at 3072): unfused attn.to_q/k/v, to_out.0 and the text
+  stream's add_q/k/v_proj, to_add_out; img_/txt_mlp.net.0.proj/net.2; img_/txt_mod.1.
+  Chosen as the third family because it is the most trained open image DiT after Flux
+  (LoRA trainers: ai-toolkit, musubi-tuner, DiffSynth) and because its names are the
+  diffusers names, with no fused weights: the opposite case to Flux.
+  `attn`: the eight attention projections; `attn-ff`: plus MLPs; `all-linear`: plus
+  modulations and embedders (img_in, txt_in, time_text_embed, norm_out.linear, proj_out).
+
+Text-encoder tables cover CLIP only (T5 and Qwen2.5-VL are not tabled; a trainer adapts
+them by the same patterns on the live model only for CLIP).
 """
 from __future__ import annotations
 
@@ -40,7 +73,7 @@ PRESETS = ("attn", "attn-ff", "all-linear")
 _PRESET_GROUPS = {
     "attn": ("attn",),
     "attn-ff": ("attn", "ff"),
-    "all-linear": ("attn", "ff", "proj"),
+    "all-linear": ("attn", "ff", "proj", "mod", "embed"),  # UNets have no mod/embed rows
 }
 _TE_PRESET_GROUPS = {
     "attn": ("te_attn",),
@@ -50,9 +83,19 @@ _TE_PRESET_GROUPS = {
 # The same groups as rules on a live module's dotted path under its root (a UNet, a CLIP):
 # what a trainer adapts on a model it was handed, table or not.
 GROUP_PATTERNS = {
-    "attn": re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
-    "ff": re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$"),
-    "proj": re.compile(r"(^|\.)(proj_in|proj_out)$"),
+    "attn": re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$"  # UNet
+                       r"|(^|\.)(img_attn|txt_attn)\.(qkv|proj)$|(^|\.)single_blocks\.\d+\.linear[12]$"  # Flux
+                       r"|(^|\.)(x_block|context_block)\.attn2?\.(qkv|proj)$"  # SD3
+                       r"|(^|\.)transformer_blocks\.\d+\.attn\."  # Qwen-Image
+                       r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"),
+    "ff": re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$|(^|\.)(img_mlp|txt_mlp)\.([02]|net\.0\.proj|net\.2)$"
+                     r"|(^|\.)(x_block|context_block)\.mlp\.fc[12]$"),
+    "proj": re.compile(r"\.(proj_in|proj_out)$"),  # a SpatialTransformer's (Qwen-Image's root proj_out is embed)
+    "mod": re.compile(r"(^|\.)((img_mod|txt_mod|modulation)\.lin|(img_mod|txt_mod)\.1|adaLN_modulation\.1)$"
+                      r"|^norm_out\.linear$"),
+    "embed": re.compile(r"^(img_in|txt_in|final_layer\.linear|context_embedder|(t|y)_embedder\.mlp\.[02]"
+                        r"|(time_in|vector_in|guidance_in)\.(in_layer|out_layer)"
+                        r"|time_text_embed\.timestep_embedder\.linear_[12]|proj_out)$"),
     "conv": re.compile(r"(^|\.)(in_layers\.2|out_layers\.3|skip_connection|op|upsample\.conv|"
                        r"[0-9]+\.conv)$"),
     "te_attn": re.compile(r"(^|\.)self_attn\.(q_proj|k_proj|v_proj|out_proj)$"),
@@ -99,15 +142,134 @@ class TextEncoderConfig:
     kohya_prefix: str  # ComfyUI's kohya prefix for this encoder in this architecture
 
 
+Row = tuple[str, tuple[int, ...], str]  # (module name, weight shape, group)
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """ComfyUI's Flux params (comfy/ldm/flux/model.py) that fix module names and shapes."""
+
+    hidden: int = 3072
+    depth: int = 19
+    depth_single: int = 38
+    mlp_ratio: float = 4.0
+    in_channels: int = 64  # 16 latent channels x 2x2 patches
+    context: int = 4096  # T5-XXL width
+    vec: int = 768  # CLIP-L pooled width
+    guidance: bool = True  # dev has guidance_in, schnell not
+
+    def modules(self) -> list[Row]:
+        """Every adaptable linear as (name, weight shape, group), in ComfyUI's order."""
+        h, mlp, p = self.hidden, int(self.hidden * self.mlp_ratio), UNET_PREFIX
+        rows: list[Row] = [(f"{p}img_in", (h, self.in_channels), "embed"),
+                           (f"{p}time_in.in_layer", (h, 256), "embed"), (f"{p}time_in.out_layer", (h, h), "embed"),
+                           (f"{p}vector_in.in_layer", (h, self.vec), "embed"),
+                           (f"{p}vector_in.out_layer", (h, h), "embed")]
+        if self.guidance:
+            rows += [(f"{p}guidance_in.in_layer", (h, 256), "embed"), (f"{p}guidance_in.out_layer", (h, h), "embed")]
+        rows.append((f"{p}txt_in", (h, self.context), "embed"))
+        for i in range(self.depth):
+            b = f"{p}double_blocks.{i}"
+            for stream in ("img", "txt"):
+                rows += [(f"{b}.{stream}_mod.lin", (6 * h, h), "mod"),
+                         (f"{b}.{stream}_attn.qkv", (3 * h, h), "attn"),
+                         (f"{b}.{stream}_attn.proj", (h, h), "attn"),
+                         (f"{b}.{stream}_mlp.0", (mlp, h), "ff"),
+                         (f"{b}.{stream}_mlp.2", (h, mlp), "ff")]
+        for i in range(self.depth_single):
+            b = f"{p}single_blocks.{i}"
+            rows += [(f"{b}.linear1", (3 * h + mlp, h), "attn"), (f"{b}.linear2", (h, h + mlp), "attn"),
+                     (f"{b}.modulation.lin", (3 * h, h), "mod")]
+        rows += [(f"{p}final_layer.linear", (self.in_channels, h), "embed"),
+                 (f"{p}final_layer.adaLN_modulation.1", (2 * h, h), "mod")]
+        return rows
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """ComfyUI's MMDiT (SD3/SD3.5) params that fix module names and shapes (hidden = 64 x depth)."""
+
+    depth: int
+    self_attn_blocks: tuple[int, ...] = ()  # SD3.5 medium's x_block_self_attn_layers
+    in_channels: int = 16
+    patch: int = 2
+    context: int = 4096
+    adm: int = 2048  # pooled CLIP-L + CLIP-G
+    mlp_ratio: float = 4.0
+
+    def modules(self) -> list[Row]:
+        """Every adaptable linear as (name, weight shape, group), in ComfyUI's order."""
+        h, p = 64 * self.depth, UNET_PREFIX
+        mlp = int(h * self.mlp_ratio)
+        rows: list[Row] = [(f"{p}t_embedder.mlp.0", (h, 256), "embed"), (f"{p}t_embedder.mlp.2", (h, h), "embed"),
+                           (f"{p}y_embedder.mlp.0", (h, self.adm), "embed"), (f"{p}y_embedder.mlp.2", (h, h), "embed"),
+                           (f"{p}context_embedder", (h, self.context), "embed")]
+        for i in range(self.depth):
+            for stream in ("context_block", "x_block"):
+                b = f"{p}joint_blocks.{i}.{stream}"
+                pre_only = stream == "context_block" and i == self.depth - 1
+                second = stream == "x_block" and i in self.self_attn_blocks
+                rows.append((f"{b}.attn.qkv", (3 * h, h), "attn"))
+                if not pre_only:
+                    rows.append((f"{b}.attn.proj", (h, h), "attn"))
+                if second:
+                    rows += [(f"{b}.attn2.qkv", (3 * h, h), "attn"), (f"{b}.attn2.proj", (h, h), "attn")]
+                if not pre_only:
+                    rows += [(f"{b}.mlp.fc1", (mlp, h), "ff"), (f"{b}.mlp.fc2", (h, mlp), "ff")]
+                mods = 9 if second else (2 if pre_only else 6)
+                rows.append((f"{b}.adaLN_modulation.1", (mods * h, h), "mod"))
+        out = self.patch * self.patch * self.in_channels
+        rows += [(f"{p}final_layer.linear", (out, h), "embed"), (f"{p}final_layer.adaLN_modulation.1", (2 * h, h), "mod")]
+        return rows
+
+
+@dataclass(frozen=True)
+class QwenImageConfig:
+    """ComfyUI's QwenImageTransformer2DModel params that fix module names and shapes."""
+
+    layers: int = 60
+    hidden: int = 3072  # 24 heads x 128
+    in_channels: int = 64  # 16 latent channels x 2x2 patches
+    context: int = 3584  # Qwen2.5-VL 7B width
+
+    def modules(self) -> list[Row]:
+        """Every adaptable linear as (name, weight shape, group), in ComfyUI's order."""
+        h, p = self.hidden, UNET_PREFIX
+        rows: list[Row] = [(f"{p}time_text_embed.timestep_embedder.linear_1", (h, 256), "embed"),
+                           (f"{p}time_text_embed.timestep_embedder.linear_2", (h, h), "embed"),
+                           (f"{p}img_in", (h, self.in_channels), "embed"), (f"{p}txt_in", (h, self.context), "embed")]
+        for i in range(self.layers):
+            b = f"{p}transformer_blocks.{i}"
+            rows += [(f"{b}.img_mod.1", (6 * h, h), "mod"),
+                     (f"{b}.img_mlp.net.0.proj", (4 * h, h), "ff"), (f"{b}.img_mlp.net.2", (h, 4 * h), "ff"),
+                     (f"{b}.txt_mod.1", (6 * h, h), "mod"),
+                     (f"{b}.txt_mlp.net.0.proj", (4 * h, h), "ff"), (f"{b}.txt_mlp.net.2", (h, 4 * h), "ff")]
+            rows += [(f"{b}.attn.{name}", (h, h), "attn") for name in
+                     ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")]
+        rows += [(f"{p}norm_out.linear", (2 * h, h), "mod"), (f"{p}proj_out", (self.in_channels, h), "embed")]
+        return rows
+
+
 @dataclass(frozen=True)
 class Arch:
-    """A base architecture: UNet, text encoders and its modelspec architecture id."""
+    """A base architecture: its denoiser's table, text encoders and its modelspec architecture id."""
 
     name: str
-    unet: UNetConfig
+    denoiser: UNetConfig | FluxConfig | MMDiTConfig | QwenImageConfig
     text_encoders: tuple[TextEncoderConfig, ...]
     modelspec: str  # modelspec.architecture of the base; TLoRA files append "/tlora"
+    host_model: str  # the class name in ComfyUI's supported_models (a ModelPatcher's model_config)
+    base_version: str  # ss_base_model_version as kohya's sd-scripts / musubi-tuner write it
 
+    def denoiser_modules(self) -> list[Row]:
+        """The denoiser's table."""
+        if isinstance(self.denoiser, UNetConfig):
+            return unet_modules(self.denoiser)
+        return self.denoiser.modules()
+
+
+_CLIP_L = TextEncoderConfig("clip_l", 12, 768, 3072, "lora_te1_")
+_CLIP_G = TextEncoderConfig("clip_g", 32, 1280, 5120, "lora_te2_")
 
 ARCHS: dict[str, Arch] = {
     # comfy/model_detection.py `SD15` and supported_models.SD15.
@@ -116,18 +278,31 @@ ARCHS: dict[str, Arch] = {
         UNetConfig(320, (1, 2, 4, 4), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0), 1,
                    (1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0), 768, False),
         (TextEncoderConfig("clip_l", 12, 768, 3072, "lora_te_"),),
-        "stable-diffusion-v1",
+        "stable-diffusion-v1", "SD15", "sd_v1",
     ),
     # comfy/model_detection.py `SDXL` and supported_models.SDXL.
     "sdxl": Arch(
         "sdxl",
         UNetConfig(320, (1, 2, 4), (2, 2, 2), (0, 0, 2, 2, 10, 10), 10,
                    (0, 0, 0, 2, 2, 2, 10, 10, 10), 2048, True),
-        (TextEncoderConfig("clip_l", 12, 768, 3072, "lora_te1_"),
-         TextEncoderConfig("clip_g", 32, 1280, 5120, "lora_te2_")),
-        "stable-diffusion-xl-v1-base",
+        (_CLIP_L, _CLIP_G),
+        "stable-diffusion-xl-v1-base", "SDXL", "sdxl_base_v1-0",
     ),
+    # Flux.1 dev as model_detection reads it (hidden 3072, 19 + 38 blocks, guidance_in).
+    "flux": Arch("flux", FluxConfig(), (_CLIP_L,), "flux-1-dev", "Flux", "flux1"),
+    # SD3 medium, SD3.5 medium and large (supported_models.SD3; the configs model_detection reads).
+    "sd3": Arch("sd3", MMDiTConfig(24), (_CLIP_L, _CLIP_G), "stable-diffusion-v3-medium", "SD3", "sd3"),
+    "sd35-medium": Arch("sd35-medium", MMDiTConfig(24, self_attn_blocks=tuple(range(13))), (_CLIP_L, _CLIP_G),
+                        "stable-diffusion-v3.5-medium", "SD3", "sd3"),
+    "sd35-large": Arch("sd35-large", MMDiTConfig(38), (_CLIP_L, _CLIP_G), "stable-diffusion-v3.5-large", "SD3", "sd3"),
+    # Qwen-Image (supported_models.QwenImage, 60 blocks; its text encoder is an LLM, not tabled).
+    "qwen-image": Arch("qwen-image", QwenImageConfig(), (), "qwen-image", "QwenImage", "qwen_image"),
 }
+
+
+def archs_for_host_model(host_model: str) -> tuple[str, ...]:
+    """Architecture names whose base is this ComfyUI model class (`SD3` -> sd3, sd35-medium, sd35-large)."""
+    return tuple(name for name, a in ARCHS.items() if a.host_model == host_model)
 
 
 def _arch(arch: str) -> Arch:
@@ -136,7 +311,7 @@ def _arch(arch: str) -> Arch:
     return ARCHS[arch]
 
 
-def _transformer(path: str, ch: int, depth: int, cfg: UNetConfig) -> list[tuple[str, tuple[int, ...], str]]:
+def _transformer(path: str, ch: int, depth: int, cfg: UNetConfig) -> list[Row]:
     """Modules of one SpatialTransformer (inner_dim == ch for these models)."""
     proj = (ch, ch) if cfg.use_linear_in_transformer else (ch, ch, 1, 1)
     inner = 4 * ch  # FeedForward mult 4, GEGLU projects to 2 * inner
@@ -217,7 +392,7 @@ def text_encoder_modules(te: TextEncoderConfig) -> list[tuple[str, tuple[int, ..
 @lru_cache(maxsize=None)
 def _all_modules(arch: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     a = _arch(arch)
-    rows = unet_modules(a.unet)
+    rows = a.denoiser_modules()
     for te in a.text_encoders:
         rows += text_encoder_modules(te)
     return tuple((name, shape) for name, shape, _ in rows)
@@ -233,7 +408,7 @@ def targets(arch: str, preset: str = "attn", text_encoder: bool = False,
     """Ordered {module name: weight shape} for an architecture and preset."""
     a = _arch(arch)
     groups = set(preset_groups(preset, with_convs=with_convs))
-    out = {name: shape for name, shape, group in unet_modules(a.unet) if group in groups}
+    out = {name: shape for name, shape, group in a.denoiser_modules() if group in groups}
     if text_encoder:
         te_groups = set(preset_groups(preset, text_encoder=True))
         for te in a.text_encoders:

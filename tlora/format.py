@@ -305,7 +305,7 @@ def metadata_from_summary(summary: Mapping[str, Any], metadata: Mapping[str, Any
     if len(ranks) == 1:
         out["ss_network_dim"] = ranks.pop()
     if known:
-        out["ss_base_model_version"] = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[arch_name]
+        out["ss_base_model_version"] = arch_mod.ARCHS[arch_name].base_version
     for key, value in (metadata or {}).items():
         if not isinstance(key, str):
             raise TypeError(f"metadata keys must be strings (got {key!r})")

@@ -78,9 +78,35 @@ def test_presets_nest_and_shapes() -> None:
     assert convs["diffusion_model.input_blocks.4.0.skip_connection"] == (640, 320, 1, 1)
     assert convs["diffusion_model.output_blocks.2.1.conv"] == (1280, 1280, 3, 3)
     with pytest.raises(ValueError):
-        arch.targets("sd3", "attn")
+        arch.targets("sd4", "attn")
     with pytest.raises(ValueError):
         arch.targets("sd15", "everything")
+
+
+def test_transformer_family_tables() -> None:
+    """Flux / SD3.5 / Qwen-Image counts and the fused shapes of the released models.
+
+    (tests/host/test_dit.py checks the full tables against the host's own models.)
+    """
+    flux = arch.targets("flux", "attn")
+    assert len(flux) == 19 * 4 + 38 * 2
+    assert flux["diffusion_model.double_blocks.0.img_attn.qkv"] == (9216, 3072)
+    assert flux["diffusion_model.single_blocks.37.linear1"] == (21504, 3072)
+    assert flux["diffusion_model.single_blocks.0.linear2"] == (3072, 15360)
+    assert arch.targets("flux", "attn-ff")["diffusion_model.double_blocks.18.txt_mlp.0"] == (12288, 3072)
+    assert arch.targets("flux", "all-linear")["diffusion_model.guidance_in.in_layer"] == (3072, 256)
+    large = arch.targets("sd35-large", "attn")
+    assert large["diffusion_model.joint_blocks.0.x_block.attn.qkv"] == (3 * 2432, 2432)
+    assert "diffusion_model.joint_blocks.37.context_block.attn.proj" not in large  # pre-only last context block
+    assert len(large) == 38 * 4 - 1
+    medium = arch.targets("sd35-medium", "attn")
+    assert "diffusion_model.joint_blocks.12.x_block.attn2.qkv" in medium
+    assert "diffusion_model.joint_blocks.13.x_block.attn2.qkv" not in medium
+    qwen = arch.targets("qwen-image", "attn")
+    assert len(qwen) == 60 * 8 and qwen["diffusion_model.transformer_blocks.59.attn.to_add_out"] == (3072, 3072)
+    assert arch.kohya_name("diffusion_model.double_blocks.0.img_attn.qkv", "flux") == \
+        "lora_unet_double_blocks_0_img_attn_qkv"
+    assert arch.archs_for_host_model("SD3") == ("sd3", "sd35-medium", "sd35-large")
 
 
 def test_text_encoder_tables_and_kohya_names() -> None:
@@ -171,7 +197,7 @@ def test_cli_plan_text(capsys) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["plan", "--transform", "trm:x"], ["plan", "--residual", "tr:0"], ["plan", "--arch", "sd3"],
+    ["plan", "--transform", "trm:x"], ["plan", "--residual", "tr:0"], ["plan", "--arch", "sd4"],
     ["plan", "--targets", "everything"], ["plan", "--transform", "none", "--residual", "none"],
     ["plan", "--alpha", "x"], ["inspect"], ["frobnicate"], []])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, capsys) -> None:

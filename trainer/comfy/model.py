@@ -74,17 +74,16 @@ def make_trainable(module: nn.Module) -> int:
 
 
 def arch_of(base_model: Any, clip: Any = None) -> str | None:
-    """`sd15`/`sdxl` when every module of that architecture's table fits this model, else None."""
-    name = {"SD15": "sd15", "SDXL": "sdxl"}.get(type(base_model.model_config).__name__)
-    if name is None:
+    """The tlora.arch name (`sd15`, `flux`, `sd35-large`...) whose whole table fits this model, else None."""
+    names = tarch.archs_for_host_model(type(base_model.model_config).__name__)
+    if not names:
         return None
     shapes = {tarch.UNET_PREFIX + k: tuple(v.shape) for k, v in base_model.diffusion_model.state_dict().items()}
-    try:
+    for name in names:
         table = tarch.targets(name, "all-linear")
-    except Exception:
-        return None
-    ok = all(shapes.get(k + ".weight") == tuple(s) for k, s in table.items())
-    return name if ok else None
+        if len(shapes) and all(shapes.get(k + ".weight") == tuple(s) for k, s in table.items()):
+            return name
+    return None
 
 
 def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
