@@ -590,12 +590,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_reports(results: dict, out: Path, docs: bool) -> list[Path]:
+def write_reports(results: dict, out: Path, docs: bool, plots_too: bool = True) -> list[Path]:
     """results.json, summary.md and the plots in `out` (PNGs also to docs/real_weights/ with docs)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(markdown(results))
-    plots = []
+    plots: list[Path] = []
+    if not plots_too:
+        return plots
     if results.get("approx"):
         plot_approx(results["approx"], out / "approx_minilm.png")
         plots.append(out / "approx_minilm.png")
@@ -696,7 +698,15 @@ def _commit() -> str:
 
 def run(cfg: Config, out: Path, docs: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run the configured parts and write the reports; returns the results dict."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out, docs, log)
+    finally:
+        torch.set_num_threads(previous_threads)  # a caller (the test suite) keeps its own setting
+
+
+def _run(cfg: Config, out: Path, docs: bool, log: Callable[[str], None]) -> dict:
     started = time.time()
     results: dict = {"config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                  time.gmtime(started)),
@@ -715,7 +725,7 @@ def run(cfg: Config, out: Path, docs: bool = False, log: Callable[[str], None] =
         log(f"fine-tunes: {task.name} ({len(task.targets)} modules adapted)")
         results["finetunes"] += run_finetunes(task, methods, cfg, log)
         results["summary"] = summarize(results["finetunes"])
-        write_reports(results, out, False)  # partial reports while the run goes on
+        write_reports(results, out, False, plots_too=False)  # partial tables while the run goes on
     if results["finetunes"]:
         results["summary"] = summarize(results["finetunes"])
     results["wall_minutes"] = (time.time() - started) / 60

