@@ -229,13 +229,14 @@ DIT_FULL = {
 # SD3.5-medium-like: 2 joint blocks, the first with attn2, the last context block pre-only).
 DIT_TINY = {
     "flux": ("Flux", lambda: _flux_config(hidden=128, depth=1, single=1, context=64, vec=32)),
-    "sd3": ("SD3", lambda: _mmdit_config(2, adm=32, context=64, patches=16, qk_norm="rms", self_attn_blocks=(0,))),
+    # context 4096: ComfyUI's SD3 text encoder pads CLIP-L + CLIP-G to 4096 columns whatever their width.
+    "sd3": ("SD3", lambda: _mmdit_config(2, adm=32, context=4096, patches=16, qk_norm="rms", self_attn_blocks=(0,))),
     "qwen-image": ("QwenImage", lambda: {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1,
                                          "attention_head_dim": 32, "num_attention_heads": 2,
                                          "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12)}),
 }
 # (context width, pooled width or None) of each tiny twin's conditioning.
-DIT_TINY_COND = {"flux": (64, 32), "sd3": (64, 32), "qwen-image": (64, None)}
+DIT_TINY_COND = {"flux": (64, 32), "sd3": (4096, 32), "qwen-image": (64, None)}
 
 
 def dit_on_meta(family: str) -> Any:
@@ -249,6 +250,12 @@ def tiny_dit(family: str, seed: int = 0) -> TinyModel:
     """A tiny Flux / SD3 / Qwen-Image from the host's own classes (supported_models config); seeded init."""
     name, make = DIT_TINY[family]
     cfg, model, patcher = _build(name, make(), seed, head_channels=None)
+    torch = _torch()
+    dm = model.diffusion_model
+    if getattr(dm, "pos_embed", None) is not None:  # MMDiT's is torch.empty (a checkpoint fills it): seed it
+        gen = torch.Generator().manual_seed(_param_seed(seed, "pos_embed"))
+        with torch.no_grad():
+            dm.pos_embed.copy_(torch.randn(dm.pos_embed.shape, generator=gen) * 0.02)
     context, pooled = DIT_TINY_COND[family]
     return TinyModel(patcher, model, cfg, context, pooled, seed)
 
@@ -282,8 +289,24 @@ def tiny_clip(seed: int = 0, kind: str = "sd15", *, hidden: int = 64, layers: in
         part = dict(small, hidden_size=half, intermediate_size=2 * half, num_attention_heads=2)
         opts = {"clip_l_model_config": dict(part), "clip_g_model_config": dict(part, projection_dim=half)}
         expect = {"clip_l": half, "clip_g": half}
+    elif kind == "flux":
+        # CLIP-L (pooled -> vec_in, 32 wide) + T5 (sequence -> txt_in, `hidden` wide), ComfyUI's real tokenizers.
+        import comfy.text_encoders.flux
+        target = smb.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
+        opts = {"clip_l_model_config": dict(small, hidden_size=32, intermediate_size=64, num_attention_heads=2),
+                "t5xxl_model_config": {"d_model": hidden, "d_ff": 2 * hidden, "d_kv": 16, "num_heads": 4,
+                                       "num_layers": 2}}
+        expect = {"clip_l": 32}
+    elif kind == "sd3":
+        # CLIP-L + CLIP-G, 16 wide each (pooled 32), no T5: the conditioning is padded to 4096 by the host.
+        import comfy.text_encoders.sd3_clip
+        target = smb.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                                comfy.text_encoders.sd3_clip.sd3_clip(t5=False))
+        part = dict(small, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+        opts = {"clip_l_model_config": dict(part), "clip_g_model_config": dict(part, projection_dim=16)}
+        expect = {"clip_l": 16, "clip_g": 16}
     else:
-        raise ValueError(f"kind must be 'sd15' or 'sdxl', not {kind!r}")
+        raise ValueError(f"kind must be 'sd15', 'sdxl', 'flux' or 'sd3', not {kind!r}")
     if dtype is not None:
         opts["dtype"] = dtype
     clip = comfy.sd.CLIP(target, model_options=opts)
@@ -326,11 +349,11 @@ def taesd_state_dict(seed: int = 0, latent_channels: int = 4, out_gain: float = 
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def tiny_vae(seed: int = 0) -> Any:
-    """A `comfy.sd.VAE` around a seeded TAESD (4 latent channels, 8x down/up-scale)."""
+def tiny_vae(seed: int = 0, latent_channels: int = 4) -> Any:
+    """A `comfy.sd.VAE` around a seeded TAESD (4 latent channels, or 16 for Flux/SD3; 8x down/up-scale)."""
     _torch()
     import comfy.sd
-    return comfy.sd.VAE(sd=taesd_state_dict(seed))
+    return comfy.sd.VAE(sd=taesd_state_dict(seed, latent_channels=latent_channels))
 
 
 # --------------------------------------------------------------------------- sampling

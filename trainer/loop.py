@@ -324,7 +324,7 @@ class Trainer:
         # Noise and timesteps come from the run's own CPU generator: identical on any device,
         # and its state is all that resume needs to replay the same draws.
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        idx = torch.randint(len(self.schedule), (x0.shape[0],), generator=generator)
+        idx = self.schedule.draw(x0.shape[0], generator)
         return x0, noise, idx, self.schedule.add_noise(x0, noise, idx)
 
     def _set_strength(self, strength: float) -> None:

@@ -17,17 +17,25 @@ class Schedule:
 
     eps / v: discrete DDPM schedule (a_t = sqrt(alphas_cumprod), b_t = sqrt(1 - alphas_cumprod)),
     timestep passed to the model = the index. flow: rectified flow, a_t = 1 - s_t, b_t = s_t,
-    target noise - x0, timestep = s_t * multiplier.
+    target noise - x0 (the velocity), timestep = s_t * multiplier.
+    Training draws indices uniformly, or by `weights` (flow: logit-normal, see `flow`).
     """
 
     prediction: str
     signal: Tensor  # a_t per index (float64)
     noise: Tensor  # b_t per index (float64)
     timesteps: Tensor  # what the denoiser receives for each index (float32)
+    weights: Tensor | None = None  # training draw probability per index (None: uniform)
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise TrainingError(f"unknown prediction type {self.prediction!r}; expected one of {PREDICTIONS}")
+
+    def draw(self, n: int, generator: torch.Generator) -> Tensor:
+        """n training indices (uniform, or by `weights`) from the run's CPU generator."""
+        if self.weights is None:
+            return torch.randint(len(self), (n,), generator=generator)
+        return torch.multinomial(self.weights, n, replacement=True, generator=generator)
 
     @classmethod
     def discrete(cls, alphas_cumprod: Tensor, prediction: str = "eps") -> "Schedule":
@@ -42,10 +50,25 @@ class Schedule:
         return cls.discrete(1.0 / (1.0 + s * s), prediction)
 
     @classmethod
-    def flow(cls, sigmas: Tensor, multiplier: float = 1000.0) -> "Schedule":
-        """Rectified-flow schedule from its sigmas in (0, 1]."""
+    def flow(cls, sigmas: Tensor, multiplier: float = 1000.0, logit_normal: tuple[float, float] | None = (0.0, 1.0),
+             ) -> "Schedule":
+        """Rectified-flow schedule from the model's sigmas in (0, 1] (index i at t = (i + 1) / N, shift applied).
+
+        Training timesteps as SD3's paper and the diffusers/kohya flow trainers draw them: t from a
+        logit-normal (mean, std) = (0, 1) on the unshifted t, then the model's own shift, i.e. index i
+        weighted by the logit-normal density at (i + 1) / N over the model's shifted sigmas.
+        `logit_normal=None` draws t uniformly instead.
+        """
         s = sigmas.detach().double().cpu()
-        return cls("flow", 1 - s, s, (s * multiplier).float())
+        weights = None
+        if logit_normal is not None:
+            mean, std = logit_normal
+            t = torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s)
+            t = t.clamp(max=1 - 0.5 / len(s))  # the last index (t = 1) has density 0: keep it finite and drawn rarely
+            z = (torch.log(t) - torch.log1p(-t) - mean) / std
+            weights = torch.exp(-0.5 * z * z) / (t * (1 - t))
+            weights = weights / weights.sum()
+        return cls("flow", 1 - s, s, (s * multiplier).float(), weights)
 
     def __len__(self) -> int:
         return len(self.timesteps)

@@ -1,6 +1,7 @@
 """ComfyUI's model as the engine needs it: schedule, denoiser, trainable weights, targets, architecture."""
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -18,21 +19,34 @@ from ..settings import TrainSettings
 from .data import Encoder, Prepared, vae_downscale
 
 
+# Flow-matching families whose denoiser call, conditioning and latents the binding handles (ComfyUI's
+# supported_models class names; Flux2, Chroma, AuraFlow, HiDream, Lumina2/Z-Image, Wan... are refused by name).
+FLOW_FAMILIES = {"Flux": "Flux.1 dev", "FluxSchnell": "Flux.1 schnell", "FluxInpaint": "Flux.1 fill",
+                 "SD3": "SD3/SD3.5"}
+
+
 def schedule_for(base_model: Any) -> Schedule:
     """The training schedule of a ComfyUI BaseModel, read from its model_sampling."""
     ms = base_model.model_sampling
+    family = type(base_model.model_config).__name__
     discrete = isinstance(ms, cms.ModelSamplingDiscrete) and type(ms).timestep is cms.ModelSamplingDiscrete.timestep
     if discrete and not isinstance(ms, (cms.EDM, cms.X0, getattr(cms, "IMG_TO_IMG", cms.X0))):
         if isinstance(ms, cms.V_PREDICTION):
             return Schedule.from_sigmas(ms.sigmas, "v")
         if isinstance(ms, cms.EPS):
             return Schedule.from_sigmas(ms.sigmas, "eps")
-    raise TLoRAError(f"training supports eps- and v-prediction diffusion models (SD1.x/SD2.x/SDXL); this "
-                     f"model samples with {type(ms).__mro__[1].__name__}")
+    if isinstance(ms, cms.CONST) and family in FLOW_FAMILIES:
+        # The model's own sigmas carry its shift (SD3: 3.0, Flux: its exponential shift); timestep(sigma)
+        # is what BaseModel passes the diffusion model (sigma x 1000 for SD3, sigma for Flux).
+        multiplier = float(ms.timestep(torch.tensor(1.0)))
+        return Schedule.flow(ms.sigmas, multiplier)
+    supported = "SD1.x, SD2.x, SDXL (eps and v-prediction) and " + ", ".join(sorted(set(FLOW_FAMILIES.values())))
+    raise TLoRAError(f"TLoRA training does not support {family} models yet (it samples with "
+                     f"{type(ms).__mro__[1].__name__}); supported: {supported}")
 
 
 def make_denoiser(base_model: Any) -> Denoiser:
-    """The diffusion model's raw output (eps or v) for x_t at discrete timestep t."""
+    """The diffusion model's raw output (eps, v or the flow velocity) for x_t at timestep t."""
     diffusion_model = base_model.diffusion_model
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
 
@@ -87,12 +101,18 @@ def arch_of(base_model: Any, clip: Any = None) -> str | None:
 
 
 def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
-    """The transformer blocks gradient checkpointing wraps."""
-    try:
-        from comfy.ldm.modules.attention import BasicTransformerBlock
-    except ImportError:  # pragma: no cover
-        return []
-    return [m for m in root.modules() if isinstance(m, BasicTransformerBlock)]
+    """The transformer blocks gradient checkpointing wraps (UNet, Flux, MMDiT and Qwen-Image blocks)."""
+    kinds = []
+    for module_name, class_names in (("comfy.ldm.modules.attention", ("BasicTransformerBlock",)),
+                                     ("comfy.ldm.flux.layers", ("DoubleStreamBlock", "SingleStreamBlock")),
+                                     ("comfy.ldm.modules.diffusionmodules.mmdit", ("JointBlock",)),
+                                     ("comfy.ldm.qwen_image.model", ("QwenImageTransformerBlock",))):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover (a host without that family)
+            continue
+        kinds += [getattr(module, c) for c in class_names if hasattr(module, c)]
+    return [m for m in root.modules() if isinstance(m, tuple(kinds))]
 
 
 def text_group(clip: Any, settings: TrainSettings) -> AdapterGroup:

@@ -108,6 +108,7 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
     """The engine's Trainer for this ComfyUI run (text-encoder hooks go into `hooks` for the caller to remove)."""
     base = model.model
     device = mm.get_torch_device()
+    schedule = schedule_for(base)  # refuses an unsupported model before any encoding
     # Weights on the device with any upstream patches (stacked LoRAs) applied, then made
     # usable by autograd; the adapters wrap these live layers.
     mm.load_models_gpu([model], force_full_load=True)
@@ -135,7 +136,7 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
         return pixels[0, ..., :3].detach().float().cpu().clone()
 
     binding = Binding(
-        groups, make_denoiser(base), schedule_for(base), prepared.data, device=device, encode=encode,
+        groups, make_denoiser(base), schedule, prepared.data, device=device, encode=encode,
         decode=decode if settings.sample_every else None, checkpoint_modules=checkpoint_blocks(root),
         interrupt_types=(mm.InterruptProcessingException,),
         interrupt_check=mm.throw_exception_if_processing_interrupted,
@@ -145,4 +146,6 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
         file_config={"arch": arch} if arch else {})
     if settings.train_text_encoder:
         hooks.extend(autograd_safe_norms(clip.cond_stage_model))
+    if schedule.prediction == "flow":  # DiT blocks add residuals in place onto what their norms saved
+        hooks.extend(autograd_safe_norms(root))
     return Trainer(binding, settings, output_path=path, run_id=run_id, registry=registry, run_info=run_info), arch
