@@ -658,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--approx-iters", type=int)
     ap.add_argument("--ft-steps", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--text-first-layer", type=int, help="first MiniLM layer adapted (lower ones cached)")
+    ap.add_argument("--image-first-block", type=int, help="first EfficientNet block adapted (lower ones cached)")
+    ap.add_argument("--image-per-class", help="train,val,test digits per class")
+    ap.add_argument("--merge", help="comma list of results.json files to merge into --out (no training)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--docs", action="store_true", help="copy the plots to docs/real_weights/")
     return ap
@@ -674,7 +678,10 @@ def make_config(args: argparse.Namespace) -> Config:
         cfg.seeds = tuple(int(s) for s in args.seeds.split(","))
     if args.lr_points:
         cfg.lr_points = tuple(float(s) for s in args.lr_points.split(","))
-    for name in ("text_steps", "image_steps", "approx_iters", "ft_steps", "threads"):
+    if args.image_per_class:
+        cfg.image_per_class = tuple(int(v) for v in args.image_per_class.split(","))
+    for name in ("text_steps", "image_steps", "approx_iters", "ft_steps", "threads", "text_first_layer",
+                 "image_first_block"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     unknown = set(cfg.methods) - {m.name for m in METHODS}
@@ -734,9 +741,32 @@ def _run(cfg: Config, out: Path, docs: bool, log: Callable[[str], None]) -> dict
     return results
 
 
+def merge(paths: list[str], out: Path, docs: bool = False) -> dict:
+    """One report from several runs' results.json (e.g. parts run one after another with other sizes)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    results: dict = {"merged_from": [{"path": p, "config": r["config"], "started": r["started"],
+                                      "commit": r.get("commit"), "wall_minutes": r.get("wall_minutes")}
+                                     for p, r in zip(paths, parts)],
+                     "config": parts[0]["config"], "finetunes": [], "tasks": {}}
+    for r in parts:
+        for key in ("approx", "full_finetune"):
+            if r.get(key):
+                results[key] = r[key]
+        results["finetunes"] += r["finetunes"]
+        results["tasks"].update(r.get("tasks", {}))
+    if results["finetunes"]:
+        results["summary"] = summarize(results["finetunes"])
+    results["wall_minutes"] = sum(r.get("wall_minutes") or 0 for r in parts)
+    write_reports(results, out, docs)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    if args.merge:
+        merge(args.merge.split(","), Path(args.out), args.docs)
+        return 0
     run(make_config(args), Path(args.out), args.docs)
     return 0
 

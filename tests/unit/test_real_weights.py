@@ -103,3 +103,16 @@ def test_summary_has_intervals_tests_and_plots(quick_results):
     assert "## Fine-tunes: MiniLM / Debian sections" in text and "## Approximation" in text
     for name in ("approx_minilm.png", "finetunes.png", "results.json"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_merge_rebuilds_the_same_report(quick_results, tmp_path):
+    B, cfg, results, out = quick_results
+    merged = B.merge([str(out / "results.json")], tmp_path, docs=False)
+    assert json_roundtrip(merged["summary"]) == json_roundtrip(results["summary"])
+    assert merged["approx"] == json_roundtrip(results["approx"])
+    assert (tmp_path / "summary.md").read_text() == (out / "summary.md").read_text()
+
+
+def json_roundtrip(value):
+    import json
+    return json.loads(json.dumps(value))
