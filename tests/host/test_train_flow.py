@@ -106,3 +106,18 @@ def test_unsupported_flow_family_is_refused_by_name(tm):
     m = tm.tiny_dit("qwen-image", seed=0)
     with pytest.raises(Exception, match=r"does not support QwenImage models yet.*supported: .*Flux\.1 dev"):
         R.pack("trainer.comfy.model").schedule_for(m.model)
+
+
+def test_gradient_checkpointing_of_transformer_blocks_changes_nothing(flow_model):
+    """Checkpointed DiT blocks (recomputed in the backward) train the same adapter as plain ones."""
+    family, m, clip, vae = flow_model
+    blocks = R.pack("trainer.comfy.model").checkpoint_blocks(m.model.diffusion_model)
+    assert blocks and {type(b).__name__ for b in blocks} >= ({"DoubleStreamBlock", "SingleStreamBlock"}
+                                                             if family == "flux" else {"JointBlock"})
+    runs = [train(m, clip, vae, _subject(), steps=3, learning_rate=5e-3, loss="mse", output_name=f"gc_{family}",
+                  gradient_checkpointing=flag)[2]["adapters"] for flag in (False, True)]
+    assert runs[0].keys() == runs[1].keys()
+    for prefix in runs[0]:
+        for name, t in runs[0][prefix].tensors.items():
+            torch.testing.assert_close(runs[1][prefix].tensors[name], t, rtol=1e-5, atol=1e-6,
+                                       msg=lambda msg: f"{family} {prefix}.{name}: {msg}")
