@@ -281,8 +281,10 @@ def report(results: dict[str, Any]) -> str:
                          f"{t['tlora26'][clock]:.3f} | **{r['ratio_' + clock[:-2]]:.2f}x** | {err['lora4']} | "
                          f"{err['tlora26']} |")
     for label, w in results.get("whole", {}).items():
-        lines.append(f"| {label} | {w['modules']} | {w['none_wall_s']:.2f} | {w['lora4_wall_s']:.2f} | "
-                     f"{w['tlora26_wall_s']:.2f} | **{w['ratio_wall']:.2f}x** | | |")
+        for clock, name in (("wall", "wall"), ("cpu", "CPU")):
+            lines.append(f"| {label} ({name}) | {w['modules']} | {w[f'none_{clock}_s']:.2f} | "
+                         f"{w[f'lora4_{clock}_s']:.2f} | {w[f'tlora26_{clock}_s']:.2f} | "
+                         f"**{w[f'ratio_{clock}']:.2f}x** | | |")
     lines.append("errors: max |patched - float64 reference| / (eps32 * max|reference|), worst module")
     return "\n".join(lines)
 
@@ -321,9 +323,11 @@ def main() -> None:
                                                             args, 20 if kind == "double" else 30)
         sets = [results["sets"][f"flux {k}"] for k in ("double block", "single block")]
         counts = [FLUX_BLOCKS[k][0] for k in ("double", "single")]
-        whole = {f"{v}_wall_s": sum(c * s["times"][v]["wall_s"] for c, s in zip(counts, sets)) for v in VARIANTS}
+        whole = {f"{v}_{clock}": sum(c * s["times"][v][clock] for c, s in zip(counts, sets))
+                 for v in VARIANTS for clock in ("wall_s", "cpu_s")}
         whole["modules"] = sum(c * len(FLUX_BLOCKS[k][1]) for c, k in zip(counts, ("double", "single")))
         whole["ratio_wall"] = whole["tlora26_wall_s"] / whole["lora4_wall_s"]
+        whole["ratio_cpu"] = whole["tlora26_cpu_s"] / whole["lora4_cpu_s"]
         results["whole"]["flux whole model (19 x double + 38 x single, extrapolated)"] = whole
     results["command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
     if args.json:
