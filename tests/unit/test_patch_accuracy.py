@@ -145,3 +145,17 @@ def test_float64_weight_is_merged_in_float64(case) -> None:
         got = adapter.patched_weight(w0, strength)
         assert got.dtype == torch.float64
         assert error_units(got, w0, reference(w0, tensors, strength)) <= C
+
+
+@pytest.mark.parametrize("engine", ["native", "torch"])
+def test_a_strided_weight_view_merges_like_its_copy(engine: str, monkeypatch) -> None:
+    """ComfyUI hands over narrowed views for offset patches (slices of fused weights): same result as a copy."""
+    if engine == "torch":
+        monkeypatch.setenv("TLORA_NATIVE", "0")
+    tensors = trained((24, 320), "trm:2", "tr:3", "paper", seed=5)
+    adapter = ModuleAdapter(tensors, weight_shape=(24, 320))
+    fused = torch.randn(24, 3 * 320, generator=torch.Generator().manual_seed(4)) / math.sqrt(320)
+    view = fused.narrow(1, 320, 320)  # a column slice: not contiguous
+    assert not view.is_contiguous()
+    for strength in (1.0, -0.5):
+        assert torch.equal(adapter.patched_weight(view, strength), adapter.patched_weight(view.contiguous(), strength))
