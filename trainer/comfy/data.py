@@ -17,6 +17,10 @@ from ...tlora.errors import TLoRAError
 from ..data import Cond, Example, TrainData, prepare_images
 
 
+# Families whose latents are video-shaped (B, C, frames, H, W) (Qwen-Image: Wan 2.1's VAE); an image is one frame.
+FRAME_AXIS_FAMILIES = ("QwenImage",)
+
+
 def vae_downscale(vae: Any) -> int:
     """Pixels per latent cell of a ComfyUI VAE (8 for the SD families)."""
     return vae.downscale_ratio if isinstance(getattr(vae, "downscale_ratio", None), int) else 8
@@ -101,6 +105,8 @@ def encode_images(vae: Any, base_model: Any, images: Sequence[Tensor], device: t
             chunk = indices[start:start + 8]
             pixels = torch.stack([images[i] for i in chunk])
             raw = vae.encode(pixels[..., :3])
+            if raw.dim() == 4 and type(base_model.model_config).__name__ in FRAME_AXIS_FAMILIES:
+                raw = raw.unsqueeze(2)  # an image VAE's latent as the one frame these models take
             processed = base_model.process_latent_in(raw.float()).to(device)
             for j, i in enumerate(chunk):
                 latents[i] = processed[j].detach().clone()

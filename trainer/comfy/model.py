@@ -22,7 +22,7 @@ from .data import Encoder, Prepared, vae_downscale
 # Flow-matching families whose denoiser call, conditioning and latents the binding handles (ComfyUI's
 # supported_models class names; Flux2, Chroma, AuraFlow, HiDream, Lumina2/Z-Image, Wan... are refused by name).
 FLOW_FAMILIES = {"Flux": "Flux.1 dev", "FluxSchnell": "Flux.1 schnell", "FluxInpaint": "Flux.1 fill",
-                 "SD3": "SD3/SD3.5"}
+                 "SD3": "SD3/SD3.5", "QwenImage": "Qwen-Image"}
 
 
 def schedule_for(base_model: Any) -> Schedule:
