@@ -66,6 +66,49 @@ def make_denoiser(base_model: Any) -> Denoiser:
     return denoise
 
 
+def _rope1(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotary embedding as ComfyUI's flux/math.py computes it without comfy_kitchen (differentiable)."""
+    pairs = x.to(dtype=freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    out = freqs_cis[..., 0] * pairs[..., 0] + freqs_cis[..., 1] * pairs[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def _rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
+    return _rope1(xq, freqs_cis), _rope1(xk, freqs_cis)
+
+
+class _Restore:
+    """Puts a module attribute back (the `.remove()` handle the run keeps with its hooks)."""
+
+    def __init__(self, module: Any, name: str, value: Any) -> None:
+        self.module, self.name, self.value = module, name, value
+
+    def remove(self) -> None:
+        setattr(self.module, self.name, self.value)
+
+
+def differentiable_rope() -> list[_Restore]:
+    """While training, rotary embeddings in torch where the host uses comfy_kitchen's kernels.
+
+    ComfyUI 0.12 runs Flux's and Qwen-Image's RoPE through comfy_kitchen ops that have no
+    backward ("no autograd formula was registered"); the same maths in torch trains. The
+    returned handles restore the host's functions.
+    """
+    handles = []
+    for module_name, names in (("comfy.ldm.flux.math", ("apply_rope", "apply_rope1")),
+                               ("comfy.ldm.qwen_image.model", ("apply_rope1",))):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover
+            continue
+        for name in names:
+            current = getattr(module, name, None)
+            if current is not None and getattr(current, "__module__", "").startswith("comfy_kitchen"):
+                handles.append(_Restore(module, name, current))
+                setattr(module, name, _rope if name == "apply_rope" else _rope1)
+    return handles
+
+
 def make_trainable(module: nn.Module) -> int:
     """Replace inference-mode parameters/buffers with normal tensors of the same values.
 

@@ -21,8 +21,8 @@ from ..loop import Trainer
 from ..runs import RUNS, RunRegistry, TrainResult
 from ..settings import TrainSettings
 from .data import prepare_data
-from .model import (arch_of, autograd_safe_norms, checkpoint_blocks, make_denoiser, make_trainable, schedule_for,
-                    text_encode, text_group)
+from .model import (arch_of, autograd_safe_norms, checkpoint_blocks, differentiable_rope, make_denoiser,
+                    make_trainable, schedule_for, text_encode, text_group)
 from .progress import ComfyProgress, current_prompt_id, report_end, send_event
 
 
@@ -148,4 +148,5 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
         hooks.extend(autograd_safe_norms(clip.cond_stage_model))
     if schedule.prediction == "flow":  # DiT blocks add residuals in place onto what their norms saved
         hooks.extend(autograd_safe_norms(root))
+        hooks.extend(differentiable_rope())
     return Trainer(binding, settings, output_path=path, run_id=run_id, registry=registry, run_info=run_info), arch
