@@ -109,6 +109,14 @@ def test_transformer_family_tables() -> None:
     assert arch.archs_for_host_model("SD3") == ("sd3", "sd35-medium", "sd35-large")
 
 
+@pytest.mark.parametrize("name", ["flux", "sd3", "sd35-large", "qwen-image"])
+def test_cli_plan_knows_the_transformer_families(name, capsys) -> None:
+    """`python -m tlora plan --arch <family> --json` counts what the tables say (released shapes)."""
+    assert cli.main(["plan", "--arch", name, "--targets", "attn", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["modules"] == len(arch.targets(name, "attn")) and plan["params"] > 0
+
+
 def test_text_encoder_tables_and_kohya_names() -> None:
     te = {k: v for k, v in arch.targets("sd15", "attn-ff", text_encoder=True).items()
           if k.startswith("text_encoders.")}
