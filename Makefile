@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: bootstrap test test-unit test-host test-012 test-browser demo bench clean
+.PHONY: bootstrap test test-unit test-webui test-host test-012 test-browser demo bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -10,10 +10,10 @@ bootstrap:
 PY012 := .venv-comfy-0.12/bin/python
 COMFY012 := $(CURDIR)/.host/ComfyUI-0.12.1
 
-# Unit tests once; the host and browser suites on each ComfyUI (0.3.75, then 0.12.1 when the
+# Unit and webui tests once; the host and browser suites on each ComfyUI (0.3.75, then 0.12.1 when the
 # bootstrap could install it: it says so when it could not, and so does this).
 test: bootstrap
-	$(PY) -m pytest tests/unit tests/host tests/browser -q -ra
+	$(PY) -m pytest tests/unit tests/webui tests/host tests/browser -q -ra
 	@if [ -x $(PY012) ] && [ -f $(COMFY012)/main.py ]; then \
 	  echo "[test] host and browser suites on ComfyUI 0.12.1"; \
 	  TLORA_COMFY_DIR=$(COMFY012) $(PY012) -m pytest tests/host tests/browser -q -ra; \
@@ -21,6 +21,10 @@ test: bootstrap
 
 test-unit: bootstrap
 	$(PY) -m pytest tests/unit -q
+
+# The A1111-family extension (webui/) against the snapshots' real LoRA code; host-free otherwise.
+test-webui: bootstrap
+	$(PY) -m pytest tests/webui -q -ra
 
 test-host: bootstrap
 	$(PY) -m pytest tests/host -q

@@ -5,6 +5,7 @@
 #   .venv-comfy-0.12/       virtualenv for ComfyUI 0.12.1 (its own frontend and comfy-* packages)
 #   .host/ComfyUI-0.12.1/   real ComfyUI 0.12.1: from ../shared/hosts when there, else a clone of
 #                           tag v0.12.1, else skipped with one line saying so
+#   .host/webui/<host>/     A1111 1.10.1, Forge, reForge sources from ../shared/hosts (tests/webui)
 # A second run only checks stamps and returns in a second or two.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -140,6 +141,22 @@ if [ -f "$COMFY12/main.py" ]; then
     ln -s "$ROOT" "$LINK12"
   fi
 fi
+
+# ----- the A1111 family (tests/webui): source snapshots only, imported in-process by the tests --
+# .host/webui/{a1111,forge,reforge}/ from ../shared/hosts (a second run finds the stamps).
+for pair in a1111:a1111-webui-1.10.1 forge:forge-dfdcbab6 reforge:reforge-3b56b268; do
+  name="${pair%%:*}"; snap="$ROOT/../shared/hosts/${pair#*:}.tar.gz"; dest="$HOST/webui/$name"
+  [ "$(cat "$dest/.tlora-snapshot" 2>/dev/null)" = "${pair#*:}" ] && continue
+  if [ ! -f "$snap" ]; then
+    log "SKIPPED the $name webui tests: no snapshot at ../shared/hosts/$(basename "$snap")"
+    continue
+  fi
+  log "extracting $(basename "$snap") into .host/webui/$name"
+  rm -rf "$dest" "$dest.tmp" && mkdir -p "$dest.tmp"
+  tar -xzf "$snap" -C "$dest.tmp" --strip-components=1
+  echo "${pair#*:}" > "$dest.tmp/.tlora-snapshot"
+  mv "$dest.tmp" "$dest"
+done
 
 log "ready: $VPY, ComfyUI at $COMFY"
 [ -f "$COMFY12/main.py" ] && log "ready: $VENV12/bin/python, ComfyUI 0.12.1 at $COMFY12"

@@ -1,0 +1,119 @@
+"""Forge (snapshot in .host/webui/forge): TLoRA files through backend/patcher/lora.py.
+
+Real host code only, imported on its own (no stand-ins; `packages_3rdparty` on sys.path as the
+webui puts it): backend.patcher.lora.load_lora (key claiming, our loader first in its
+lora_collection_priority), ModelPatcher.add_patches, and LoraLoader.refresh, which merges every
+patch (merge_lora_to_weight, our extra_weight_calculators entry) into the model's parameters.
+The key map is written here in the host's generic form ({"diffusion_model.<path>": "...weight"} and
+{"lora_unet_<path with _>": ...}): model_lora_keys_unet needs a full model.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+import webui_refs as refs
+
+HOST = refs.host_dir("forge")
+pytestmark = pytest.mark.skipif(HOST is None, reason="no Forge snapshot extracted (see the bootstrap's message)")
+
+
+@pytest.fixture(scope="module")
+def host():
+    # The hosts switch torch's deterministic mode on at import: put it back for the suites after this one.
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    paths = [HOST, os.path.join(HOST, "packages_3rdparty")]
+    sys.path[:0] = paths
+    from backend import args
+    args.args.always_cpu = True  # this machine has no GPU: the host's own switch
+    import backend.patcher.base as base
+    import backend.patcher.lora as lora
+    from tlora_webui import forge
+    forge.install(lora, base.ModelPatcher)
+    try:
+        yield lora, base
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        for path in paths:
+            sys.path.remove(path)
+
+
+def _model():
+    model = torch.nn.Module()
+    model.diffusion_model = torch.nn.Module()
+    for path, layer in refs.tiny_layers().items():
+        setattr(model.diffusion_model, path.split(".")[-1], layer)
+    return model
+
+
+def _key_map(model):
+    out = {}
+    for key in model.state_dict():
+        if key.endswith(".weight"):
+            out[key[:-len(".weight")]] = key
+            out["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = key
+    return out
+
+
+def _apply(lora, base, model, files, strength):
+    """As sd_forge_lora's load_lora_for_models: load_lora per file, add_patches, then the loader's refresh."""
+    from safetensors.torch import load_file
+    patcher = base.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    for path in files:
+        patches, remaining = lora.load_lora(load_file(path), _key_map(model))
+        assert not remaining, f"unclaimed keys {list(remaining)}"
+        patcher.add_patches(filename=path, patches=patches, strength_patch=strength)
+    patcher.refresh_loras()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("strength", refs.STRENGTHS)
+def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength):
+    lora, base = host
+    path, modules = refs.standard_file(tmp_path)
+    plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
+    model = _model()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    got = _apply(lora, base, model, [path, plain_path], strength)
+    for prefix, tensors in modules.items():
+        w0 = before[prefix + ".weight"]
+        if strength == 0:
+            assert torch.equal(got[prefix + ".weight"], w0), f"{prefix}: strength 0 is not the base weight"
+        else:
+            refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, tensors, strength), prefix)
+    w0 = before[refs.PLAIN + ".weight"]
+    refs.assert_matches(got[refs.PLAIN + ".weight"], w0.double() + strength * plain_update, "plain LoRA")
+
+
+def test_kohya_named_file_applies_the_same(host, tmp_path):
+    lora, base = host
+    _, modules = refs.standard_file(tmp_path)
+    path = refs.write_tlora(str(tmp_path / "kohya.safetensors"), modules, kohya=True)
+    model = _model()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    got = _apply(lora, base, model, [path], 0.5)
+    for prefix, tensors in modules.items():
+        refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(before[prefix + ".weight"], tensors, 0.5), prefix)
+
+
+def test_a_module_that_does_not_fit_fails_the_file_before_anything_is_patched(host, tmp_path):
+    lora, base = host
+    layers = refs.tiny_layers()
+    modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
+               refs.CONV: refs.trained_module((4, 6, 3, 3), "trm:2", "lora:2", 2)}  # the model's conv has 8 inputs
+    path = refs.write_tlora(str(tmp_path / "misfit.safetensors"), modules)
+    model = _model()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit this model: diffusion_model.conv: .*6-wide.*nothing of it was applied"):
+        _apply(lora, base, model, [path], 1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
+    lora, _ = host
+    from safetensors.torch import load_file
+    path, _ = refs.standard_file(tmp_path)
+    state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
+    with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
+        lora.load_lora(state, _key_map(_model()))

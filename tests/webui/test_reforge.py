@@ -1,0 +1,118 @@
+"""reForge (snapshot in .host/webui/reforge): TLoRA files through its weight-adapter registry.
+
+Real host code only, imported on its own (no stand-ins): ldm_patched.modules.weight_adapter,
+lora.load_lora (key claiming), ModelPatcher.add_patches and lora.calculate_weight (the merge
+ModelPatcher runs). The key map is written here in the host's generic form (model_lora_keys_unet
+needs a full model config): {"diffusion_model.<path>": "diffusion_model.<path>.weight"} plus the
+kohya form {"lora_unet_<path with _>": ...}, as that function builds it.
+"""
+import sys
+
+import pytest
+import torch
+
+import webui_refs as refs
+
+HOST = refs.host_dir("reforge")
+pytestmark = pytest.mark.skipif(HOST is None, reason="no reForge snapshot extracted (see the bootstrap's message)")
+
+
+@pytest.fixture(scope="module")
+def host():
+    # The hosts switch torch's deterministic mode on at import: put it back for the suites after this one.
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    sys.path.insert(0, HOST)
+    from ldm_patched.modules import args_parser
+    args_parser.args.always_cpu = True  # this machine has no GPU: the host's own switch
+    import ldm_patched.modules.lora as lora
+    import ldm_patched.modules.model_patcher as model_patcher
+    import ldm_patched.modules.weight_adapter as weight_adapter
+    from tlora_webui import reforge
+    reforge.install(weight_adapter, model_patcher.ModelPatcher)
+    try:
+        yield lora, model_patcher
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        sys.path.remove(HOST)
+
+
+def _model():
+    model = torch.nn.Module()
+    model.diffusion_model = torch.nn.Module()
+    for path, layer in refs.tiny_layers().items():
+        setattr(model.diffusion_model, path.split(".")[-1], layer)
+    return model
+
+
+def _key_map(model):
+    out = {}
+    for key in model.state_dict():
+        if key.endswith(".weight"):
+            out[key[:-len(".weight")]] = key
+            out["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = key
+    return out
+
+
+def _patched(lora, model_patcher, model, state, strength):
+    patcher = model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    patcher.add_patches(lora.load_lora(state, _key_map(model)), strength)
+    out = {}
+    for key, patches in patcher.patches.items():
+        w0 = model.state_dict()[key]
+        out[key] = lora.calculate_weight(patches, w0.detach().float().clone(), key).to(w0.dtype)
+    return out
+
+
+@pytest.mark.parametrize("strength", refs.STRENGTHS)
+def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength):
+    lora, model_patcher = host
+    from safetensors.torch import load_file
+    path, modules = refs.standard_file(tmp_path)
+    plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
+    model = _model()
+    state = {**load_file(path), **load_file(plain_path)}
+    got = _patched(lora, model_patcher, model, state, strength)
+    assert set(got) == {refs.LIN + ".weight", refs.CONV + ".weight", refs.PLAIN + ".weight"}
+    for prefix, tensors in modules.items():
+        w0 = model.state_dict()[prefix + ".weight"]
+        if strength == 0:
+            assert torch.equal(got[prefix + ".weight"], w0), f"{prefix}: strength 0 is not the base weight"
+        else:
+            refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, tensors, strength), prefix)
+    w0 = model.state_dict()[refs.PLAIN + ".weight"]
+    refs.assert_matches(got[refs.PLAIN + ".weight"], w0.double() + strength * plain_update, "plain LoRA")
+
+
+def test_kohya_named_file_applies_the_same(host, tmp_path):
+    lora, model_patcher = host
+    from safetensors.torch import load_file
+    _, modules = refs.standard_file(tmp_path)
+    path = refs.write_tlora(str(tmp_path / "kohya.safetensors"), modules, kohya=True)
+    model = _model()
+    got = _patched(lora, model_patcher, model, load_file(path), 0.5)
+    for prefix, tensors in modules.items():
+        refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(model.state_dict()[prefix + ".weight"],
+                                                                      tensors, 0.5), prefix)
+
+
+def test_a_module_that_does_not_fit_fails_the_file_before_anything_is_patched(host, tmp_path):
+    lora, model_patcher = host
+    from safetensors.torch import load_file
+    layers = refs.tiny_layers()
+    modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
+               refs.CONV: refs.trained_module((4, 6, 3, 3), "trm:2", "lora:2", 2)}  # the model's conv has 8 inputs
+    path = refs.write_tlora(str(tmp_path / "misfit.safetensors"), modules)
+    model = _model()
+    patcher = model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"does not fit this model: diffusion_model.conv: .*6-wide.*nothing of it was applied"):
+        patcher.add_patches(lora.load_lora(load_file(path), _key_map(model)), 1.0)
+    assert patcher.patches == {}
+
+
+def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
+    lora, _ = host
+    from safetensors.torch import load_file
+    path, _ = refs.standard_file(tmp_path)
+    state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
+    with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
+        lora.load_lora(state, _key_map(_model()))

@@ -1,0 +1,14 @@
+"""Webui script entry (run by A1111, Forge and reForge at start-up): registers TLoRA with the host's LoRA loader."""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+import tlora_webui  # noqa: E402
+
+try:
+    print(f"[TLoRA] TLoRA files in models/Lora apply through {tlora_webui.install()}'s <lora:name:weight>")
+except Exception as exc:  # a broken install must not stop the webui from starting
+    print(f"[TLoRA] not enabled: {exc}", file=sys.stderr)

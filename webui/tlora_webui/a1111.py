@@ -1,0 +1,87 @@
+"""A1111: a module type in the built-in Lora extension's `networks.module_types`.
+
+Its loader splits each key at the first dot (module name, then the network part) and offers a
+module's keys to each module type; `calc_updown` returns the weight difference to add. Modules
+named as in ComfyUI (`diffusion_model.x.y`) are renamed to kohya names first (see load_network).
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import safetensors
+import torch
+
+from . import core
+
+
+def module_type_classes(network) -> tuple[type, type]:
+    """(ModuleType, NetworkModule) subclasses for A1111's `network` module."""
+
+    class ModuleTypeTLoRA(network.ModuleType):
+        """Claims a module whose keys are TLoRA suffixes (`tlora_t.*`, `tlora_r.*`, `tlora_scale`)."""
+
+        def create_module(self, net, weights):
+            """A NetworkModuleTLoRA for these weights, or None when they are not TLoRA's."""
+            if not core.has_module("m", {"m." + k: None for k in weights.w}):
+                return None
+            return NetworkModuleTLoRA(net, weights)
+
+    class NetworkModuleTLoRA(network.NetworkModule):
+        """One weight's TLoRA: updown = sigma (W0 T + s Delta - W0), sigma the host's multiplier."""
+
+        def __init__(self, net, weights):
+            super().__init__(net, weights)
+            name = weights.network_key.partition(".")[0]  # the module's name in the file (our messages use it)
+            self.adapter = core.claim(name, {f"{name}.{k}": v for k, v in weights.w.items()})[0]
+            if self.shape is not None:
+                # At load time, so a misfit fails the whole file (the host then applies none of it).
+                core.check_fits(self.adapter, self.shape)
+
+        def calc_updown(self, orig_weight):
+            """(sigma (W0 T + s Delta - W0), no bias): the whole update, strength already folded in."""
+            sigma = float(self.multiplier())
+            if sigma == 0:
+                return torch.zeros_like(orig_weight, dtype=torch.float32), None  # base bit for bit
+            return self.adapter.weight_diff(orig_weight, sigma), None
+
+    return ModuleTypeTLoRA, NetworkModuleTLoRA
+
+
+def _arch_of(metadata: dict) -> str:
+    config = metadata.get("tlora.config", {})  # A1111's metadata reader already parses JSON objects
+    try:
+        config = json.loads(config) if isinstance(config, str) else config
+        return str(config.get("arch") or "sd15")
+    except (ValueError, AttributeError):
+        return "sd15"
+
+
+def install(networks, network, sd_models) -> None:
+    """Append our module type and wrap networks.load_network to give TLoRA files kohya names."""
+    if any(type(t).__name__ == "ModuleTypeTLoRA" for t in networks.module_types):
+        return
+    module_type, _ = module_type_classes(network)
+    networks.module_types.append(module_type())
+    original = networks.load_network
+
+    @functools.wraps(original)
+    def load_network(name, network_on_disk):
+        if not str(network_on_disk.filename).lower().endswith(".safetensors"):
+            return original(name, network_on_disk)
+        with safetensors.safe_open(network_on_disk.filename, "pt") as handle:  # the header only
+            dotted = any(".tlora_" in k and "." in k.rpartition(".tlora_")[0] for k in handle.keys())
+        if not dotted:
+            return original(name, network_on_disk)
+        read = sd_models.read_state_dict
+        renamed = core.kohya_renamed(read(network_on_disk.filename),
+                                     _arch_of(getattr(network_on_disk, "metadata", {}) or {}))
+        # The host's loader reads the file itself; hand it the renamed tensors for this one call
+        # (the webui loads networks one at a time, on its one generation thread).
+        sd_models.read_state_dict = lambda *a, **k: renamed
+        try:
+            return original(name, network_on_disk)
+        finally:
+            sd_models.read_state_dict = read
+
+    networks.load_network = load_network

@@ -1,0 +1,74 @@
+"""What the webui glue takes from the core: claiming a module's keys and one-line errors.
+
+The core (`tlora/`) sits at the root of the repository this folder belongs to; the folder is
+linked or copied into a webui's extensions/, so the root is found from this file's real path.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+if not os.path.isfile(os.path.join(_ROOT, "tlora", "adapter.py")):
+    raise ImportError(f"TLoRA: the core `tlora/` was not found at {_ROOT}: link this extension's folder "
+                      f"(webui/ of ComfyUI-TLoRA) into extensions/ rather than copying it alone")
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)  # appended: never shadows a webui module
+
+from tlora import arch as tarch  # noqa: E402
+from tlora.adapter import SUFFIX_PATTERN, ModuleAdapter  # noqa: E402
+from tlora.errors import TLoRAError, TLoRAShapeError  # noqa: E402
+
+__all__ = ["ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_fits", "claim",
+           "has_module", "kohya_renamed"]
+
+# Forge's patch type and reForge's adapter name; not "tlora", which is T-LoRA (LyCORIS).
+PATCH_TYPE = "transformed_lora"
+# Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
+PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r.in.0", "tlora_r.up", "tlora_r.down")
+
+
+def has_module(prefix: str, tensors: Mapping) -> bool:
+    """Whether `tensors` holds a TLoRA module under this prefix (a few lookups, no scan)."""
+    return any(f"{prefix}.{probe}" in tensors for probe in PROBES)
+
+
+def claim(prefix: str, tensors: Mapping) -> tuple[ModuleAdapter, set[str]] | None:
+    """The validated adapter of module `prefix` and the keys it used; None when absent; TLoRAError if broken."""
+    if not has_module(prefix, tensors):
+        return None
+    head = prefix + "."
+    mine = {k[len(head):]: v for k, v in tensors.items()
+            if k.startswith(head) and SUFFIX_PATTERN.match(k[len(head):])}
+    try:
+        adapter = ModuleAdapter(mine, name=prefix)
+    except TLoRAError as err:
+        raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
+    return adapter, {head + s for s in mine}
+
+
+def check_fits(adapter: ModuleAdapter, shape) -> None:
+    """Raise TLoRAShapeError (one line, naming the module) unless the adapter fits this weight shape."""
+    try:
+        adapter.check_fits(tuple(shape))
+    except TLoRAShapeError as err:
+        raise TLoRAShapeError(f"TLoRA file does not fit this model: {err}; nothing of it was applied") from None
+
+
+def kohya_renamed(tensors: Mapping, arch: str = "sd15") -> dict:
+    """The tensors with ComfyUI module paths (`diffusion_model.x.y`) renamed to kohya names (`lora_unet_x_y`).
+
+    A1111 splits a key at its first dot (kohya names have none): ComfyUI-named modules would
+    silently match nothing there. Kohya-named and unknown keys are kept as they are.
+    """
+    out = {}
+    for key, value in tensors.items():
+        prefix, sep, suffix = key.rpartition(".tlora_")
+        if sep and "." in prefix:
+            try:
+                key = tarch.kohya_name(prefix, arch) + ".tlora_" + suffix
+            except ValueError:
+                pass  # not a UNet/text-encoder path: left for the host to report as unmatched
+        out[key] = value
+    return out

@@ -1,0 +1,50 @@
+"""Forge: TLoRA keys become patches of type "transformed_lora", merged by extra_weight_calculators."""
+from __future__ import annotations
+
+import types
+
+from . import core
+from .patcher_guard import guard_add_patches
+
+
+def calculate(weight, strength, v):
+    """Forge's calculator hook: weight + strength * (W T + s Delta - W) (weight is float32 there)."""
+    if strength == 0:
+        return weight
+    diff = v[0].weight_diff(weight, strength)  # fit checked when the patch was added
+    return weight + diff.to(weight.dtype)
+
+
+def loader(host_load_lora):
+    """A load_lora(lora, to_load) that claims TLoRA modules and hands the other keys to the host's."""
+
+    def load_lora(lora, to_load):
+        patches, used = {}, set()
+        for x, model_key in to_load.items():
+            found = core.claim(x, lora)
+            if found is None:
+                continue
+            if model_key in patches:
+                raise core.TLoRAError(f"broken TLoRA file: the weight {model_key} is given twice (as "
+                                      f"{patches[model_key][1][0].name} and {x}): keep one name per module")
+            patches[model_key] = (core.PATCH_TYPE, (found[0],))
+            used |= found[1]
+        if not patches:
+            return host_load_lora(lora, to_load)
+        host_patches, remaining = host_load_lora({k: v for k, v in lora.items() if k not in used}, to_load)
+        host_patches.update(patches)
+        return host_patches, remaining
+
+    load_lora._tlora_loader = True
+    return load_lora
+
+
+def install(forge_lora, patcher_cls: type) -> None:
+    """Register the calculator, put our loader first in Forge's lora collections, fit-check in add_patches."""
+    forge_lora.extra_weight_calculators[core.PATCH_TYPE] = calculate
+    priority = forge_lora.lora_collection_priority
+    if not any(getattr(getattr(c, "load_lora", None), "_tlora_loader", False) for c in priority):
+        host = forge_lora.get_function("load_lora")
+        priority.insert(0, types.SimpleNamespace(__name__="tlora_webui", load_lora=loader(host)))
+    guard_add_patches(patcher_cls, lambda v: v[1][0] if isinstance(v, tuple) and len(v) == 2
+                      and v[0] == core.PATCH_TYPE else None)
