@@ -1,0 +1,194 @@
+"""A1111 1.10.1 (snapshot in .host/webui/a1111): TLoRA files through extensions-builtin/Lora.
+
+Real host code: networks.py (load_networks, load_network, network_apply_weights), network.py
+(NetworkOnDisk, NetworkModule), network_lora.py, lora_patches.py, modules/patches.py and the
+real read_metadata_from_safetensors (taken from modules/sd_models.py's source). Stood in, because
+they pull in gradio, the webui's start-up state and the separately cloned `ldm`, are only these
+infrastructure modules: gradio, modules.{shared, devices, errors (records display/report), cache,
+hashes, scripts, sd_hijack, textual_inversion.textual_inversion, models.sd3.mmdit} and
+modules.sd_models (read_state_dict = safetensors.torch.load_file, as the real one does for
+.safetensors). The model is a stand-in shared.sd_model holding real Linear/Conv2d layers in its
+network_layer_mapping (what assign_network_names_to_compvis_modules builds on a real model).
+"""
+import ast
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import webui_refs as refs
+
+HOST = refs.host_dir("a1111")
+pytestmark = pytest.mark.skipif(HOST is None, reason="no A1111 snapshot extracted (see the bootstrap's message)")
+LORA_DIR = os.path.join(HOST or "", "extensions-builtin", "Lora")
+HOST_MODULES = ("gradio", "modules", "networks", "network", "network_lora", "network_glora", "network_hada",
+                "network_ia3", "network_lokr", "network_full", "network_norm", "network_oft", "lora_patches",
+                "lyco_helpers", "lora_logger", "extra_networks_lora")
+
+
+def _module(name, **attrs):
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+    return mod
+
+
+def _real_function(path, name, namespace):
+    """One function of a host file, compiled from its own source (the rest of the file needs the webui)."""
+    with open(path) as handle:
+        tree = ast.parse(handle.read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    exec(compile(ast.Module([node], []), path, "exec"), namespace)
+    return namespace[name]
+
+
+class _Errors:
+    def __init__(self):
+        self.shown = []
+
+    def display(self, e, task, **_):
+        self.shown.append(f"{task}: {e}")
+
+    def report(self, message, exc_info=False):
+        self.shown.append(message)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    from safetensors.torch import load_file
+    saved = {k: sys.modules[k] for k in list(sys.modules) if k.split(".")[0] in HOST_MODULES}
+    for name in saved:
+        del sys.modules[name]
+    errors = _Errors()
+    _module("gradio", Warning=lambda *a, **k: None)
+    pkg = _module("modules")
+    pkg.__path__ = [os.path.join(HOST, "modules")]  # so the real modules.patches is found
+    opts = types.SimpleNamespace(lora_functional=False, lora_in_memory_limit=0, lora_preferred_name="Alias from file",
+                                 lora_not_found_warning_console=False, lora_not_found_gradio_warning=False,
+                                 lora_bundled_ti_to_infotext=False)
+    shared = _module("modules.shared", opts=opts, sd_model=None, cmd_opts=types.SimpleNamespace(lora_dir=str(tmp_path_factory.mktemp("Lora")), lyco_dir_backcompat=""),
+                     walk_files=lambda *a, **k: [])
+    devices = _module("modules.devices", cpu=torch.device("cpu"), dtype=torch.float32, torch_gc=lambda: None,
+                      cond_cast_unet=lambda x: x)
+    sd_models = _module("modules.sd_models", read_state_dict=lambda f, **k: load_file(f))
+    sd_models.read_metadata_from_safetensors = _real_function(
+        os.path.join(HOST, "modules", "sd_models.py"), "read_metadata_from_safetensors", {"errors": errors})
+    _module("modules.errors", display=errors.display, report=errors.report)
+    _module("modules.cache", cached_data_for_file=lambda subsection, title, filename, func: func())
+    _module("modules.hashes", sha256_from_cache=lambda *a, **k: None, sha256=lambda *a, **k: "")
+    _module("modules.scripts")
+    embedding_db = types.SimpleNamespace(word_embeddings={}, expected_shape=-1, skipped_embeddings={},
+                                         register_embedding_by_name=lambda *a: None)
+    _module("modules.sd_hijack", model_hijack=types.SimpleNamespace(embedding_db=embedding_db, comments=[]))
+    _module("modules.textual_inversion")
+    _module("modules.textual_inversion.textual_inversion")
+    _module("modules.models")
+    _module("modules.models.sd3")
+    _module("modules.models.sd3.mmdit", QkvLinear=type("QkvLinear", (torch.nn.Linear,), {}))
+    for name in [k for k in sys.modules if k.startswith("modules.")]:  # attributes, as real imports set them
+        parent, _, child = name.rpartition(".")
+        setattr(sys.modules[parent], child, sys.modules[name])
+    sys.path.insert(0, LORA_DIR)
+    try:
+        import network
+        import networks
+        from tlora_webui import a1111
+        a1111.install(networks, network, sd_models)
+        yield types.SimpleNamespace(networks=networks, network=network, shared=shared, errors=errors)
+    finally:
+        sys.path.remove(LORA_DIR)
+        for name in [k for k in sys.modules if k.split(".")[0] in HOST_MODULES]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _model(host):
+    """Layers by A1111 layer name (a real model's network_layer_mapping uses the compvis path with _)."""
+    layers = refs.tiny_layers()
+    mapping = {}
+    for path, layer in layers.items():
+        layer.network_layer_name = path.replace(".", "_")
+        mapping[layer.network_layer_name] = layer
+    host.shared.sd_model = types.SimpleNamespace(network_layer_mapping=mapping, is_sdxl=False)
+    return layers
+
+
+def _apply(host, layers, files, strength):
+    """What the webui does for <lora:name:strength> per file: load_networks, then each layer's apply."""
+    nets = host.networks
+    nets.networks_in_memory.clear()
+    names = []
+    for path in files:
+        name = os.path.splitext(os.path.basename(path))[0]
+        entry = host.network.NetworkOnDisk(name, path)
+        nets.available_networks[name] = nets.available_network_aliases[name] = entry
+        names.append(name)
+    nets.load_networks(names, te_multipliers=[strength] * len(names), unet_multipliers=[strength] * len(names),
+                       dyn_dims=[None] * len(names))  # as extra_networks_lora passes them
+    with torch.no_grad():
+        for layer in layers.values():
+            nets.network_apply_weights(layer)
+    return {path + ".weight": layer.weight.detach().clone() for path, layer in layers.items()}
+
+
+@pytest.mark.parametrize("kohya", [False, True], ids=["comfy-names", "kohya-names"])
+@pytest.mark.parametrize("strength", refs.STRENGTHS)
+def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength, kohya):
+    _, modules = refs.standard_file(tmp_path)
+    path = refs.write_tlora(str(tmp_path / "tiny_tlora.safetensors"), modules, kohya=kohya)
+    plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
+    layers = _model(host)
+    before = {p + ".weight": layer.weight.detach().clone() for p, layer in layers.items()}
+    host.errors.shown.clear()
+    got = _apply(host, layers, [path, plain_path], strength)
+    assert host.errors.shown == []
+    assert [n.name for n in host.networks.loaded_networks] == ["tiny_tlora", "plain"]
+    for prefix, tensors in modules.items():
+        w0 = before[prefix + ".weight"]
+        if strength == 0:
+            assert torch.equal(got[prefix + ".weight"], w0), f"{prefix}: strength 0 is not the base weight"
+        else:
+            refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, tensors, strength), prefix)
+    w0 = before[refs.PLAIN + ".weight"]
+    refs.assert_matches(got[refs.PLAIN + ".weight"], w0.double() + strength * plain_update, "plain LoRA")
+
+
+def test_a_module_that_does_not_fit_is_reported_and_nothing_applied(host, tmp_path):
+    layers = _model(host)
+    modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
+               refs.CONV: refs.trained_module((4, 6, 3, 3), "trm:2", "lora:2", 2)}  # the model's conv has 8 inputs
+    path = refs.write_tlora(str(tmp_path / "misfit.safetensors"), modules)
+    plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
+    before = {p + ".weight": layer.weight.detach().clone() for p, layer in layers.items()}
+    host.errors.shown.clear()
+    got = _apply(host, layers, [path, plain_path], 1.0)
+    assert len(host.errors.shown) == 1
+    assert "loading network" in host.errors.shown[0] and "misfit.safetensors" in host.errors.shown[0]
+    assert "does not fit this model: lora_unet_conv: does not fit weight (4, 8, 3, 3): transform is 6-wide" in host.errors.shown[0]
+    assert [n.name for n in host.networks.loaded_networks] == ["plain"]
+    for prefix in (refs.LIN, refs.CONV):
+        assert torch.equal(got[prefix + ".weight"], before[prefix + ".weight"]), f"{prefix} was patched"
+    refs.assert_matches(got[refs.PLAIN + ".weight"], before[refs.PLAIN + ".weight"].double() + plain_update, "plain")
+
+
+def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path, _ = refs.standard_file(tmp_path)
+    broken = str(tmp_path / "broken.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}, broken)
+    layers = _model(host)
+    host.errors.shown.clear()
+    _apply(host, layers, [broken], 1.0)
+    assert len(host.errors.shown) == 1 and "broken TLoRA file: lora_unet_conv" in host.errors.shown[0]
+    assert "tlora_scale" in host.errors.shown[0] and host.networks.loaded_networks == []
+
+
+def test_card_metadata_is_read_from_our_file(host, tmp_path):
+    path, _ = refs.standard_file(tmp_path)
+    entry = host.network.NetworkOnDisk("tiny_tlora", path)
+    assert entry.metadata["ss_network_module"] == "tlora"  # the card's "Kohya module:" row
+    assert entry.metadata["ss_base_model_version"] == "sd_v1"
+    assert entry.sd_version == host.network.SdVersion.SD1
+    assert entry.metadata["modelspec.title"] == "tiny"
