@@ -192,3 +192,19 @@ def test_card_metadata_is_read_from_our_file(host, tmp_path):
     assert entry.metadata["ss_base_model_version"] == "sd_v1"
     assert entry.sd_version == host.network.SdVersion.SD1
     assert entry.metadata["modelspec.title"] == "tiny"
+
+
+def test_comfy_named_text_encoder_module_is_renamed_and_applied(host, tmp_path):
+    """`text_encoders.clip_l.transformer.<path>` (as our trainer writes) reaches the layer A1111 names
+    transformer_text_model_..., through the kohya name the host's own converter understands."""
+    layer = torch.nn.Linear(16, 16)
+    layer.network_layer_name = "transformer_text_model_encoder_layers_0_self_attn_q_proj"
+    host.shared.sd_model = types.SimpleNamespace(network_layer_mapping={layer.network_layer_name: layer}, is_sdxl=False)
+    prefix = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    module = refs.trained_module(layer.weight.shape, "trm:2", "tr:2", 5)
+    path = refs.write_tlora(str(tmp_path / "te.safetensors"), {prefix: module})
+    w0 = layer.weight.detach().clone()
+    host.errors.shown.clear()
+    got = _apply(host, {prefix: layer}, [path], 0.5)
+    assert host.errors.shown == []
+    refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, module, 0.5), prefix)

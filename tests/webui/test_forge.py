@@ -117,3 +117,27 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
     state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
     with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
         lora.load_lora(state, _key_map(_model()))
+
+
+def test_comfy_named_text_encoder_module_applies_through_forge_clip_key_map(host, tmp_path):
+    """Forge's CLIP key map (the host's own model_lora_keys_clip) has kohya names only: ours are mapped."""
+    lora, base = host
+    from safetensors.torch import load_file
+    clip = holder = torch.nn.Module()
+    for part in "clip_l.transformer.text_model.encoder.layers.0.self_attn".split("."):
+        holder.add_module(part, torch.nn.Module())
+        holder = getattr(holder, part)
+    holder.q_proj = q_proj = torch.nn.Linear(16, 16)
+    key = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert key in clip.state_dict()
+    key_map = lora.model_lora_keys_clip(clip, {})
+    prefix = "text_encoders." + key[:-len(".weight")]
+    module = refs.trained_module(q_proj.weight.shape, "trm:2", "tr:2", 5)
+    path = refs.write_tlora(str(tmp_path / "te.safetensors"), {prefix: module})
+    patches, remaining = lora.load_lora(load_file(path), key_map)
+    assert list(patches) == [key] and not remaining
+    w0 = q_proj.weight.detach().clone()
+    patcher = base.ModelPatcher(clip, torch.device("cpu"), torch.device("cpu"))
+    patcher.add_patches(filename=path, patches=patches, strength_patch=-1.0)
+    patcher.refresh_loras()
+    refs.assert_matches(q_proj.weight.detach(), refs.ref_patched(w0, module, -1.0), prefix)

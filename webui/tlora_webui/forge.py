@@ -29,6 +29,10 @@ def loader(host_load_lora):
                                       f"{patches[model_key][1][0].name} and {x}): keep one name per module")
             patches[model_key] = (core.PATCH_TYPE, (found[0],))
             used |= found[1]
+        for prefix, model_key in _text_encoder_aliases(lora, to_load, used).items():
+            found = core.claim(prefix, lora)
+            patches[model_key] = (core.PATCH_TYPE, (found[0],))
+            used |= found[1]
         if not patches:
             return host_load_lora(lora, to_load)
         host_patches, remaining = host_load_lora({k: v for k, v in lora.items() if k not in used}, to_load)
@@ -37,6 +41,26 @@ def loader(host_load_lora):
 
     load_lora._tlora_loader = True
     return load_lora
+
+
+def _text_encoder_aliases(lora, to_load, used: set) -> dict:
+    """{ComfyUI text-encoder module path: model key} for our modules Forge's key map lacks.
+
+    Forge maps text encoders by kohya names only (`lora_te_`, `lora_te1_`, `lora_te2_`), not by
+    ComfyUI's `text_encoders.<clip>.transformer...` paths, which our trainer writes.
+    """
+    out = {}
+    prefixes = {k.rpartition(".tlora_")[0] for k in lora if ".tlora_" in k and k not in used}
+    for prefix in sorted(p for p in prefixes if p.startswith(core.tarch.TE_PREFIX) and p not in to_load):
+        for arch in ("sdxl", "sd15"):  # clip_l is lora_te1_ on SDXL, lora_te_ on SD1.5: Forge maps both
+            try:
+                kohya = core.tarch.kohya_name(prefix, arch)
+            except ValueError:
+                continue
+            if kohya in to_load:
+                out[prefix] = to_load[kohya]
+                break
+    return out
 
 
 def install(forge_lora, patcher_cls: type) -> None:
