@@ -38,7 +38,7 @@ def module_type_classes(network) -> tuple[type, type]:
                 # At load time, so a misfit fails the whole file (the host then applies none of it).
                 core.check_fits(self.adapter, self.shape)
 
-        def calc_updown(self, orig_weight):
+        def calc_updown(self, orig_weight: torch.Tensor) -> tuple[torch.Tensor, None]:
             """(sigma (W0 T + s Delta - W0), no bias): the whole update, strength already folded in."""
             sigma = float(self.multiplier())
             if sigma == 0:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Mapping
+
+import torch
 
 from . import core
 from .patcher_guard import guard_add_patches
 
 
-def calculate(weight, strength, v):
+def calculate(weight: torch.Tensor, strength: float, v: tuple) -> torch.Tensor:
     """Forge's calculator hook: weight + strength * (W T + s Delta - W) (weight is float32 there)."""
     if strength == 0:
         return weight
@@ -15,10 +18,10 @@ def calculate(weight, strength, v):
     return weight + diff.to(weight.dtype)
 
 
-def loader(host_load_lora):
+def loader(host_load_lora: Callable) -> Callable:
     """A load_lora(lora, to_load) that claims TLoRA modules and hands the other keys to the host's."""
 
-    def load_lora(lora, to_load):
+    def load_lora(lora: Mapping, to_load: Mapping) -> tuple[dict, dict]:
         patches, used = {}, set()
         for x, model_key in to_load.items():
             found = core.claim(x, lora)
@@ -43,7 +46,7 @@ def loader(host_load_lora):
     return load_lora
 
 
-def _text_encoder_aliases(lora, to_load, used: set) -> dict:
+def _text_encoder_aliases(lora: Mapping, to_load: Mapping, used: set) -> dict:
     """{ComfyUI text-encoder module path: model key} for our modules Forge's key map lacks.
 
     Forge maps text encoders by kohya names only (`lora_te_`, `lora_te1_`, `lora_te2_`), not by
@@ -63,7 +66,7 @@ def _text_encoder_aliases(lora, to_load, used: set) -> dict:
     return out
 
 
-def install(forge_lora, patcher_cls: type) -> None:
+def install(forge_lora: types.ModuleType, patcher_cls: type) -> None:
     """Register the calculator, put our loader first in Forge's lora collections, fit-check in add_patches."""
     forge_lora.extra_weight_calculators[core.PATCH_TYPE] = calculate
     priority = forge_lora.lora_collection_priority

@@ -21,7 +21,7 @@ def adapter_class(base: type) -> type:
             self.weights = list(adapter.tensors.values())
 
         @classmethod
-        def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
+        def load(cls, x: str, lora: dict, alpha=None, dora_scale=None, loaded_keys: set | None = None):
             """Claim the keys `x.tlora_*` (None when absent); a broken module raises with our message."""
             found = core.claim(x, lora)
             if found is None:
@@ -43,7 +43,7 @@ def adapter_class(base: type) -> type:
     return TLoRAWebuiAdapter
 
 
-def install(weight_adapter, patcher_cls: type) -> type:
+def install(weight_adapter, patcher_cls: type) -> type:  # weight_adapter: the host's module
     """Append our adapter to reForge's registry and fit-check its patches in ModelPatcher.add_patches."""
     for cls in weight_adapter.adapters:
         if getattr(cls, "name", None) == core.PATCH_TYPE:
