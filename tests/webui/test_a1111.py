@@ -208,3 +208,25 @@ def test_comfy_named_text_encoder_module_is_renamed_and_applied(host, tmp_path):
     got = _apply(host, {prefix: layer}, [path], 0.5)
     assert host.errors.shown == []
     refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, module, 0.5), prefix)
+
+
+def test_functional_mode_forward_matches_the_reference_layer(host, tmp_path):
+    """A1111's "Lora: use old method" (lora_functional): network_forward adds module.forward(x, y)."""
+    path, modules = refs.standard_file(tmp_path)
+    layers = _model(host)
+    host.networks.networks_in_memory.clear()
+    entry = host.network.NetworkOnDisk("tiny_tlora", path)
+    host.networks.available_networks["tiny_tlora"] = host.networks.available_network_aliases["tiny_tlora"] = entry
+    host.networks.load_networks(["tiny_tlora"], te_multipliers=[-1.0], unet_multipliers=[-1.0], dyn_dims=[None])
+    torch.manual_seed(4)
+    inputs = {refs.LIN: torch.randn(3, 16), refs.CONV: torch.randn(2, 8, 5, 5)}
+    with torch.no_grad():
+        for prefix, x in inputs.items():
+            layer = layers[prefix]
+            got = host.networks.network_forward(layer, x, type(layer).forward)
+            w = refs.ref_patched(layer.weight, modules[prefix], -1.0)
+            if w.dim() == 2:
+                want = torch.nn.functional.linear(x.double(), w, layer.bias.double())
+            else:
+                want = torch.nn.functional.conv2d(x.double(), w, layer.bias.double(), padding=1)
+            refs.assert_matches(got, want, prefix)
