@@ -322,6 +322,34 @@ def summarize(records: list[dict], reference: str = "LoRA r4") -> list[dict]:
     return rows
 
 
+# The questions of issue 17 as paired comparisons: (method, against).
+KEY_PAIRS = [("TLoRA(2,6)", "LoRA r4"), ("TLoRA(2,6)", "LoRA r2"), ("TLoRA(2,6)", "TR(6)"),
+             ("TLoRA*(2,4)", "LoRA r4"), ("Kron+TR(1,6)", "TR(6)"), ("LoRA r4", "head only"),
+             ("TLoRA(2,6)", "head only")]
+
+
+def comparisons(records: list[dict], pairs: list[tuple[str, str]] = KEY_PAIRS) -> list[dict]:
+    """Per task and pair: params ratio, mean differences of test accuracy and loss over the shared seeds, paired p."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        chosen = [r for r in records if r["task"] == task and r.get("chosen")]
+        for a, b in pairs:
+            ra = {r["seed"]: r for r in chosen if r["method"] == a}
+            rb = {r["seed"]: r for r in chosen if r["method"] == b}
+            seeds = sorted(set(ra) & set(rb))
+            if not seeds:
+                continue
+            row = {"task": task, "method": a, "against": b, "seeds": seeds,
+                   "params_ratio": ra[seeds[0]]["params"] / rb[seeds[0]]["params"] if rb[seeds[0]]["params"] else None}
+            for metric in ("acc", "loss"):
+                x = [ra[s]["test"][metric] for s in seeds]
+                y = [rb[s]["test"][metric] for s in seeds]
+                row[f"d_{metric}"] = mean_ci([u - v for u, v in zip(x, y)])
+                row[f"p_{metric}"] = paired_p(x, y)
+            out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------- approximation of real deltas
 
 def full_finetune_deltas(cfg: "Config", log: Callable[[str], None]) -> tuple[dict, dict]:
@@ -540,7 +568,7 @@ def plot_finetunes(summary: list[dict], path: Path) -> None:
 
 def _fmt_ci(v: tuple) -> str:
     mean, half, _ = v
-    return f"{mean:.3f}" + (f" ± {half:.3f}" if math.isfinite(half) else "")
+    return f"{mean:+.3f}".lstrip("+") + (f" ± {half:.3f}" if math.isfinite(half) else "")
 
 
 def markdown(results: dict) -> str:
@@ -574,6 +602,14 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {r['method']} | {r['params']:,} | {r['lr']:.3g} | {_fmt_ci(r['acc'])} | "
                              f"{_fmt_ci(r['loss'])} | {d} | {p} | {pl} | {r['seconds']:.1f} |")
             lines.append("")
+        lines += ["Key comparisons (differences of test metrics over shared seeds, mean ± 95% CI; paired t-test):", "",
+                  "| task | method | against | params ratio | Δ acc | p (acc) | Δ loss | p (loss) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in comparisons(results["finetunes"]):
+            ratio = f"{c['params_ratio']:.2f}" if c["params_ratio"] else "-"
+            lines.append(f"| {c['task']} | {c['method']} | {c['against']} | {ratio} | {_fmt_ci(c['d_acc'])} | "
+                         f"{c['p_acc']:.3f} | {_fmt_ci(c['d_loss'])} | {c['p_loss']:.3f} |")
+        lines.append("")
         lines += ["Learning-rate tuning (seed %s, validation accuracy / loss):" % results["config"]["seeds"][0], "",
                   "| task | method | " + " | ".join(f"lr x{p:g}" for p in results["config"]["lr_points"]) + " |",
                   "|---|---|" + "---|" * len(results["config"]["lr_points"])]
