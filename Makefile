@@ -5,7 +5,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: bootstrap test test-unit test-webui test-host test-012 test-browser demo bench clean
 
 bootstrap:
-	@bash scripts/bootstrap.sh
+	@bash tools/bootstrap.sh
 
 PY012 := .venv-comfy-0.12/bin/python
 COMFY012 := $(CURDIR)/.host/ComfyUI-0.12.1
@@ -39,7 +39,7 @@ test-browser: bootstrap
 # (built once, ~20 min); TINY=1: the old fast path (random adapter, tiny checkpoint, no build);
 # CKPT=path: that fast path on your own SD1.5/SDXL checkpoint.
 demo: bootstrap
-	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)") $(if $(TINY),--tiny)
+	$(PY) tools/demo.py $(if $(CKPT),--ckpt "$(CKPT)") $(if $(TINY),--tiny)
 
 bench: bootstrap
 	$(PY) benchmarks/core.py

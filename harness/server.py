@@ -69,12 +69,12 @@ def venv_python() -> str:
 
 
 def ensure_checkpoint(seed: int = 0, timeout: float = 300.0) -> Path:
-    """Path of the cached harness checkpoint, built by scripts/make_checkpoint.py in a subprocess if missing.
+    """Path of the cached harness checkpoint, built by tools/make_checkpoint.py in a subprocess if missing.
 
     A subprocess keeps the ~0.5 GB build (and the ComfyUI imports) out of the caller, so
     server-only users (demo, browser tests) never import ComfyUI themselves.
     """
-    res = subprocess.run([venv_python(), str(ROOT / "scripts" / "make_checkpoint.py"), "--seed", str(seed)],
+    res = subprocess.run([venv_python(), str(ROOT / "tools" / "make_checkpoint.py"), "--seed", str(seed)],
                          capture_output=True, text=True, timeout=timeout)
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines or not Path(lines[-1]).is_file():
@@ -135,7 +135,7 @@ class ComfyServer:
     def _prepare_base(self) -> None:
         """Create the base directory layout, link checkpoints and the host's custom_nodes."""
         if not (self.comfy_dir / "main.py").is_file():
-            raise ServerError(f"no ComfyUI at {self.comfy_dir}: run `bash scripts/bootstrap.sh`")
+            raise ServerError(f"no ComfyUI at {self.comfy_dir}: run `bash tools/bootstrap.sh`")
         for sub in ("models/checkpoints", "models/loras", "models/vae", "input", "output", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         for name, src in self.checkpoints.items():

@@ -19,7 +19,7 @@ amplifies that into a different model): the config (seed, steps...), torch's int
 (reductions split by thread), the CPU kernel level (AVX-512 and AVX2 kernels round differently)
 and the torch/MKL/oneDNN build. So the build pins what it can: one intra-op thread unless
 `threads` says otherwise (part of the cache key; TLORA_TORCH_THREADS is not read here), and
-AVX2 kernels (`PINNED_NUMERICS`, set by scripts/build_default_model.py before torch loads).
+AVX2 kernels (`PINNED_NUMERICS`, set by tools/build_default_model.py before torch loads).
 With those, the tensors are bit-identical on any x86-64 CPU with AVX2 for one torch build; the
 manifest and the checkpoint's metadata record the numerics used and a digest of the tensors.
 """
@@ -549,7 +549,7 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
     used = numerics()
     if used["cpu_capability"] != "AVX2":
         log(f"default model: CPU kernels are {used['cpu_capability']}, not the pinned AVX2 (torch was imported "
-            "before PINNED_NUMERICS was set; run scripts/build_default_model.py): this build is only "
+            "before PINNED_NUMERICS was set; run tools/build_default_model.py): this build is only "
             "reproducible on this kind of CPU")
     work = cache / f"work-{cfg.key()}"
     work.mkdir(parents=True, exist_ok=True)

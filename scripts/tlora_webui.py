@@ -2,9 +2,11 @@
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
+# The extension's package is webui/tlora_webui beside this repository's core (tlora/); only that
+# folder is put on the path (appended: the webui's own modules keep precedence).
+_PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "webui")
+if _PACKAGE_DIR not in sys.path:
+    sys.path.append(_PACKAGE_DIR)
 
 import tlora_webui  # noqa: E402
 

@@ -35,10 +35,10 @@ if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
 fi
 
 REQ_STAMP="$VENV/.tlora-reqs.stamp"
-REQ_HASH="$(cat requirements.txt scripts/host-requirements.txt | sha256sum | cut -c1-16)"
+REQ_HASH="$(cat requirements.txt tools/host-requirements.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
   log "installing the pack's and the host's requirements"
-  "$VPY" -m pip install -q -r requirements.txt -r scripts/host-requirements.txt 2>&1 \
+  "$VPY" -m pip install -q -r requirements.txt -r tools/host-requirements.txt 2>&1 \
     | grep -v "^WARNING: Location" || true
   "$VPY" -c "import torch, safetensors, einops, transformers, aiohttp, av, playwright"
   echo "$REQ_HASH" > "$REQ_STAMP"
@@ -125,11 +125,11 @@ if [ -f "$COMFY12/main.py" ]; then
     "$VENV12/bin/python" -m pip install -q --upgrade pip
   fi
   if ! "$VENV12/bin/python" -c "import torch" 2>/dev/null; then
-    # The same torch build serves both hosts: link .venv's (scripts/share_torch.py) instead of a
+    # The same torch build serves both hosts: link .venv's (tools/share_torch.py) instead of a
     # second 5 GB install; a real install only if the link does not import.
     SITE12="$("$VENV12/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     log "linking .venv's torch into ComfyUI 0.12.1's environment (.venv-torch-shared)"
-    "$VPY" scripts/share_torch.py "$ROOT/.venv-torch-shared" "$SITE12" || true
+    "$VPY" tools/share_torch.py "$ROOT/.venv-torch-shared" "$SITE12" || true
     if ! "$VENV12/bin/python" -c "import torch" 2>/dev/null; then
       rm -f "$SITE12/tlora-shared-torch.pth"
       log "installing $TORCH_SPEC for ComfyUI 0.12.1"
@@ -137,10 +137,10 @@ if [ -f "$COMFY12/main.py" ]; then
     fi
   fi
   REQ12_STAMP="$VENV12/.tlora-reqs.stamp"
-  REQ12_HASH="$(cat requirements.txt scripts/host-requirements-0.12.txt | sha256sum | cut -c1-16)"
+  REQ12_HASH="$(cat requirements.txt tools/host-requirements-0.12.txt | sha256sum | cut -c1-16)"
   if [ "$(cat "$REQ12_STAMP" 2>/dev/null)" != "$REQ12_HASH" ]; then
     log "installing the pack's and ComfyUI 0.12.1's requirements"
-    "$VENV12/bin/python" -m pip install -q -r requirements.txt -r scripts/host-requirements-0.12.txt 2>&1 \
+    "$VENV12/bin/python" -m pip install -q -r requirements.txt -r tools/host-requirements-0.12.txt 2>&1 \
       | grep -v "^WARNING: Location" || true
     "$VENV12/bin/python" -c "import torch, comfy_aimdo, comfy_kitchen, transformers, playwright"
     echo "$REQ12_HASH" > "$REQ12_STAMP"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the embedded default model: an SD1.5-format checkpoint pretrained on procedural images.
 
-    .venv/bin/python scripts/build_default_model.py [--out PATH] [--tiny] [--minutes M] [--seed N]
+    .venv/bin/python tools/build_default_model.py [--out PATH] [--tiny] [--minutes M] [--seed N]
                                                     [--threads T] [--force] [--quiet]
 
 Stock ComfyUI's CheckpointLoaderSimple detects the result as SD1.5 (320-channel shallow UNet,

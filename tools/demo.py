@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """`make demo`: train a TLoRA on a novel subject inside a real, headless ComfyUI, then show before/after.
 
-    .venv/bin/python scripts/demo.py [--subject quib] [--train-steps N] [--lr LR] [--out DIR]
-    .venv/bin/python scripts/demo.py --tiny            # the old fast path: no build, no training
-    .venv/bin/python scripts/demo.py --ckpt PATH       # the old path on your own SD1.5/SDXL checkpoint
+    .venv/bin/python tools/demo.py [--subject quib] [--train-steps N] [--lr LR] [--out DIR]
+    .venv/bin/python tools/demo.py --tiny            # the old fast path: no build, no training
+    .venv/bin/python tools/demo.py --ckpt PATH       # the old path on your own SD1.5/SDXL checkpoint
 
 Default path (the pack's main job, on the embedded default model):
   1. prepare_default_model  .cache/default_model/tlora-proving-sd15.safetensors, built once by
-                            scripts/build_default_model.py (~20 min on 2 CPU cores; reused after).
+                            tools/build_default_model.py (~20 min on 2 CPU cores; reused after).
   2. write_subject_images   5 procedural images of a novel subject (proving.procedural; default
                             "quib", a purple heart with white dots, a word the model never saw)
                             plus one caption .txt each, into ComfyUI's input/<subject>/ folder.
@@ -76,7 +76,7 @@ def prepare_checkpoint(ckpt: Optional[str] = None) -> Path:
             raise SystemExit(f"--ckpt {ckpt}: not a .safetensors file")
         return path
     from harness.server import ensure_checkpoint
-    log("preparing the embedded tiny SD1.5 checkpoint (scripts/make_checkpoint.py, cached)")
+    log("preparing the embedded tiny SD1.5 checkpoint (tools/make_checkpoint.py, cached)")
     return ensure_checkpoint(0)
 
 
@@ -290,21 +290,21 @@ SAMPLE = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal
 
 
 def prepare_default_model(timeout: float = 3 * 3600) -> Path:
-    """The embedded default model, built once by scripts/build_default_model.py (a finished build returns at once)."""
+    """The embedded default model, built once by tools/build_default_model.py (a finished build returns at once)."""
     from proving.default_model import BuildConfig, default_path, is_built
     path = default_path()
     if is_built(path, BuildConfig.make()):  # the file and a manifest naming the current build config
         log(f"default model: {path.relative_to(ROOT)} (cached)")
         return path
-    log("building the embedded default model (scripts/build_default_model.py): about 20 minutes on 2 CPU "
+    log("building the embedded default model (tools/build_default_model.py): about 20 minutes on 2 CPU "
         "cores the first time, cached in .cache/default_model/ and reused after")
     import subprocess
     from harness.server import venv_python
-    res = subprocess.run([venv_python(), str(ROOT / "scripts" / "build_default_model.py")],
+    res = subprocess.run([venv_python(), str(ROOT / "tools" / "build_default_model.py")],
                          stdout=subprocess.PIPE, text=True, timeout=timeout)
     lines = (res.stdout or "").strip().splitlines()
     if res.returncode != 0 or not lines or not Path(lines[-1]).is_file():
-        raise SystemExit(f"scripts/build_default_model.py failed (exit {res.returncode})")
+        raise SystemExit(f"tools/build_default_model.py failed (exit {res.returncode})")
     return Path(lines[-1])
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the harness's small SD1.5-format checkpoint that stock ComfyUI loads with CheckpointLoaderSimple.
 
-    .venv/bin/python scripts/make_checkpoint.py [--out PATH] [--seed N] [--dtype fp16|fp32] [--force]
+    .venv/bin/python tools/make_checkpoint.py [--out PATH] [--seed N] [--dtype fp16|fp32] [--force]
 
 Full-width but shallow UNet (320 channels, context 768, one level, one res block with a
 transformer), a TAESD VAE and a full CLIP-L text encoder, all seeded random weights (~300 MB

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Expose this environment's torch and torchvision (with what they need) to another environment.
 
-    .venv/bin/python scripts/share_torch.py SHARED_DIR TARGET_SITE_PACKAGES
+    .venv/bin/python tools/share_torch.py SHARED_DIR TARGET_SITE_PACKAGES
 
 Links the distributions torch and torchvision depend on (transitively; numpy and Pillow excluded:
 the other environment installs its own) into SHARED_DIR and writes a `.pth` in the target's

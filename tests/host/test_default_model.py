@@ -1,4 +1,4 @@
-"""The embedded default model (scripts/build_default_model.py, proving/) in stock ComfyUI.
+"""The embedded default model (tools/build_default_model.py, proving/) in stock ComfyUI.
 
 Two groups:
 * tiny build, end to end (about a minute): the script writes a checkpoint that ComfyUI's own
@@ -24,7 +24,7 @@ import pytest
 from harness import comfy_host as ch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "build_default_model.py"
+SCRIPT = ROOT / "tools" / "build_default_model.py"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
@@ -236,7 +236,7 @@ def default_model(comfy_host, D):
     path, cfg = D.default_path(), D.BuildConfig.make()
     if not D.is_built(path, cfg):
         pytest.skip(f"the default model is not built ({path}); build it with "
-                    f"`.venv/bin/python scripts/build_default_model.py` (about 20 min on 2 shared CPU cores)")
+                    f"`.venv/bin/python tools/build_default_model.py` (about 20 min on 2 shared CPU cores)")
     return _load_with_stock_node(path, "tlora-proving-sd15-test.safetensors")
 
 

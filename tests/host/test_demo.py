@@ -1,4 +1,4 @@
-"""`make demo`'s training path (scripts/demo.py) against the session's real ComfyUI server.
+"""`make demo`'s training path (tools/demo.py) against the session's real ComfyUI server.
 
 The demo itself runs on the embedded default model (a 20-minute build); here the same functions
 run on the tiny harness checkpoint with a couple of training steps: the training workflow

@@ -127,7 +127,7 @@ def test_checkpoint_txt2img_in_process(comfy_host, host_checkpoint):
     assert float(img.std()) > 0.01 and float(((img > 0) & (img < 1)).float().mean()) > 0.5
     assert any(e == "progress" for e, _, _ in res.events)  # ProgressBar hook reached the stub server
     # The script is idempotent: with the cached file present it returns at once.
-    out = subprocess.run([sys.executable, os.path.join(ch.ROOT, "scripts", "make_checkpoint.py")],
+    out = subprocess.run([sys.executable, os.path.join(ch.ROOT, "tools", "make_checkpoint.py")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == str(tiny_models.default_checkpoint_path(0))
 

@@ -19,10 +19,10 @@ LOADER_NODES = {"TLoRALoader", "TLoRALoaderModelOnly", "TLoRABlockWeights", "TLo
 
 
 def demo_module():
-    """scripts/demo.py as a module (its workflow conversion and adapter maker are under test too)."""
+    """tools/demo.py as a module (its workflow conversion and adapter maker are under test too)."""
     name = "tlora_demo_script"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "demo.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "demo.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

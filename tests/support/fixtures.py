@@ -58,7 +58,7 @@ def loras_dir(comfy_host: _ch.HostInfo) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def harness_checkpoint() -> Path:
-    """The cached checkpoint from scripts/make_checkpoint.py (built in a subprocess when missing)."""
+    """The cached checkpoint from tools/make_checkpoint.py (built in a subprocess when missing)."""
     from harness.tiny_models import default_checkpoint_path
     path = Path(default_checkpoint_path(0))
     if path.is_file():

@@ -31,7 +31,7 @@ def _apt_has_packages() -> bool:
 def quick_results(tmp_path_factory):
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.fail(f"missing {missing}: run scripts/bootstrap.sh (it installs the benchmark's models and peers)")
+        pytest.fail(f"missing {missing}: run tools/bootstrap.sh (it installs the benchmark's models and peers)")
     if not _apt_has_packages():
         pytest.skip("no Debian package lists here (apt-cache): the description task needs them")
     from benchmarks import real_weights as B

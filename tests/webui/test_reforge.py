@@ -119,10 +119,10 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
 
 
 def test_webui_script_detects_reforge_and_registers_once(host, capsys):
-    """webui/scripts/tlora_webui.py, as the webui runs it at start-up (run twice: reloads must not stack)."""
+    """scripts/tlora_webui.py, as the webui runs it at start-up (run twice: reloads must not stack)."""
     import runpy
     import ldm_patched.modules.weight_adapter as weight_adapter
-    script = f"{refs.ROOT}/webui/scripts/tlora_webui.py"
+    script = f"{refs.ROOT}/scripts/tlora_webui.py"
     for _ in range(2):
         runpy.run_path(script, run_name="tlora_webui_script")
     assert capsys.readouterr().out.count("apply through reForge's <lora:name:weight>") == 2
