@@ -3,7 +3,7 @@
 Reference: W0 + sigma (W0 @ T + s Delta - W0) in float64 with T and Delta built densely from
 the cores by plain einsum here (cross-checked with the entry-by-entry brute force), never by
 the code under test. Checked here: `ModuleAdapter.patched_weight` (the one merge, which the
-ComfyUI adapter's `calculate_weight` calls: tests/host/test_patch_accuracy.py checks that
+ComfyUI adapter's `calculate_weight` calls: tests/host/test_calculate_weight_accuracy.py checks that
 path), linear and conv weights, both chain engines.
 
 Tolerance: max |patched - reference| <= C * eps32 * M, M = the largest magnitude among W0 and
