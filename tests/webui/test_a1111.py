@@ -145,14 +145,7 @@ def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength, k
     got = _apply(host, layers, [path, plain_path], strength)
     assert host.errors.shown == []
     assert [n.name for n in host.networks.loaded_networks] == ["tiny_tlora", "plain"]
-    for prefix, tensors in modules.items():
-        w0 = before[prefix + ".weight"]
-        if strength == 0:
-            assert torch.equal(got[prefix + ".weight"], w0), f"{prefix}: strength 0 is not the base weight"
-        else:
-            refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, tensors, strength), prefix)
-    w0 = before[refs.PLAIN + ".weight"]
-    refs.assert_matches(got[refs.PLAIN + ".weight"], w0.double() + strength * plain_update, "plain LoRA")
+    refs.assert_file_and_plain_lora_applied(got, before, modules, plain_update, strength)
 
 
 def test_a_module_that_does_not_fit_is_reported_and_nothing_applied(host, tmp_path):

@@ -39,29 +39,12 @@ def host():
             sys.path.remove(path)
 
 
-def _model():
-    model = torch.nn.Module()
-    model.diffusion_model = torch.nn.Module()
-    for path, layer in refs.tiny_layers().items():
-        setattr(model.diffusion_model, path.split(".")[-1], layer)
-    return model
-
-
-def _key_map(model):
-    out = {}
-    for key in model.state_dict():
-        if key.endswith(".weight"):
-            out[key[:-len(".weight")]] = key
-            out["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = key
-    return out
-
-
 def _apply(lora, base, model, files, strength):
     """As sd_forge_lora's load_lora_for_models: load_lora per file, add_patches, then the loader's refresh."""
     from safetensors.torch import load_file
     patcher = base.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     for path in files:
-        patches, remaining = lora.load_lora(load_file(path), _key_map(model))
+        patches, remaining = lora.load_lora(load_file(path), refs.generic_key_map(model))
         assert not remaining, f"unclaimed keys {list(remaining)}"
         patcher.add_patches(filename=path, patches=patches, strength_patch=strength)
     patcher.refresh_loras()
@@ -73,24 +56,17 @@ def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength):
     lora, base = host
     path, modules = refs.standard_file(tmp_path)
     plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
-    model = _model()
+    model = refs.tiny_model()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     got = _apply(lora, base, model, [path, plain_path], strength)
-    for prefix, tensors in modules.items():
-        w0 = before[prefix + ".weight"]
-        if strength == 0:
-            assert torch.equal(got[prefix + ".weight"], w0), f"{prefix}: strength 0 is not the base weight"
-        else:
-            refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, tensors, strength), prefix)
-    w0 = before[refs.PLAIN + ".weight"]
-    refs.assert_matches(got[refs.PLAIN + ".weight"], w0.double() + strength * plain_update, "plain LoRA")
+    refs.assert_file_and_plain_lora_applied(got, before, modules, plain_update, strength)
 
 
 def test_kohya_named_file_applies_the_same(host, tmp_path):
     lora, base = host
     _, modules = refs.standard_file(tmp_path)
     path = refs.write_tlora(str(tmp_path / "kohya.safetensors"), modules, kohya=True)
-    model = _model()
+    model = refs.tiny_model()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     got = _apply(lora, base, model, [path], 0.5)
     for prefix, tensors in modules.items():
@@ -103,7 +79,7 @@ def test_a_module_that_does_not_fit_fails_the_file_before_anything_is_patched(ho
     modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
                refs.CONV: refs.trained_module((4, 6, 3, 3), "trm:2", "lora:2", 2)}  # the model's conv has 8 inputs
     path = refs.write_tlora(str(tmp_path / "misfit.safetensors"), modules)
-    model = _model()
+    model = refs.tiny_model()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"does not fit this model: diffusion_model.conv: .*6-wide.*nothing of it was applied"):
         _apply(lora, base, model, [path], 1.0)
@@ -116,7 +92,7 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
     path, _ = refs.standard_file(tmp_path)
     state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
     with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
-        lora.load_lora(state, _key_map(_model()))
+        lora.load_lora(state, refs.generic_key_map(refs.tiny_model()))
 
 
 def test_comfy_named_text_encoder_module_applies_through_forge_clip_key_map(host, tmp_path):

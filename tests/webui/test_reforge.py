@@ -36,26 +36,9 @@ def host():
         sys.path.remove(HOST)
 
 
-def _model():
-    model = torch.nn.Module()
-    model.diffusion_model = torch.nn.Module()
-    for path, layer in refs.tiny_layers().items():
-        setattr(model.diffusion_model, path.split(".")[-1], layer)
-    return model
-
-
-def _key_map(model):
-    out = {}
-    for key in model.state_dict():
-        if key.endswith(".weight"):
-            out[key[:-len(".weight")]] = key
-            out["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = key
-    return out
-
-
 def _patched(lora, model_patcher, model, state, strength):
     patcher = model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
-    patcher.add_patches(lora.load_lora(state, _key_map(model)), strength)
+    patcher.add_patches(lora.load_lora(state, refs.generic_key_map(model)), strength)
     out = {}
     for key, patches in patcher.patches.items():
         w0 = model.state_dict()[key]
@@ -69,18 +52,11 @@ def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength):
     from safetensors.torch import load_file
     path, modules = refs.standard_file(tmp_path)
     plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
-    model = _model()
+    model = refs.tiny_model()
     state = {**load_file(path), **load_file(plain_path)}
     got = _patched(lora, model_patcher, model, state, strength)
     assert set(got) == {refs.LIN + ".weight", refs.CONV + ".weight", refs.PLAIN + ".weight"}
-    for prefix, tensors in modules.items():
-        w0 = model.state_dict()[prefix + ".weight"]
-        if strength == 0:
-            assert torch.equal(got[prefix + ".weight"], w0), f"{prefix}: strength 0 is not the base weight"
-        else:
-            refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(w0, tensors, strength), prefix)
-    w0 = model.state_dict()[refs.PLAIN + ".weight"]
-    refs.assert_matches(got[refs.PLAIN + ".weight"], w0.double() + strength * plain_update, "plain LoRA")
+    refs.assert_file_and_plain_lora_applied(got, model.state_dict(), modules, plain_update, strength)
 
 
 def test_kohya_named_file_applies_the_same(host, tmp_path):
@@ -88,7 +64,7 @@ def test_kohya_named_file_applies_the_same(host, tmp_path):
     from safetensors.torch import load_file
     _, modules = refs.standard_file(tmp_path)
     path = refs.write_tlora(str(tmp_path / "kohya.safetensors"), modules, kohya=True)
-    model = _model()
+    model = refs.tiny_model()
     got = _patched(lora, model_patcher, model, load_file(path), 0.5)
     for prefix, tensors in modules.items():
         refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(model.state_dict()[prefix + ".weight"],
@@ -102,10 +78,10 @@ def test_a_module_that_does_not_fit_fails_the_file_before_anything_is_patched(ho
     modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
                refs.CONV: refs.trained_module((4, 6, 3, 3), "trm:2", "lora:2", 2)}  # the model's conv has 8 inputs
     path = refs.write_tlora(str(tmp_path / "misfit.safetensors"), modules)
-    model = _model()
+    model = refs.tiny_model()
     patcher = model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"does not fit this model: diffusion_model.conv: .*6-wide.*nothing of it was applied"):
-        patcher.add_patches(lora.load_lora(load_file(path), _key_map(model)), 1.0)
+        patcher.add_patches(lora.load_lora(load_file(path), refs.generic_key_map(model)), 1.0)
     assert patcher.patches == {}
 
 
@@ -115,7 +91,7 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
     path, _ = refs.standard_file(tmp_path)
     state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
     with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
-        lora.load_lora(state, _key_map(_model()))
+        lora.load_lora(state, refs.generic_key_map(refs.tiny_model()))
 
 
 def test_webui_script_detects_reforge_and_registers_once(host, capsys):

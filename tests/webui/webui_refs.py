@@ -117,3 +117,35 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str) -> N
     """Float32-merge accuracy against the float64 reference (a few roundings of the weight's size)."""
     scale = float(expected.abs().max())
     torch.testing.assert_close(actual.double(), expected, rtol=0, atol=1e-5 * max(scale, 1.0), msg=what)
+
+
+def tiny_model() -> torch.nn.Module:
+    """A model whose diffusion_model holds the tiny layers (what Forge's and reForge's patchers take)."""
+    model = torch.nn.Module()
+    model.diffusion_model = torch.nn.Module()
+    for path, layer in tiny_layers().items():
+        setattr(model.diffusion_model, path.split(".")[-1], layer)
+    return model
+
+
+def generic_key_map(model: torch.nn.Module) -> dict[str, str]:
+    """The host's generic UNet key map: `diffusion_model.<path>` and `lora_unet_<path>` -> the weight key."""
+    out = {}
+    for key in model.state_dict():
+        if key.endswith(".weight"):
+            out[key[:-len(".weight")]] = key
+            out["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = key
+    return out
+
+
+def assert_file_and_plain_lora_applied(got: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                                       modules: dict[str, dict[str, torch.Tensor]], plain_update: torch.Tensor,
+                                       strength: float) -> None:
+    """Each TLoRA module equals the dense reference (the base bit for bit at 0); the plain LoRA its update."""
+    for prefix, tensors in modules.items():
+        w0 = base[prefix + ".weight"]
+        if strength == 0:
+            assert torch.equal(got[prefix + ".weight"], w0), f"{prefix}: strength 0 is not the base weight"
+        else:
+            assert_matches(got[prefix + ".weight"], ref_patched(w0, tensors, strength), prefix)
+    assert_matches(got[PLAIN + ".weight"], base[PLAIN + ".weight"].double() + strength * plain_update, "plain LoRA")
