@@ -66,14 +66,7 @@ class _RowsChain(torch.autograd.Function):
                 else:
                     torch.mm(u, weight.t(), out=out)
         else:
-            for start, stop in _blocks(n_tok, chain.block_size(n_tok, x.device)):
-                length = stop - start
-                with _Threads(x.device):
-                    xb = _scratch.get("xb", (width, length), x)
-                    xb.copy_(x[start:stop].t())
-                    tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
-                    if keep:
-                        tb.add_(xb, alpha=keep)
+            for start, stop, tb in _torch_blocks(chain, ops, x, keep, chain.block_size(n_tok, x.device)):
                 if weight is None:
                     out[start:stop].copy_(tb.t())
                 elif bias is not None:
@@ -164,7 +157,18 @@ def rows_forward(chain: _Chain, ops: Sequence[torch.Tensor], x: torch.Tensor, ke
     block = chain.block_size(n_tok, x.device)
     if x.device.type != "cpu":
         block = max(1, min(block, MERGE_BLOCK_ELEMENTS // (chain.rank * chain.rank * width)))
-    for start, stop in _blocks(n_tok, block):
+    for start, stop, tb in _torch_blocks(chain, ops, x, keep, block):
+        out[start:stop].copy_(tb.t())
+    return out
+
+
+def _torch_blocks(chain: _Chain, ops: Sequence[torch.Tensor], x: torch.Tensor, keep: float, block: int):
+    """(start, stop, T x_b + keep x_b in token-inner layout (I, length)) per token block, on the torch engine.
+
+    The yielded block is a scratch buffer: use it before asking for the next one.
+    """
+    width = x.shape[1]
+    for start, stop in _blocks(x.shape[0], block):
         length = stop - start
         with _Threads(x.device):
             xb = _scratch.get("xb", (width, length), x)
@@ -172,8 +176,7 @@ def rows_forward(chain: _Chain, ops: Sequence[torch.Tensor], x: torch.Tensor, ke
             tb = chain.forward_block(xb, ops, _scratch.get("tb", (width, length), x))
             if keep:
                 tb.add_(xb, alpha=keep)
-        out[start:stop].copy_(tb.t())
-    return out
+        yield start, stop, tb
 
 
 def _residual_forward(x, out, kind, res, n_out, mult, res_scale):
