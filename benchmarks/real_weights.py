@@ -13,7 +13,7 @@ Two parts, both on weights nobody here trained and data nobody here wrote
   EfficientNet-Lite0's pointwise convs (handwritten digits): ours through `tlora.attach` (TLoRA(2,6),
   TLoRA*(2,4), TR(6) (TLoRA(2,6) without its transform), Kron+TR(1,6), LoRA r1/2/4/8), LyCORIS's LoHa, LoKr, DoRA and diag-OFT and PEFT's
   LoRA as real peers, plus a head-only row. Learning rate per method chosen on a validation split over a
-  grid; then seeds; held-out accuracy and loss with 95% confidence intervals over seeds and paired tests
+  five-point grid, 1e-4 ... 1e-2 (diag-OFT x3), choices on an edge of it flagged; then seeds; held-out accuracy and loss with 95% confidence intervals over seeds and paired tests
   against LoRA r4.
 
     .venv/bin/python benchmarks/real_weights.py                 # the documented run (docs/QUALITY.md section 6)
@@ -298,6 +298,18 @@ def paired_p(a: list[float], b: list[float]) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
+def lr_edge(records: list[dict], task: str, method: str) -> str | None:
+    """'low' / 'high' when the chosen rate is the lowest / highest of the method's tuning grid (the
+    grid did not bracket the optimum there), None inside it or without a grid (head only)."""
+    tune = sorted({r["lr"] for r in records if r["task"] == task and r["method"] == method
+                   and r.get("phase") == "tune"})
+    chosen = [r["lr"] for r in records if r["task"] == task and r["method"] == method
+              and r.get("phase") == "tune" and r.get("chosen")]
+    if len(tune) < 2 or not chosen:
+        return None
+    return "low" if chosen[0] == tune[0] else "high" if chosen[0] == tune[-1] else None
+
+
 def summarize(records: list[dict], reference: str = "LoRA r4") -> list[dict]:
     """Per task and method: chosen lr, params, test acc/loss mean +- 95% CI, paired p-value vs the reference."""
     rows = []
@@ -312,7 +324,8 @@ def summarize(records: list[dict], reference: str = "LoRA r4") -> list[dict]:
                    "seeds": [r["seed"] for r in runs], "n": len(runs),
                    "acc": mean_ci(acc), "loss": mean_ci(loss),
                    "val_acc": float(np.mean([r["val"]["acc"] for r in runs])),
-                   "seconds": float(np.mean([r["seconds"] for r in runs]))}
+                   "seconds": float(np.mean([r["seconds"] for r in runs])),
+                   "lr_edge": lr_edge(records, task, method)}
             common = [r["seed"] for r in runs if r["seed"] in ref]
             if method != reference and ref and len(common) == len(runs):
                 row["p_acc_vs_ref"] = paired_p(acc, [ref[s]["test"]["acc"] for s in common])
@@ -599,7 +612,8 @@ def markdown(results: dict) -> str:
                 d = f"{r['d_acc_vs_ref']:+.3f}" if "d_acc_vs_ref" in r else "-"
                 p = f"{r['p_acc_vs_ref']:.3f}" if "p_acc_vs_ref" in r else "-"
                 pl = f"{r['p_loss_vs_ref']:.3f}" if "p_loss_vs_ref" in r else "-"
-                lines.append(f"| {r['method']} | {r['params']:,} | {r['lr']:.3g} | {_fmt_ci(r['acc'])} | "
+                edge = f" ({r['lr_edge']} edge)" if r.get("lr_edge") else ""
+                lines.append(f"| {r['method']} | {r['params']:,} | {r['lr']:.3g}{edge} | {_fmt_ci(r['acc'])} | "
                              f"{_fmt_ci(r['loss'])} | {d} | {p} | {pl} | {r['seconds']:.1f} |")
             lines.append("")
         lines += ["Key comparisons (differences of test metrics over shared seeds, mean ± 95% CI; paired t-test):", "",
@@ -657,7 +671,9 @@ class Config:
     quick: bool = False
     methods: tuple[str, ...] = tuple(m.name for m in METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
-    lr_points: tuple[float, ...] = (1.0, 3.0, 10.0)  # x base_lr (x lr_scale): 1e-3, 3e-3, 1e-2
+    # x base_lr (x lr_scale): 1e-4, 3e-4, 1e-3, 3e-3, 1e-2 (diag-OFT 3e-4 ... 3e-2); the three-point
+    # 1e-3 ... 1e-2 grid left most methods on its lowest rate, so it did not bracket the optimum.
+    lr_points: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
     base_lr: float = 1e-3
     head_lr: float = 3e-3
     batch: int = 16
