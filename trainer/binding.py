@@ -17,6 +17,7 @@ from ..tlora import arch as tarch
 from ..tlora.adapter import ModuleAdapter
 from ..tlora.module import TLoRAModule
 from .data import Cond, Denoiser, TrainData
+from .distributed import Distributed
 from .runs import StepReport
 from .schedule import Schedule
 from .settings import TARGET_PRESETS, TrainingError, TrainSettings, derived_seed
@@ -24,11 +25,20 @@ from .settings import TARGET_PRESETS, TrainingError, TrainSettings, derived_seed
 
 @dataclass
 class AdapterGroup:
-    """Modules of one root to adapt: file keys are `prefix + path`."""
+    """Modules of one root to adapt: file keys are `prefix + path`, or `names[path]` where given.
+
+    `names` lets a host whose module paths are not the file's names (diffusers' `down_blocks...`
+    for ComfyUI's generic `diffusion_model.input_blocks...`) write and resume the common names.
+    """
 
     root: nn.Module
     prefix: str
     adapters: dict[str, ModuleAdapter]
+    names: Mapping[str, str] = field(default_factory=dict)
+
+    def file_key(self, path: str) -> str:
+        """The name a module's adapter has in the file."""
+        return self.names.get(path) or self.prefix + path
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Binding:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     file_config: Mapping[str, Any] = field(default_factory=dict)
     extra_params: Sequence[nn.Parameter] = ()
+    distributed: Distributed | None = None  # several processes (see trainer/distributed.py); None: one
 
 
 def select_targets(root: nn.Module, preset: str = "attn", with_convs: bool = False,

@@ -37,6 +37,7 @@ from ..tlora.module import TLoRAModule, attach, detach
 from .binding import Binding, host_view
 from .checkpointing import enable_checkpointing, restore_checkpointing
 from .data import Cond, Example, collate_conds, draw_batch
+from .distributed import AdapterParams, Distributed
 from .optim import adamw, clip_gradients, fast_forward, lr_scheduler
 from .runs import RUNS, RunRegistry, StepReport, TrainResult
 from .sampling import PRECISION_DTYPES, autocast, class_examples, ddim_sample
@@ -62,6 +63,7 @@ class Trainer:
         self.binding = binding
         self.groups = list(binding.groups)
         self.denoiser, self.schedule, self.data = binding.denoiser, binding.schedule, data
+        self.dist = binding.distributed or Distributed()
         self.device = torch.device(binding.device) if binding.device is not None else data.instance[0].latent.device
         # "auto" precision is resolved once, here: the file says what the run used.
         self.settings = settings.replace(precision=pick_precision(settings.precision, self.device))
@@ -151,11 +153,12 @@ class Trainer:
             for path, module in wrapped.items():
                 module.adapter_params.to(self.device)
                 module.scale = module.scale.to(self.device)
-                self.modules[group.prefix + path] = module
+                self.modules[group.file_key(path)] = module
         if cfg.gradient_checkpointing:
             self._undo_ckpt = enable_checkpointing(self.binding.checkpoint_modules)
         named = self._ordered_params()
         self._params = [p for _, p in named]
+        self._wrapped = self.dist.wrap(AdapterParams(self._params))
         optimizer = adamw(self._params, cfg)
         scheduler = lr_scheduler(optimizer, cfg)
         self._amp_dtype = PRECISION_DTYPES[cfg.precision]
@@ -220,14 +223,18 @@ class Trainer:
         with torch.inference_mode(False), torch.enable_grad():
             optimizer.zero_grad(set_to_none=True)
             loss_sum = mse_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                loss, mse = self._micro_step(self._generator, self._prior, self._amp_dtype)
-                if not math.isfinite(loss.item()):
-                    self._diverged("loss", loss.item())
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                mse_sum += mse / cfg.grad_accum
+            for micro in range(cfg.grad_accum):
+                last = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if last else self.dist.no_sync(self._wrapped):
+                    loss, mse = self._micro_step(self._generator, self._prior, self._amp_dtype)
+                    # Averaged over processes before the check: they all stop, or none does.
+                    shown = self.dist.mean(torch.stack([loss.detach().float(), mse.float()]))
+                    if not math.isfinite(shown[0].item()):
+                        self._diverged("loss", shown[0].item())
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += shown[0].item() / cfg.grad_accum
+                mse_sum += shown[1].item() / cfg.grad_accum
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = float(clip_gradients(self._params, cfg.max_grad_norm))
@@ -263,7 +270,7 @@ class Trainer:
     def _loop(self) -> TrainResult:
         cfg = self.settings
         bar = None
-        if self.binding.progress_bar and tqdm is not None:
+        if self.binding.progress_bar and self.dist.is_main and tqdm is not None:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="Training TLoRA", smoothing=0.05)
         status = "failed"
         error: BaseException | None = None
@@ -334,17 +341,41 @@ class Trainer:
     def _per_sample_mse(self, pred: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
 
+    def _draw(self, examples: list[Example], generator: torch.Generator
+              ) -> tuple[list[Example], tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """This process's slice of the global batch (batch_size x world), with its noise and timesteps."""
+        size, rank = self.settings.batch_size, self.dist.rank
+        batch = draw_batch(examples, size * self.dist.world, generator)
+        noised = self._noised(batch, generator)
+        if self.dist.world == 1:
+            return batch, noised
+        part = slice(rank * size, (rank + 1) * size)
+        return batch[part], tuple(t[part] for t in noised)  # type: ignore[return-value]
+
     def _micro_step(self, generator: torch.Generator, prior: list[Example],
-                    amp_dtype: torch.dtype | None) -> tuple[Tensor, float]:
+                    amp_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """(loss, mean MSE) of one micro-batch; through the host's data-parallel wrapper when it has one."""
+        if self._wrapped is None:
+            return self._micro_loss(generator, prior, amp_dtype)
+        mse_out: list[Tensor] = []
+
+        def compute() -> Tensor:
+            loss, mse = self._micro_loss(generator, prior, amp_dtype)
+            mse_out.append(mse)
+            return loss
+
+        return self._wrapped(compute), mse_out[0]
+
+    def _micro_loss(self, generator: torch.Generator, prior: list[Example],
+                    amp_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
         cfg = self.settings
-        batch = draw_batch(self.data.instance, self.settings.batch_size, generator)
-        x0, noise, idx, x_t = self._noised(batch, generator)
+        batch, (x0, noise, idx, x_t) = self._draw(self.data.instance, generator)
         t = self.schedule.timesteps[idx].to(self.device)
         target = self.schedule.target(x0, noise, idx)
         prior_parts = None
         if prior:
-            prior_batch = draw_batch(prior, self.settings.batch_size, generator)
-            prior_parts = self._noised(prior_batch, generator), prior_batch
+            prior_batch, prior_noised = self._draw(prior, generator)
+            prior_parts = prior_noised, prior_batch
         ref_mse = None
         if cfg.loss == "dco":
             # The reference is this very model with every adapter at strength 0 (= the base).
@@ -370,7 +401,7 @@ class Trainer:
             # DreamBooth's prior term: plain denoising MSE on the class images.
             loss = loss + cfg.prior_loss_weight * self._per_sample_mse(
                 p_pred, self.schedule.target(p_x0, p_noise, p_idx)).mean()
-        return loss, float(mse.mean().detach())
+        return loss, mse.mean().detach()
 
     # ----- prior images, previews -------------------------------------------------------------
     def _prior_examples(self, amp_dtype: torch.dtype | None) -> list[Example]:
@@ -384,7 +415,8 @@ class Trainer:
 
     def _maybe_sample(self, amp_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
         cfg = self.settings
-        if not (cfg.sample_every and self.data.sample_cond is not None and self.data.sample_shape is not None):
+        if not (cfg.sample_every and self.data.sample_cond is not None and self.data.sample_shape is not None
+                and self.dist.is_main):
             return None, None
         if self.step % cfg.sample_every and self.step != cfg.steps:
             return None, None
@@ -450,8 +482,10 @@ class Trainer:
         return {**self.settings.file_config(), **self.binding.file_config}
 
     def save(self, path: str, partial: bool, reason: str | None = None) -> dict[str, str]:
-        """Adapter file + state sidecar, both atomic; returns the metadata written."""
+        """Adapter file + state sidecar, both atomic (the main process only); returns the metadata written."""
         metadata = self._train_metadata(partial, reason)
+        if not self.dist.is_main:
+            return metadata
         state = TrainState(self.step, self.run_token, self._optimizer.state_dict(), self._scheduler.state_dict(),
                            self._gen_state, [n for n, _ in self._ordered_params()],
                            self._scaler.state_dict() if self._scaler is not None else None,

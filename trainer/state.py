@@ -139,7 +139,7 @@ def load_resume(path: str, groups: Sequence[Any]) -> tuple[TrainState | None, in
                             f"{str(err).replace(path, os.path.basename(path))}") from None
     for group in groups:
         for p in list(group.adapters):
-            key = group.prefix + p
+            key = group.file_key(p)
             if key not in loaded.adapters:
                 raise TrainingError(f"cannot resume from {os.path.basename(path)}: it has no adapter for "
                                     f"{key} (was it trained with other targets or on another model?)")
@@ -147,7 +147,7 @@ def load_resume(path: str, groups: Sequence[Any]) -> tuple[TrainState | None, in
             adapter.check_fits(tuple(group.root.get_submodule(p).weight.shape))
             _check_same_kinds(os.path.basename(path), key, group.adapters[p], adapter)
             group.adapters[p] = adapter
-    extra = set(loaded.adapters) - {g.prefix + p for g in groups for p in g.adapters}
+    extra = set(loaded.adapters) - {g.file_key(p) for g in groups for p in g.adapters}
     if extra:
         raise TrainingError(f"cannot resume from {os.path.basename(path)}: it adapts {len(extra)} modules "
                             f"this run does not target (e.g. {sorted(extra)[0]}); pick the same targets")
