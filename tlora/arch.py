@@ -97,7 +97,8 @@ GROUP_PATTERNS = {
                         r"|(time_in|vector_in|guidance_in)\.(in_layer|out_layer)"
                         r"|time_text_embed\.timestep_embedder\.linear_[12]|proj_out)$"),
     "conv": re.compile(r"(^|\.)(in_layers\.2|out_layers\.3|skip_connection|op|upsample\.conv|"
-                       r"[0-9]+\.conv)$"),
+                       r"[0-9]+\.conv)$"
+                       r"|(^|\.)resnets\.\d+\.(conv1|conv2|conv_shortcut)$"),  # diffusers' UNet2DConditionModel
     "te_attn": re.compile(r"(^|\.)self_attn\.(q_proj|k_proj|v_proj|out_proj)$"),
     "te_mlp": re.compile(r"(^|\.)mlp\.(fc1|fc2)$"),
 }

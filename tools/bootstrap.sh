@@ -7,6 +7,8 @@
 #                           .venv-comfy-0.12 imports through a .pth (one torch install, not two)
 #   .host/ComfyUI-0.12.1/   real ComfyUI 0.12.1: from ../shared/hosts when there, else a clone of
 #                           tag v0.12.1, else skipped with one line saying so
+#   .venv-diffusers/        diffusers, accelerate, PEFT (tests/diffusers; torch linked as above) and
+#                           this pack installed editable as `comfyui_tlora`
 #   .host/webui/<host>/     A1111 1.10.1, Forge, reForge sources from ../shared/hosts (tests/webui)
 # A second run only checks stamps and returns in a second or two.
 set -euo pipefail
@@ -168,6 +170,35 @@ for pair in a1111:a1111-webui-1.10.1 forge:forge-dfdcbab6 reforge:reforge-3b56b2
   mv "$dest.tmp" "$dest"
 done
 
+# ----- the diffusers binding (tests/diffusers): diffusers, accelerate, PEFT in an environment of their own --
+# diffusers 0.42 needs huggingface-hub>=1.32 and the ComfyUI hosts' transformers<5 refuses it.
+VENVD="$ROOT/.venv-diffusers"
+if [ ! -x "$VENVD/bin/python" ]; then
+  log "creating virtualenv in .venv-diffusers"
+  "$PY" -m venv "$VENVD"
+  "$VENVD/bin/python" -m pip install -q --upgrade pip
+fi
+if ! "$VENVD/bin/python" -c "import torch" 2>/dev/null; then
+  SITED="$("$VENVD/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  log "linking .venv's torch into the diffusers environment (.venv-torch-shared)"
+  "$VPY" tools/share_torch.py "$ROOT/.venv-torch-shared" "$SITED" || true
+  if ! "$VENVD/bin/python" -c "import torch" 2>/dev/null; then
+    rm -f "$SITED/tlora-shared-torch.pth"
+    log "installing $TORCH_SPEC for the diffusers environment"
+    "$VENVD/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+  fi
+fi
+REQD_STAMP="$VENVD/.tlora-reqs.stamp"
+REQD_HASH="$(cat pyproject.toml tools/diffusers-requirements.txt | sha256sum | cut -c1-16)"
+if [ "$(cat "$REQD_STAMP" 2>/dev/null)" != "$REQD_HASH" ]; then
+  log "installing diffusers, accelerate and PEFT into .venv-diffusers, and this pack (editable)"
+  "$VENVD/bin/python" -m pip install -q -r tools/diffusers-requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENVD/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENVD/bin/python" -c "import torch, diffusers, accelerate, peft, transformers, comfyui_tlora.tlora"
+  echo "$REQD_HASH" > "$REQD_STAMP"
+fi
+
 log "ready: $VPY, ComfyUI at $COMFY"
 [ -f "$COMFY12/main.py" ] && log "ready: $VENV12/bin/python, ComfyUI 0.12.1 at $COMFY12"
+log "ready: $VENVD/bin/python (diffusers, accelerate)"
 true

@@ -1,0 +1,120 @@
+"""Tiny diffusers pipelines built from configs in Python (nothing downloaded), seeded, saved as folders.
+
+    from harness import tiny_diffusers as td
+    folder = td.save_sd15(tmp_path / "sd15", seed=0)     # a StableDiffusionPipeline folder
+    pipe = td.sd15(seed=0)                                # the same pipeline in memory
+
+The tokenizer is CLIP's real vocabulary as ComfyUI ships it (`.host/ComfyUI/comfy/sd1_tokenizer`,
+installed by the bootstrap); every model is random, seeded per component. Needs diffusers and
+transformers (the `.venv-diffusers` environment).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / ".host" / "ComfyUI" / "comfy" / "sd1_tokenizer"
+
+# Small but real: two UNet levels (one with cross-attention), a 4-level (8x) VAE, a 2-layer CLIP.
+UNET_TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                 attention_head_dim=4, norm_num_groups=8)
+# SD1.5's widths at one level: the shape the step benchmark compares with ComfyUI's binding.
+UNET_WIDE = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320,),
+                 down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+VAE_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                norm_num_groups=8, sample_size=64)
+CLIP_TINY = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77, projection_dim=32)
+
+
+def _seeded(seed: int, build: Any) -> Any:
+    torch.manual_seed(seed)
+    return build()
+
+
+def tokenizer() -> Any:
+    """CLIP's tokenizer from the vocabulary files ComfyUI ships."""
+    from transformers import CLIPTokenizer
+    if not TOKENIZER_DIR.is_dir():
+        raise FileNotFoundError(f"{TOKENIZER_DIR} is missing: run `make bootstrap` (it installs ComfyUI)")
+    # ComfyUI's copy says model_max_length 8192 (it chunks prompts itself); CLIP takes 77 tokens.
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True, model_max_length=77)
+
+
+def sd15(seed: int = 0, unet: dict[str, Any] | None = None, prediction_type: str = "epsilon") -> Any:
+    """A tiny StableDiffusionPipeline (UNet, VAE, CLIP-L-shaped text encoder, DDPM schedule)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    unet_cfg = dict(unet or UNET_TINY)
+    clip_cfg = dict(CLIP_TINY, hidden_size=unet_cfg["cross_attention_dim"],
+                    intermediate_size=2 * unet_cfg["cross_attention_dim"])
+    return StableDiffusionPipeline(
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**VAE_TINY)),
+        text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**clip_cfg))),
+        tokenizer=tokenizer(),
+        unet=_seeded(seed, lambda: UNet2DConditionModel(**unet_cfg)),
+        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                num_train_timesteps=1000, prediction_type=prediction_type),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl(seed: int = 0) -> Any:
+    """A tiny StableDiffusionXLPipeline (two CLIP encoders, text_time conditioning)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    clip_1 = dict(CLIP_TINY, hidden_size=16, intermediate_size=32)
+    clip_2 = dict(CLIP_TINY, hidden_size=16, intermediate_size=32, projection_dim=16)
+    unet_cfg = dict(UNET_TINY, cross_attention_dim=32, use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=16 + 6 * 8, transformer_layers_per_block=(1, 1))
+    return StableDiffusionXLPipeline(
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**VAE_TINY)),
+        text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**clip_1))),
+        text_encoder_2=_seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**clip_2))),
+        tokenizer=tokenizer(), tokenizer_2=tokenizer(),
+        unet=_seeded(seed, lambda: UNet2DConditionModel(**unet_cfg)),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000, prediction_type="epsilon"),
+        force_zeros_for_empty_prompt=True)
+
+
+def save(pipe: Any, folder: str | os.PathLike) -> str:
+    """Save a pipeline as a diffusers folder (safetensors); returns the folder."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def save_sd15(folder: str | os.PathLike, seed: int = 0, **kw: Any) -> str:
+    """A tiny SD1.5 pipeline folder."""
+    return save(sd15(seed, **kw), folder)
+
+
+def save_sdxl(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny SDXL pipeline folder."""
+    return save(sdxl(seed), folder)
+
+
+def write_images(folder: str | os.PathLike, count: int = 3, size: int = 64, captions: bool = True,
+                 seed: int = 0) -> str:
+    """`count` seeded RGB PNGs (a coloured square on a gradient) with `.txt` captions beside them."""
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        base = torch.linspace(0, 1, size)[None, :, None].expand(size, size, 3).clone()
+        colour = torch.rand(3, generator=gen)
+        lo, hi = size // 4 + i, 3 * size // 4
+        base[lo:hi, lo:hi] = colour
+        Image.fromarray((base * 255).round().to(torch.uint8).numpy()).save(os.path.join(folder, f"img{i}.png"))
+        if captions:
+            with open(os.path.join(folder, f"img{i}.txt"), "w", encoding="utf-8") as f:
+                f.write(f"a photo of sks square number {i}")
+    return str(folder)

@@ -1,0 +1,169 @@
+"""One training run on a diffusers pipeline, on one process or many under `accelerate launch`.
+
+The binding is built here and the engine (trainer/loop.py) trains; accelerate is the only
+distributed machinery: `AccelerateProcesses` hands the engine its process index and count, its
+DDP wrapper (over the adapter parameters only), `no_sync` and `reduce`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...tlora import arch as tarch
+from .. import outputs
+from ..binding import AdapterGroup, Binding, adapter_group
+from ..data import TrainData
+from ..distributed import AdapterParams, Distributed
+from ..loop import Trainer
+from ..runs import TrainResult
+from ..settings import TrainSettings
+from . import data as ddata
+from . import model as dmodel
+
+
+class AccelerateProcesses(Distributed):
+    """The engine's view of accelerate's processes (one Accelerator per run)."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self.rank = int(accelerator.process_index)
+        self.world = int(accelerator.num_processes)
+
+    def wrap(self, holder: AdapterParams) -> nn.Module | None:
+        """accelerate's DDP wrapper around the adapter parameters (one process: none)."""
+        return self.accelerator.prepare(holder) if self.world > 1 else None
+
+    @contextlib.contextmanager
+    def no_sync(self, wrapped: nn.Module | None) -> Iterator[None]:
+        """accelerate's no_sync for micro-batches before the last of a step."""
+        if wrapped is None:
+            yield
+            return
+        with self.accelerator.no_sync(wrapped):
+            yield
+
+    def mean(self, value: Tensor) -> Tensor:
+        """accelerate's reduce (mean over processes)."""
+        return self.accelerator.reduce(value, "mean") if self.world > 1 else value
+
+
+@dataclass
+class Job:
+    """Where a command-line run reads and writes (the settings say how it trains)."""
+
+    model: str  # a diffusers pipeline folder, or a single-file checkpoint with `config`
+    data_dir: str
+    output_dir: str
+    config: str | None = None
+    class_dir: str | None = None
+
+
+def precision_for(settings: TrainSettings, accelerator: Any) -> TrainSettings:
+    """`auto` precision follows accelerate's mixed-precision configuration (`--mixed_precision`, its config file)."""
+    configured = getattr(accelerator, "mixed_precision", "no")
+    if settings.precision == "auto" and configured in ("fp16", "bf16"):
+        return settings.replace(precision=configured)
+    return settings
+
+
+def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_bar: bool = True) -> Trainer:
+    """The engine's Trainer for this run: the pipeline loaded, data encoded, adapters created."""
+    settings = precision_for(settings, accelerator)
+    settings.validate()
+    processes = AccelerateProcesses(accelerator)
+    device = accelerator.device
+    pipe = dmodel.load_pipeline(job.model, job.config)
+    p = dmodel.parts(pipe)
+    schedule = dmodel.schedule_for(pipe.scheduler)
+    for module in (p.unet, p.vae, *(te for _, te in p.text_encoders)):
+        module.to(device)
+        module.requires_grad_(False)
+        module.eval()
+    encode_text = dmodel.text_encoder(p)
+    scale = 2 ** (len(p.vae.config.block_out_channels) - 1)
+
+    def encode_image(pixels: Tensor) -> Tensor:
+        return dmodel.encode_images(p.vae, pixels)
+
+    images, captions, _ = ddata.read_folder(job.data_dir)
+    instance = ddata.examples(images, captions, settings.instance_prompt, settings.resolution,
+                              settings.aspect_buckets, encode_image, encode_text)
+    train_data = TrainData(instance)
+    if settings.class_prompt:
+        if job.class_dir:
+            class_images, _, _ = ddata.read_folder(job.class_dir)
+            train_data.prior = ddata.examples(class_images, [""] * len(class_images), settings.class_prompt,
+                                              settings.resolution, False, encode_image, encode_text)
+        with torch.no_grad():
+            train_data.prior_cond = encode_text([settings.class_prompt])
+            train_data.prior_uncond = encode_text([""])
+        train_data.generate_prior = max(settings.num_class_images, len(train_data.prior))
+        train_data.prior_shape = tuple(instance[0].latent.shape)
+    if settings.sample_every:
+        with torch.no_grad():
+            train_data.sample_cond = encode_text([settings.sample_prompt or settings.instance_prompt])
+            train_data.sample_uncond = encode_text([""])
+        train_data.sample_shape = tuple(instance[0].latent.shape)
+
+    unet_group = adapter_group(p.unet, tarch.UNET_PREFIX, settings)
+    unet_group.names = dmodel.generic_names(p.unet, list(unet_group.adapters))
+    groups: list[AdapterGroup] = [unet_group]
+    encode = None
+    if settings.train_text_encoder:
+        for offset, (prefix, te) in enumerate(p.text_encoders, start=1):
+            groups.append(adapter_group(te, prefix, settings, text_encoder=True, seed_offset=offset))
+        encode = encode_text
+
+    path, _ = outputs.output_path(job.output_dir, settings.output_name, settings.resume or None)
+    arch = dmodel.arch_of(pipe)
+
+    def decode(latent: Tensor) -> Tensor:
+        image = dmodel.decode_latent(p.vae, latent)
+        if processes.is_main:
+            from PIL import Image
+            preview = os.path.splitext(path)[0] + f".step{trainer.step:06d}.png"
+            Image.fromarray((image * 255).round().to(torch.uint8).numpy()).save(preview)
+        return image
+
+    binding = Binding(
+        groups, dmodel.denoiser(p.unet, p.kind, scale), schedule, train_data, device=device, encode=encode,
+        decode=decode if settings.sample_every else None, checkpoint_modules=checkpoint_blocks(p.unet),
+        progress_bar=progress_bar, distributed=processes,
+        metadata={"tlora.train.base_model": os.path.basename(os.path.normpath(job.model)),
+                  "tlora.train.host": "diffusers", "tlora.train.processes": str(processes.world)},
+        file_config={"arch": arch} if arch else {})
+    trainer = Trainer(binding, settings, output_path=path)
+    return trainer
+
+
+def checkpoint_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's transformer blocks: what gradient checkpointing re-runs."""
+    from diffusers.models.attention import BasicTransformerBlock
+    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+
+
+def default_accelerator() -> Any:
+    """accelerate's Accelerator as `accelerate launch` configured it; several processes on a machine without a
+    GPU run on the CPU over gloo (accelerate otherwise wants `--cpu`, whose launcher starts one process)."""
+    from accelerate import Accelerator
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several and not torch.cuda.is_available())
+
+
+def train(job: Job, settings: TrainSettings, accelerator: Any | None = None, progress_bar: bool = True
+          ) -> TrainResult:
+    """Train a TLoRA on a diffusers pipeline; the main process writes `output_dir/<output_name>.safetensors`."""
+    if accelerator is None:
+        accelerator = default_accelerator()
+    os.makedirs(job.output_dir, exist_ok=True)
+    trainer = build_trainer(job, settings, accelerator, progress_bar)
+    try:
+        return trainer.run()
+    finally:
+        accelerator.end_training()
