@@ -26,7 +26,9 @@ takes a list of row pieces `(offset, count)` of the generic weight, concatenated
   module), what a trainer needs; the swapped modulations are left out of it and listed with
   the reason by `unmapped(arch)`.
 
-Every module of `tlora.arch.all_modules(arch)` (every preset, with convs and text encoders) is
+`arch` is a name of `tlora.arch.ARCHS` (the released models) or an `Arch` built for a live model
+of any size (a diffusers host builds one from the model's config). Every module of
+`tlora.arch.all_modules(arch)` (every preset, with convs and text encoders) is
 in `diffusers_rows` for sd15, sdxl, flux, sd3, sd35-medium, sd35-large and qwen-image.
 Not tabled at all (no generic names in `tlora.arch` either): T5 (Flux/SD3 `text_encoder_2` /
 `text_encoder_3`), Qwen2.5-VL, conv_in/conv_out, time/label embeddings of the UNets, SD3's
@@ -51,10 +53,14 @@ SWAPPED = "diffusers stores its shift/scale halves swapped (swap_scale_shift): n
 _RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 
-def denoiser_component(arch: str) -> str:
+def _resolve(arch: str | arch_mod.Arch) -> arch_mod.Arch:
+    """An architecture by name (`tlora.arch.ARCHS`) or an `Arch` built for a live model (any size)."""
+    return arch if isinstance(arch, arch_mod.Arch) else arch_mod._arch(arch)
+
+
+def denoiser_component(arch: str | arch_mod.Arch) -> str:
     """`unet` or `transformer`: the pipeline component holding this architecture's denoiser."""
-    arch_mod._arch(arch)
-    return DENOISER_COMPONENT[arch]
+    return "unet" if isinstance(_resolve(arch).denoiser, arch_mod.UNetConfig) else "transformer"
 
 
 def _unet_blocks(cfg: arch_mod.UNetConfig) -> tuple[dict[int, tuple[str, bool]], dict[int, str]]:
@@ -177,15 +183,14 @@ def _mmdit_targets(cfg: arch_mod.MMDiTConfig, path: str) -> list[Target]:
     return [(f"{b}.{block[rest]}", None)]
 
 
-def _targets(arch: str, generic: str) -> list[Target]:
-    a = arch_mod._arch(arch)
+def _targets(a: arch_mod.Arch, generic: str) -> list[Target]:
     if generic.startswith(arch_mod.TE_PREFIX):
         name, sep, rest = generic[len(arch_mod.TE_PREFIX):].partition(".transformer.")
         if not sep or name not in TEXT_ENCODER_COMPONENT:
             raise ValueError(f"not a CLIP module: {generic}")
         return [(f"{TEXT_ENCODER_COMPONENT[name]}.{rest}", None)]
     path = generic.removeprefix(arch_mod.UNET_PREFIX)
-    component = DENOISER_COMPONENT[arch]
+    component = denoiser_component(a)
     cfg = a.denoiser
     if isinstance(cfg, arch_mod.UNetConfig):
         found = [(_unet_path(cfg, path), None)]
@@ -199,16 +204,23 @@ def _targets(arch: str, generic: str) -> list[Target]:
 
 
 @lru_cache(maxsize=None)
-def _rows(arch: str) -> tuple[tuple[str, tuple[Target, ...]], ...]:
-    return tuple((generic, tuple(_targets(arch, generic))) for generic in arch_mod.all_modules(arch))
+def _rows_of(a: arch_mod.Arch) -> tuple[tuple[str, tuple[Target, ...]], ...]:
+    generics = [name for name, _, _ in a.denoiser_modules()]
+    for te in a.text_encoders:
+        generics += [name for name, _, _ in arch_mod.text_encoder_modules(te)]
+    return tuple((generic, tuple(_targets(a, generic))) for generic in generics)
 
 
-def diffusers_rows(arch: str) -> dict[str, list[Target]]:
+def _rows(arch: str | arch_mod.Arch) -> tuple[tuple[str, tuple[Target, ...]], ...]:
+    return _rows_of(_resolve(arch))
+
+
+def diffusers_rows(arch: str | arch_mod.Arch) -> dict[str, list[Target]]:
     """{generic name: [(diffusers path, row pieces or None)]} for every module of the architecture."""
     return {generic: list(targets) for generic, targets in _rows(arch)}
 
 
-def diffusers_map(arch: str) -> dict[str, list[tuple[str, Piece | None]]]:
+def diffusers_map(arch: str | arch_mod.Arch) -> dict[str, list[tuple[str, Piece | None]]]:
     """{generic name: [(diffusers path, (row offset, row count) or None = whole)]}: the contiguous mappings.
 
     The swapped modulations (see `unmapped`) are left out.
@@ -220,18 +232,22 @@ def diffusers_map(arch: str) -> dict[str, list[tuple[str, Piece | None]]]:
     return out
 
 
-def unmapped(arch: str) -> dict[str, str]:
+def unmapped(arch: str | arch_mod.Arch) -> dict[str, str]:
     """{generic name: why}: modules of `all_modules(arch)` that `diffusers_map` leaves out."""
     contiguous = diffusers_map(arch)
     return {generic: SWAPPED for generic, _ in _rows(arch) if generic not in contiguous}
 
 
+def _inverse(arch: str | arch_mod.Arch) -> dict[str, str]:
+    return _inverse_of(_resolve(arch))
+
+
 @lru_cache(maxsize=None)
-def _inverse(arch: str) -> dict[str, str]:
+def _inverse_of(arch: arch_mod.Arch) -> dict[str, str]:
     return {path: generic for generic, targets in _rows(arch) for path, pieces in targets if pieces is None}
 
 
-def generic_name(arch: str, diffusers_path: str) -> str | None:
+def generic_name(arch: str | arch_mod.Arch, diffusers_path: str) -> str | None:
     """The generic name of a component-prefixed diffusers module that is one whole generic weight.
 
     None when the module is a slice of a fused generic weight (Flux/SD3 q, k, v, `proj_mlp`), a
@@ -240,7 +256,11 @@ def generic_name(arch: str, diffusers_path: str) -> str | None:
     return _inverse(arch).get(diffusers_path)
 
 
-@lru_cache(maxsize=None)
-def diffusers_sources(arch: str) -> dict[str, tuple[str, tuple[Piece, ...] | None]]:
+def diffusers_sources(arch: str | arch_mod.Arch) -> dict[str, tuple[str, tuple[Piece, ...] | None]]:
     """{diffusers path: (generic name, row pieces or None)}: where every mapped diffusers module comes from."""
     return {path: (generic, pieces) for generic, targets in _rows(arch) for path, pieces in targets}
+
+
+def unet_generic_names(cfg: arch_mod.UNetConfig) -> dict[str, str]:
+    """{bare diffusers UNet path: generic name} for any UNet layout tlora.arch tables (also a small test UNet)."""
+    return {_unet_path(cfg, name[len(arch_mod.UNET_PREFIX):]): name for name, _, _ in arch_mod.unet_modules(cfg)}

@@ -1,0 +1,161 @@
+"""Helpers for the diffusers apply tests: tiny transformers from configs, the ComfyUI side of the cross-host check.
+
+The dense references are tests/host/tlora_refs.py's (float64 W0 T + s Delta from the file's
+tensors with plain torch; they never call the pack). `comfy_side` runs in `.venv/bin/python`
+(ComfyUI 0.3.75 in-process, our loader node) and writes: the checkpoint ComfyUI's own classes
+save, the TLoRA file (generic names) and the weights ComfyUI patches with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+COMFY_PYTHON = ROOT / ".venv" / "bin" / "python"
+STRENGTH = 0.7
+
+# diffusers configs of the tiny twins ComfyUI builds in harness/tiny_models.py.
+SD15_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                 attention_head_dim=8, norm_num_groups=32)
+FLUX = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 14, 14))
+SD3 = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+           joint_attention_dim=4096, caption_projection_dim=128, pooled_projection_dim=32, out_channels=16,
+           pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def seeded(seed: int, build: Any) -> Any:
+    torch.manual_seed(seed)
+    model = build()
+    with torch.no_grad():  # diffusers zero-inits some output layers: give every weight values
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.abs().sum()):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def write_config(folder: Path, cls: Any, config: dict) -> Path:
+    """A local folder with the config.json of `cls(**config)` (what from_single_file reads offline)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    full = dict(config, _class_name=cls.__name__)
+    (folder / "config.json").write_text(json.dumps(full))
+    return folder
+
+
+def run_comfy_side(out: Path, timeout: int = 300) -> dict[str, Any]:
+    """Run `comfy_side` in the ComfyUI environment (one process for every family); returns what it wrote."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            f"from tests.diffusers.diffusers_refs import comfy_side; comfy_side({str(out)!r})")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([str(COMFY_PYTHON), "-c", code], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"ComfyUI side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads((out / "comfy_side.json").read_text())
+
+
+# --------------------------------------------------------------------------- runs in .venv (ComfyUI)
+def comfy_side(out_dir: str) -> None:
+    """Per family: checkpoint by ComfyUI's classes, a generic-name TLoRA file, ComfyUI's patched weights; key maps."""
+    from harness import comfy_host as ch
+    out = Path(out_dir)
+    ch.setup_host(out / "host", threads=1).require_pack()
+    written: dict[str, Any] = {family: _comfy_family(out, family) for family in ("sd15", "sd3")}
+    written["maps"] = _comfy_maps()
+    (out / "comfy_side.json").write_text(json.dumps(written))
+
+
+def _comfy_maps() -> dict[str, dict[str, Any]]:
+    """ComfyUI's own diffusers key maps (comfy.utils) of the released models: {diffusers weight: [key, rows]}."""
+    import comfy.utils
+
+    from tlora import arch
+    maps: dict[str, dict[str, Any]] = {}
+    for name, a in arch.ARCHS.items():
+        cfg = a.denoiser
+        if isinstance(cfg, arch.UNetConfig):
+            raw = comfy.utils.unet_to_diffusers({
+                "num_res_blocks": list(cfg.num_res_blocks), "channel_mult": list(cfg.channel_mult),
+                "transformer_depth": list(cfg.transformer_depth), "transformer_depth_middle": cfg.transformer_depth_middle,
+                "transformer_depth_output": list(cfg.transformer_depth_output)})
+        elif isinstance(cfg, arch.FluxConfig):
+            raw = comfy.utils.flux_to_diffusers({"depth": cfg.depth, "depth_single_blocks": cfg.depth_single,
+                                                 "hidden_size": cfg.hidden})
+        elif isinstance(cfg, arch.MMDiTConfig):
+            raw = comfy.utils.mmdit_to_diffusers({"depth": cfg.depth})
+        else:
+            continue
+        entries = {}
+        for key, value in raw.items():
+            if not key.endswith(".weight"):
+                continue
+            if isinstance(value, str):
+                entries[key] = [value, None]
+            elif len(value) > 2 or value[1] is None:  # (key, None, swap_scale_shift)
+                entries[key] = [value[0], "swap"]
+            else:
+                entries[key] = [value[0], [value[1][1], value[1][2]]]
+        maps[name] = entries
+    return maps
+
+
+def _comfy_family(out: Path, family: str) -> dict[str, str]:
+    from safetensors.torch import save_file
+
+    from harness import comfy_host as ch
+    from harness import tiny_models as tm
+    from tests.host import tlora_refs as R
+    from tlora import arch
+    if family == "sd15":
+        t = tm.tiny_sd15(seed=0)  # model_channels 32, channel_mult (1, 2), one res block, depth 1, context 64
+        table = arch.unet_modules(arch.UNetConfig(32, (1, 2), (1, 1), (1, 1), 1, (1, 1, 1, 1), 64, False))
+        # ComfyUI's CLIP-L twin (its transformer.text_model names are the HF ones diffusers uses).
+        clip = tm.tiny_clip(seed=1, kind="sd15", hidden=64, layers=2)
+        table += arch.text_encoder_modules(arch.TextEncoderConfig("clip_l", 2, 64, 128, "lora_te_"))
+    elif family == "sd3":
+        t, clip = tm.tiny_dit("sd3", seed=0), None  # depth 2 (hidden 128), attn2 in block 0, pre-only last context
+        table = arch.MMDiTConfig(2, self_attn_blocks=(0,), adm=32).modules()
+    else:
+        raise ValueError(family)
+    sd = t.model.state_dict()
+    shapes = {name: shape for name, shape, _ in table}
+    for name, shape in shapes.items():
+        if name.startswith("diffusion_model."):
+            assert tuple(sd[f"{name}.weight"].shape) == tuple(shape), name
+    adapters = R.random_adapters(shapes, seed=7)
+    lora_name = f"xhost_{family}.safetensors"
+    R.write_tlora(ch.models_dir("loras") / lora_name, adapters)
+    (out / lora_name).write_bytes((ch.models_dir("loras") / lora_name).read_bytes())
+    ckpt = {k: v.contiguous() for k, v in t.config.process_unet_state_dict_for_saving(
+        dict(t.model.diffusion_model.state_dict())).items()}
+    unet_keys = [f"{p}.weight" for p in shapes if p.startswith("diffusion_model.")]
+    if clip is not None:
+        model, clip2 = R.tlora_full(t.patcher, clip, lora_name, STRENGTH, STRENGTH)
+        te_sd = clip.cond_stage_model.state_dict()
+        te_keys = {f"{p}.weight": "clip_l." + p.removeprefix("text_encoders.clip_l.") + ".weight"
+                   for p in shapes if p.startswith("text_encoders.")}
+        patched_te = R.clip_patched_weights(clip2, list(te_keys.values()))
+        ckpt.update({f"cond_stage_model.{k.removeprefix('clip_l.')}": v.contiguous()
+                     for k, v in te_sd.items() if k.startswith("clip_l.transformer.")})
+    else:
+        model, te_keys, patched_te = R.tlora_model_only(t.patcher, lora_name, STRENGTH), {}, {}
+    patched = R.patched_weights(model, unet_keys)
+    dump = {k: v.contiguous() for k, v in patched.items()}
+    dump.update({generic: patched_te[key].contiguous() for generic, key in te_keys.items()})
+    save_file(ckpt, str(out / f"ckpt_{family}.safetensors"))
+    save_file(dump, str(out / f"patched_{family}.safetensors"))
+    return {"ckpt": str(out / f"ckpt_{family}.safetensors"), "tlora": str(out / lora_name),
+            "patched": str(out / f"patched_{family}.safetensors")}
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    comfy_side(sys.argv[1])
