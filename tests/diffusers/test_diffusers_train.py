@@ -1,0 +1,259 @@
+"""The command-line trainer on real diffusers pipelines, one process and two (accelerate launch, gloo).
+
+Tiny SD1.5/SDXL pipelines are built from configs (harness/tiny_diffusers.py) and saved as folders;
+every run is the real command in a subprocess, as a user starts it. References are independent:
+the file's tensors of a one-process run against a two-process run, the base model's weights, the
+node's metadata keys (TrainSettings), and the module names tlora.arch tables for this UNet.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from comfyui_tlora.tlora import arch as tarch
+from comfyui_tlora.tlora import format as tformat
+from comfyui_tlora.trainer.diffusers import model as dmodel
+from comfyui_tlora.trainer.settings import TrainSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from harness import tiny_diffusers as td  # noqa: E402
+
+BIN = Path(sys.executable).parent
+COMMON = ["--resolution", "64", "--loss", "mse", "--quiet", "--transform", "trm:2", "--residual", "lora:2"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("dtrain")
+    td.save_sd15(base / "sd15", seed=0)
+    td.write_images(base / "images", count=3)
+    return base
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TLORA_AUTOTUNE="0",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def cli(work: Path, *args: str, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The trainer as a user runs it: `python -m ...`, or under `accelerate launch` with N processes."""
+    module = ["-m", "comfyui_tlora.trainer.diffusers"]
+    if processes == 1:
+        cmd = [sys.executable, *module]
+    else:  # --multi_gpu picks accelerate's torchrun launcher; without a GPU the binding runs them on gloo
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(29500 + os.getpid() % 1000), *module]
+    return subprocess.run([*cmd, "--model", str(work / "sd15"), "--data", str(work / "images"), *args],
+                          cwd=str(work), env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
+
+
+@pytest.fixture(scope="module")
+def full_run(work: Path) -> Path:
+    """Four steps on one process at batch 2: the reference the two-process and resumed runs must reproduce."""
+    out = work / "out_full"
+    _ok(cli(work, "--output-dir", str(out), "--output-name", "r", "--steps", "4", "--batch-size", "2", *COMMON))
+    return out / "r.safetensors"
+
+
+def test_the_file_has_the_nodes_names_metadata_and_a_trained_adapter(work: Path, full_run: Path) -> None:
+    loaded = tformat.load(str(full_run))
+    # Names: exactly the generic names tlora.arch tables for this UNet's layout, attention preset.
+    cfg = dmodel.unet_config(td.sd15().unet.config)
+    expected = {name for name, _, group in tarch.unet_modules(cfg) if group == "attn"}
+    assert set(loaded.adapters) == expected and len(expected) == 32
+    # Metadata: every key the node's settings write, the run's facts, and the host.
+    meta = _meta(full_run)
+    assert set(TrainSettings().replace(loss="mse").metadata()) <= set(meta)
+    assert meta["tlora.train.steps"] == "4" and meta["tlora.train.partial"] == "false"
+    assert meta["tlora.train.host"] == "diffusers" and meta["tlora.train.processes"] == "1"
+    # Trained: the LoRA residual's zero half moved away from zero.
+    tensors = load_file(str(full_run))
+    assert any(k.endswith("tlora_r.up") and tensors[k].abs().max() > 1e-4 for k in tensors)
+    assert full_run.with_suffix(".tlora-state").is_file()
+
+
+def test_two_processes_at_batch_1_train_what_one_process_at_batch_2_does(work: Path, full_run: Path) -> None:
+    two = work / "out_2p"
+    _ok(cli(work, "--output-dir", str(two), "--output-name", "r", "--steps", "4", "--batch-size", "1", *COMMON,
+            processes=2))
+    a, b = load_file(str(full_run)), load_file(str(two / "r.safetensors"))
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert _meta(two / "r.safetensors")["tlora.train.processes"] == "2"
+    assert sorted(os.listdir(two)) == ["r.safetensors", "r.tlora-state"]  # rank 1 wrote nothing of its own
+
+
+def test_resume_with_another_process_count_continues_exactly(work: Path, full_run: Path) -> None:
+    split = work / "out_split"
+    # Two steps on two processes (batch 1 each), then resumed to four on one process at batch 2.
+    _ok(cli(work, "--output-dir", str(split), "--output-name", "r", "--steps", "2", "--batch-size", "1", *COMMON,
+            processes=2))
+    _ok(cli(work, "--output-dir", str(split), "--output-name", "r", "--steps", "4", "--batch-size", "2",
+            "--resume", str(split / "r.safetensors"), *COMMON))
+    a, b = load_file(str(full_run)), load_file(str(split / "r.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert _meta(split / "r.safetensors")["tlora.train.steps"] == "4"
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before writing {path.name}: "
+                                 f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {path.name} after {seconds} s")
+        time.sleep(0.5)
+
+
+def _popen(work: Path, args: list[str], processes: int = 1) -> subprocess.Popen:
+    module = ["-m", "comfyui_tlora.trainer.diffusers"]
+    if processes == 1:
+        cmd = [sys.executable, *module]
+    else:
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(30500 + os.getpid() % 1000), *module]
+    return subprocess.Popen([*cmd, "--model", str(work / "sd15"), "--data", str(work / "images"), *args],
+                            cwd=str(work), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_ctrl_c_saves_a_partial_file(work: Path) -> None:
+    out = work / "out_int"
+    proc = _popen(work, ["--output-dir", str(out), "--output-name", "c", "--steps", "100000", "--save-every", "2",
+                         *COMMON])
+    try:
+        _wait_for(out / "c.safetensors", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    meta = _meta(out / "c.safetensors")
+    assert meta["tlora.train.partial"] == "true" and meta["tlora.train.stopped"] == "cancelled"
+    assert int(meta["tlora.train.steps"]) >= 2
+    tformat.load(str(out / "c.safetensors"))  # whole and valid
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    """The pid of the worker below the launcher whose environment says RANK=rank (torchrun sets it per worker)."""
+    todo, seen = [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if pid != root and env.get(b"RANK") == str(rank).encode():
+            return pid
+        todo.extend(_children(pid))
+    return None
+
+
+def test_killing_one_rank_leaves_the_last_saved_file_whole(work: Path) -> None:
+    out = work / "out_kill"
+    path = out / "k.safetensors"
+    proc = _popen(work, ["--output-dir", str(out), "--output-name", "k", "--steps", "100000", "--save-every", "2",
+                         *COMMON], processes=2)
+    try:
+        _wait_for(path, proc)
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None, "rank 1's process was not found"
+        os.kill(victim, signal.SIGKILL)
+        proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0
+    loaded = tformat.load(str(path))  # the last saved file: whole, valid, its own steps
+    meta = _meta(path)
+    assert meta["tlora.train.partial"] == "true" and int(meta["tlora.train.steps"]) >= 2
+    assert len(loaded.adapters) == 32
+    # A write cut short by the launcher's SIGTERM leaves only its temp file (cleared by the next write into the
+    # folder) and at most a newer sidecar, which resume detects by step and run token (tests/unit/test_engine.py).
+
+
+def test_sdxl_with_text_encoders_prior_and_buckets(tmp_path: Path) -> None:
+    td.save_sdxl(tmp_path / "sdxl", seed=0)
+    td.write_images(tmp_path / "images", count=2)
+    td.write_images(tmp_path / "class", count=2, captions=False, seed=5)
+    done = subprocess.run(
+        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "sdxl"),
+         "--data", str(tmp_path / "images"), "--class-data", str(tmp_path / "class"), "--class-prompt",
+         "a photo of a square", "--output-dir", str(tmp_path / "out"), "--output-name", "xl", "--steps", "2",
+         "--train-text-encoder", "--aspect-buckets", "--resolution", "64", "--quiet", "--loss", "dco"],
+        cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
+    _ok(done)
+    loaded = tformat.load(str(tmp_path / "out" / "xl.safetensors"))
+    keys = set(loaded.adapters)
+    pipe = td.sdxl()
+    for prefix, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+        names = {f"{tarch.TE_PREFIX}{prefix}.transformer.{n}" for n, m in encoder.named_modules()
+                 if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))}
+        assert names and names <= keys
+    assert any(k.startswith(tarch.UNET_PREFIX) for k in keys)
+    meta = _meta(tmp_path / "out" / "xl.safetensors")
+    assert meta["tlora.train.class_prompt"] == "a photo of a square" and meta["tlora.train.loss"] == "dco"
+
+
+@pytest.mark.parametrize("case", ["no images", "single file without config", "bad setting"])
+def test_bad_input_is_one_line_and_writes_nothing(work: Path, tmp_path: Path, case: str,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from comfyui_tlora.trainer.diffusers.cli import main
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {"no images": ["--data", str(empty)],
+            "single file without config": ["--model", str(work / "sd15" / "unet" / "diffusion_pytorch_model.safetensors")],
+            "bad setting": ["--warmup-steps", "10", "--steps", "3"]}[case]
+    status = main(["--model", str(work / "sd15"), "--data", str(work / "images"), "--output-dir",
+                   str(tmp_path / "out"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tlora-train: ") and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
