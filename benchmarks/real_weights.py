@@ -624,17 +624,25 @@ def markdown(results: dict) -> str:
             lines.append(f"| {c['task']} | {c['method']} | {c['against']} | {ratio} | {_fmt_ci(c['d_acc'])} | "
                          f"{c['p_acc']:.3f} | {_fmt_ci(c['d_loss'])} | {c['p_loss']:.3f} |")
         lines.append("")
+        scale = {m.name: m.lr_scale for m in METHODS}
+        base = results["config"]["base_lr"]
+
+        def mult(r: dict) -> float:  # the rate as a multiple of base_lr x the method's lr_scale
+            return float(f"{r['lr'] / (base * scale.get(r['method'], 1.0)):.3g}")
+
+        tuned = [r for r in results["finetunes"] if r["phase"] == "tune" and r["lr"] > 0]
+        points = sorted({mult(r) for r in tuned})  # the config's grid, and any points a merged run added
         lines += ["Learning-rate tuning (seed %s, validation accuracy / loss):" % results["config"]["seeds"][0], "",
-                  "| task | method | " + " | ".join(f"lr x{p:g}" for p in results["config"]["lr_points"]) + " |",
-                  "|---|---|" + "---|" * len(results["config"]["lr_points"])]
+                  "| task | method | " + " | ".join(f"lr x{p:g}" for p in points) + " |",
+                  "|---|---|" + "---|" * len(points)]
         for task in dict.fromkeys(r["task"] for r in results["finetunes"]):
             for method in dict.fromkeys(r["method"] for r in results["finetunes"] if r["task"] == task):
-                tune = [r for r in results["finetunes"] if r["task"] == task and r["method"] == method
-                        and r["phase"] == "tune"]
+                tune = {mult(r): r for r in tuned if r["task"] == task and r["method"] == method}
                 if len(tune) < 2:
                     continue
-                cells = [("**" if r.get("chosen") else "") + f"{r['lr']:.3g}: {r['val']['acc']:.3f} / "
-                         f"{r['val']['loss']:.3f}" + ("**" if r.get("chosen") else "") for r in tune]
+                cells = [("-" if p not in tune else ("**" if tune[p].get("chosen") else "") +
+                          f"{tune[p]['lr']:.3g}: {tune[p]['val']['acc']:.3f} / {tune[p]['val']['loss']:.3f}" +
+                          ("**" if tune[p].get("chosen") else "")) for p in points]
                 lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -793,6 +801,25 @@ def _run(cfg: Config, out: Path, docs: bool, log: Callable[[str], None]) -> dict
     return results
 
 
+def reselect(records: list[dict]) -> None:
+    """Where a task/method was tuned in several merged runs (a later run extending its grid), re-pick the
+    rate over all its tuning runs (validation, as `_select`) and mark as chosen that run and the seeds run at
+    that rate in the same source; the other runs' choices are unmarked. In place; one source: no change."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    for runs in groups.values():
+        tune = [r for r in runs if r.get("phase") == "tune"]
+        if len({r.get("source") for r in tune}) < 2:
+            continue
+        best = _select(tune)
+        for r in runs:
+            r.pop("chosen", None)
+            if r is best or (r.get("phase") == "seed" and r.get("source") == best.get("source")
+                             and r["lr"] == best["lr"]):
+                r["chosen"] = True
+
+
 def merge(paths: list[str], out: Path, docs: bool = False) -> dict:
     """One report from several runs' results.json (e.g. parts run one after another with other sizes)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
@@ -800,12 +827,13 @@ def merge(paths: list[str], out: Path, docs: bool = False) -> dict:
                                       "commit": r.get("commit"), "wall_minutes": r.get("wall_minutes")}
                                      for p, r in zip(paths, parts)],
                      "config": parts[0]["config"], "finetunes": [], "tasks": {}}
-    for r in parts:
+    for i, r in enumerate(parts):
         for key in ("approx", "full_finetune"):
             if r.get(key):
                 results[key] = r[key]
-        results["finetunes"] += r["finetunes"]
+        results["finetunes"] += [{**rec, "source": i} for rec in r["finetunes"]]
         results["tasks"].update(r.get("tasks", {}))
+    reselect(results["finetunes"])
     if results["finetunes"]:
         results["summary"] = summarize(results["finetunes"])
     results["wall_minutes"] = sum(r.get("wall_minutes") or 0 for r in parts)

@@ -116,3 +116,32 @@ def test_merge_rebuilds_the_same_report(quick_results, tmp_path):
 def json_roundtrip(value):
     import json
     return json.loads(json.dumps(value))
+
+
+def _rec(method, lr, seed, phase, acc, source=None, chosen=False):
+    r = {"task": "t", "method": method, "lr": lr, "seed": seed, "phase": phase, "params": 10,
+         "val": {"acc": acc, "loss": 1.0}, "test": {"acc": acc, "loss": 1.0}, "seconds": 1.0}
+    if source is not None:
+        r["source"] = source
+    if chosen:
+        r["chosen"] = True
+    return r
+
+
+def test_edge_choices_are_flagged_and_a_merged_extension_is_reselected():
+    """No training: a rate chosen on its grid's edge is flagged; a later run's extra grid point that wins on
+    validation becomes the chosen rate (with its own seeds) when merged, and one that loses changes nothing."""
+    from benchmarks import real_weights as B
+    first = [_rec("m", 1e-4, 0, "tune", 0.8, 0, True), _rec("m", 1e-3, 0, "tune", 0.7, 0),
+             _rec("m", 1e-4, 1, "seed", 0.8, 0, True)]
+    assert B.lr_edge(first, "t", "m") == "low"
+    wins = [_rec("m", 3e-5, 0, "tune", 0.9, 1, True), _rec("m", 3e-5, 1, "seed", 0.9, 1, True)]
+    recs = [dict(r) for r in first + wins]
+    B.reselect(recs)
+    assert [(r["lr"], r["phase"]) for r in recs if r.get("chosen")] == [(3e-5, "tune"), (3e-5, "seed")]
+    assert B.lr_edge(recs, "t", "m") == "low"
+    loses = [_rec("m", 3e-5, 0, "tune", 0.6, 1, True), _rec("m", 3e-5, 1, "seed", 0.6, 1, True)]
+    recs = [dict(r) for r in first + loses]
+    B.reselect(recs)
+    assert [(r["lr"], r["phase"]) for r in recs if r.get("chosen")] == [(1e-4, "tune"), (1e-4, "seed")]
+    assert B.lr_edge(recs, "t", "m") is None  # 1e-4 is now inside the grid 3e-5 ... 1e-3
