@@ -2,22 +2,26 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: bootstrap test test-unit test-webui test-host test-012 test-browser demo bench clean
+.PHONY: bootstrap test test-unit test-webui test-host test-012 test-diffusers test-browser demo bench clean
 
 bootstrap:
 	@bash tools/bootstrap.sh
 
 PY012 := .venv-comfy-0.12/bin/python
+PYDIFF := .venv-diffusers/bin/python
 COMFY012 := $(CURDIR)/.host/ComfyUI-0.12.1
 
 # Unit and webui tests once; the host and browser suites on each ComfyUI (0.3.75, then 0.12.1 when the
-# bootstrap could install it: it says so when it could not, and so does this).
+# bootstrap could install it: it says so when it could not, and so does this); the diffusers binding in
+# its own environment.
 test: bootstrap
 	$(PY) -m pytest tests/unit tests/webui tests/host tests/browser -q -ra
 	@if [ -x $(PY012) ] && [ -f $(COMFY012)/main.py ]; then \
 	  echo "[test] host and browser suites on ComfyUI 0.12.1"; \
 	  TLORA_COMFY_DIR=$(COMFY012) $(PY012) -m pytest tests/host tests/browser -q -ra; \
 	else echo "[test] SKIPPED the ComfyUI 0.12.1 leg: it is not installed (see the bootstrap's message)"; fi
+	@echo "[test] the diffusers binding (diffusers, accelerate, PEFT) in .venv-diffusers"
+	$(PYDIFF) -m pytest tests/diffusers -q -ra
 
 test-unit: bootstrap
 	$(PY) -m pytest tests/unit -q
@@ -31,6 +35,10 @@ test-host: bootstrap
 
 test-012: bootstrap
 	TLORA_COMFY_DIR=$(COMFY012) $(PY012) -m pytest tests/host tests/browser -q -ra
+
+# The diffusers binding: applying files to diffusers models, the command-line trainer, accelerate.
+test-diffusers: bootstrap
+	$(PYDIFF) -m pytest tests/diffusers -q -ra
 
 test-browser: bootstrap
 	$(PY) -m pytest tests/browser -q

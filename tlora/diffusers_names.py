@@ -260,7 +260,3 @@ def diffusers_sources(arch: str | arch_mod.Arch) -> dict[str, tuple[str, tuple[P
     """{diffusers path: (generic name, row pieces or None)}: where every mapped diffusers module comes from."""
     return {path: (generic, pieces) for generic, targets in _rows(arch) for path, pieces in targets}
 
-
-def unet_generic_names(cfg: arch_mod.UNetConfig) -> dict[str, str]:
-    """{bare diffusers UNet path: generic name} for any UNet layout tlora.arch tables (also a small test UNet)."""
-    return {_unet_path(cfg, name[len(arch_mod.UNET_PREFIX):]): name for name, _, _ in arch_mod.unet_modules(cfg)}

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from comfyui_tlora.tlora import arch as tarch
 from comfyui_tlora.tlora import format as tformat
-from comfyui_tlora.trainer.diffusers import model as dmodel
+from comfyui_tlora.trainer.diffusers.apply import unet_config
 from comfyui_tlora.trainer.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def full_run(work: Path) -> Path:
 def test_the_file_has_the_nodes_names_metadata_and_a_trained_adapter(work: Path, full_run: Path) -> None:
     loaded = tformat.load(str(full_run))
     # Names: exactly the generic names tlora.arch tables for this UNet's layout, attention preset.
-    cfg = dmodel.unet_config(td.sd15().unet.config)
+    cfg = unet_config(td.sd15().unet)
     expected = {name for name, _, group in tarch.unet_modules(cfg) if group == "attn"}
     assert set(loaded.adapters) == expected and len(expected) == 32
     # Metadata: every key the node's settings write, the run's facts, and the host.
@@ -231,11 +231,10 @@ def test_sdxl_with_text_encoders_prior_and_buckets(tmp_path: Path) -> None:
     _ok(done)
     loaded = tformat.load(str(tmp_path / "out" / "xl.safetensors"))
     keys = set(loaded.adapters)
-    pipe = td.sdxl()
-    for prefix, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
-        names = {f"{tarch.TE_PREFIX}{prefix}.transformer.{n}" for n, m in encoder.named_modules()
-                 if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))}
-        assert names and names <= keys
+    for prefix in ("clip_l", "clip_g"):  # ComfyUI's CLIP names (with `text_model.`), tabled by tlora.arch
+        table = tarch.text_encoder_modules(tarch.TextEncoderConfig(prefix, 2, 16, 32, ""))
+        names = {name for name, _, group in table if group == "te_attn"}
+        assert len(names) == 8 and names <= keys
     assert any(k.startswith(tarch.UNET_PREFIX) for k in keys)
     meta = _meta(tmp_path / "out" / "xl.safetensors")
     assert meta["tlora.train.class_prompt"] == "a photo of a square" and meta["tlora.train.loss"] == "dco"

@@ -257,7 +257,7 @@ def _cfg(model: nn.Module, key: str, default: Any = None) -> Any:
     return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
 
 
-def _unet_config(unet: nn.Module) -> arch_mod.UNetConfig:
+def unet_config(unet: nn.Module) -> arch_mod.UNetConfig:
     """The ComfyUI-style UNetConfig of a diffusers UNet2DConditionModel (what fixes the generic names)."""
     chans = list(_cfg(unet, "block_out_channels"))
     levels = len(chans)
@@ -303,7 +303,7 @@ def arch_of(roots: Mapping[str, nn.Module]) -> tuple[str, arch_mod.Arch]:
     cls = type(found[1]).__name__ if found else ""
     if found and found[0] == "unet":
         family = "sdxl" if _cfg(found[1], "addition_embed_type") == "text_time" else "sd15"
-        denoiser: Any = _unet_config(found[1])
+        denoiser: Any = unet_config(found[1])
     elif cls == "FluxTransformer2DModel":
         t = found[1]
         hidden = int(_cfg(t, "num_attention_heads")) * int(_cfg(t, "attention_head_dim"))

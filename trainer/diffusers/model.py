@@ -2,8 +2,8 @@
 
 Families trained here are the UNet pipelines (SD1.5 and SD2-style `StableDiffusionPipeline`,
 `StableDiffusionXLPipeline`); others are refused by name. Module names in the file are
-ComfyUI's generic ones (`tlora.diffusers_names` owns the mapping), so a run here gives the
-file a run in ComfyUI would.
+ComfyUI's generic ones (`tlora.diffusers_names` owns the mapping; apply.py's `arch_of` reads the
+live model's table), so a run here gives the file a run in ComfyUI would.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ...tlora import arch as tarch
 from ...tlora import diffusers_names as dnames
+from .apply import arch_of
 from ..data import Cond
 from ..schedule import Schedule
 from ..settings import TrainingError
@@ -72,43 +73,18 @@ def schedule_for(scheduler: Any) -> Schedule:
     return Schedule.discrete(torch.as_tensor(alphas), prediction)
 
 
-def unet_config(config: Any) -> tarch.UNetConfig:
-    """tlora's UNetConfig (what fixes generic names) of a diffusers UNet2DConditionModel config."""
-    channels = tuple(config["block_out_channels"])
-    levels = len(channels)
-    per_level = config["layers_per_block"]
-    res = tuple(per_level if isinstance(per_level, int) else per_level[i] for i in range(levels))
-    depth_cfg = config.get("transformer_layers_per_block", 1)
-    depth = [depth_cfg if isinstance(depth_cfg, int) else depth_cfg[i] for i in range(levels)]
-    down = [depth[i] if "CrossAttn" in config["down_block_types"][i] else 0 for i in range(levels)]
-    up_types = config["up_block_types"]
-    up = [depth[i] if "CrossAttn" in up_types[levels - 1 - i] else 0 for i in range(levels)]
-    mid = depth[-1] if "CrossAttn" in (config.get("mid_block_type") or "UNetMidBlock2DCrossAttn") else 0
-    return tarch.UNetConfig(
-        channels[0], tuple(c // channels[0] for c in channels), res,
-        tuple(d for i, d in enumerate(down) for _ in range(res[i])), mid,
-        tuple(d for i, d in enumerate(up) for _ in range(res[i] + 1)),
-        int(config["cross_attention_dim"]), bool(config.get("use_linear_projection", False)))
-
-
-def generic_names(unet: nn.Module, paths: list[str]) -> dict[str, str]:
-    """{UNet module path: generic file name} for these paths (a TrainingError if one has none)."""
-    cfg = unet_config(unet.config)
-    names = dnames.unet_generic_names(cfg)
-    missing = [p for p in paths if p not in names]
+def generic_names(arch: tarch.Arch, component: str, paths: list[str]) -> dict[str, str]:
+    """{module path under a pipeline component: generic file name} by tlora.diffusers_names (TrainingError if none)."""
+    out, missing = {}, []
+    for path in paths:
+        # transformers 5's CLIPTextModel has no `text_model.` level; the generic names keep it.
+        candidates = [f"{component}.{path}", f"{component}.text_model.{path}"]
+        found = next((g for g in (dnames.generic_name(arch, c) for c in candidates) if g), None)
+        (missing.append(path) if found is None else out.__setitem__(path, found))
     if missing:
-        raise TrainingError(f"no generic name for UNet module {missing[0]} (of {len(missing)}): this UNet's "
-                            f"layout is not one tlora.arch tables")
-    return {p: names[p] for p in paths}
-
-
-def arch_of(pipe: Any) -> str | None:
-    """The tlora architecture whose table this pipeline's UNet matches exactly (None for other sizes)."""
-    cfg = unet_config(pipe.unet.config)
-    for name in ("sd15", "sdxl"):
-        if tarch.ARCHS[name].denoiser == cfg:
-            return name
-    return None
+        raise TrainingError(f"no generic name for {component} module {missing[0]} (of {len(missing)}): its layout "
+                            f"is not one tlora.arch tables")
+    return out
 
 
 @dataclass
@@ -120,15 +96,22 @@ class Parts:
     unet: nn.Module
     vae: nn.Module
     text_encoders: list[tuple[str, nn.Module]]  # (generic prefix, module)
+    components: dict[str, nn.Module]  # pipeline component name -> module (what the name mapping is keyed by)
+    family: str | None  # sd15 | sdxl when the UNet is that released table (the file's config says so); else None
+    arch: tarch.Arch  # the live model's table (any size) for the name mapping
 
 
 def parts(pipe: Any) -> Parts:
     """The pipeline's trained and frozen parts, by family."""
     kind = family(pipe)
     encoders = [(f"{tarch.TE_PREFIX}clip_l.transformer.", pipe.text_encoder)]
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     if kind == "sdxl":
         encoders.append((f"{tarch.TE_PREFIX}clip_g.transformer.", pipe.text_encoder_2))
-    return Parts(pipe, kind, pipe.unet, pipe.vae, encoders)
+        components["text_encoder_2"] = pipe.text_encoder_2
+    name, table = arch_of(components)
+    released = name if tarch.ARCHS[name].denoiser == table.denoiser else None  # files check shapes by it
+    return Parts(pipe, kind, pipe.unet, pipe.vae, encoders, components, released, table)
 
 
 def text_encoder(p: Parts, size: tuple[int, int] | None = None) -> Callable[[list[str]], Cond]:

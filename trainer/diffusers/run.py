@@ -112,16 +112,19 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
         train_data.sample_shape = tuple(instance[0].latent.shape)
 
     unet_group = adapter_group(p.unet, tarch.UNET_PREFIX, settings)
-    unet_group.names = dmodel.generic_names(p.unet, list(unet_group.adapters))
+    unet_group.names = dmodel.generic_names(p.arch, "unet", list(unet_group.adapters))
     groups: list[AdapterGroup] = [unet_group]
     encode = None
     if settings.train_text_encoder:
-        for offset, (prefix, te) in enumerate(p.text_encoders, start=1):
-            groups.append(adapter_group(te, prefix, settings, text_encoder=True, seed_offset=offset))
+        for offset, ((prefix, te), component) in enumerate(zip(p.text_encoders, ("text_encoder", "text_encoder_2")),
+                                                          start=1):
+            group = adapter_group(te, prefix, settings, text_encoder=True, seed_offset=offset)
+            group.names = dmodel.generic_names(p.arch, component, list(group.adapters))
+            groups.append(group)
         encode = encode_text
 
     path, _ = outputs.output_path(job.output_dir, settings.output_name, settings.resume or None)
-    arch = dmodel.arch_of(pipe)
+    arch = p.family
 
     def decode(latent: Tensor) -> Tensor:
         image = dmodel.decode_latent(p.vae, latent)
