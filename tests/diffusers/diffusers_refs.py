@@ -157,5 +157,40 @@ def _comfy_family(out: Path, family: str) -> dict[str, str]:
             "patched": str(out / f"patched_{family}.safetensors")}
 
 
+def comfy_sd15_patch(out_dir: str, tlora_path: str = "") -> None:
+    """ComfyUI's tiny SD1.5 UNet (seeded: the same weights every call) saved as a checkpoint; with a TLoRA file,
+    also the weights ComfyUI's TLoRA loader patches with it at strength STRENGTH (`patched.safetensors`)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from harness import comfy_host as ch
+    from harness import tiny_models as tm
+    from tests.host import tlora_refs as R
+    from tlora import format as tformat
+    out = Path(out_dir)
+    ch.setup_host(out / "host", threads=1).require_pack()
+    t = tm.tiny_sd15(seed=0)
+    ckpt = {k: v.contiguous() for k, v in t.config.process_unet_state_dict_for_saving(
+        dict(t.model.diffusion_model.state_dict())).items()}
+    save_file(ckpt, str(out / "ckpt_sd15.safetensors"))
+    if tlora_path:
+        shutil.copy(tlora_path, ch.models_dir("loras") / "trained.safetensors")
+        keys = [f"{k}.weight" for k in tformat.load(tlora_path).adapters]
+        patched = R.patched_weights(R.tlora_model_only(t.patcher, "trained.safetensors", STRENGTH), keys)
+        save_file({k: v.contiguous() for k, v in patched.items()}, str(out / "patched.safetensors"))
+
+
+def run_comfy_sd15_patch(out: Path, tlora_path: str = "", timeout: int = 300) -> None:
+    """comfy_sd15_patch in the ComfyUI environment."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.diffusers.diffusers_refs import "
+            f"comfy_sd15_patch; comfy_sd15_patch({str(out)!r}, {tlora_path!r})")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([str(COMFY_PYTHON), "-c", code], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"ComfyUI side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
 if __name__ == "__main__":  # pragma: no cover - manual use
     comfy_side(sys.argv[1])

@@ -117,6 +117,48 @@ def test_resume_with_another_process_count_continues_exactly(work: Path, full_ru
     assert _meta(split / "r.safetensors")["tlora.train.steps"] == "4"
 
 
+def test_a_file_trained_here_patches_comfyuis_model_as_diffusers_does(tmp_path: Path) -> None:
+    """The same checkpoint (saved by ComfyUI's classes) trained on here, then patched by both hosts with the file."""
+    from diffusers import UNet2DConditionModel
+    from tests.diffusers import diffusers_refs as D
+    from comfyui_tlora.tlora import diffusers_names as N
+    from comfyui_tlora.trainer.diffusers import apply as A
+    D.run_comfy_sd15_patch(tmp_path / "comfy")
+    unet = UNet2DConditionModel.from_single_file(
+        str(tmp_path / "comfy" / "ckpt_sd15.safetensors"),
+        config=str(D.write_config(tmp_path / "unet_config", UNet2DConditionModel, D.SD15_UNET)), local_files_only=True)
+    pipe = td.sd15(unet=D.SD15_UNET)
+    pipe.register_modules(unet=unet)  # the checkpoint's UNet, as diffusers' own conversion read it
+    td.save(pipe, tmp_path / "pipe")
+    td.write_images(tmp_path / "images", count=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "pipe"), "--data",
+         str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "x", "--steps", "3",
+         "--learning-rate", "0.01", "--targets", "all-linear", *COMMON],
+        cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
+    _ok(done)
+    trained = tmp_path / "out" / "x.safetensors"
+    D.run_comfy_sd15_patch(tmp_path / "comfy", str(trained))
+    comfy = load_file(str(tmp_path / "comfy" / "patched.safetensors"))
+    base = load_file(str(tmp_path / "comfy" / "ckpt_sd15.safetensors"))
+    keys = set(tformat.load(str(trained)).adapters)
+    assert len(keys) == len(comfy) > 32  # all-linear: attention, feed-forward and proj_in/out
+    from diffusers import DiffusionPipeline
+    fused = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
+    handle = A.load_tlora(fused, str(trained), strength=D.STRENGTH)
+    A.fuse(fused)
+    _, live = A.arch_of({"unet": fused.unet})
+    for generic in keys:
+        (path, pieces), = N.diffusers_rows(live)[generic]
+        assert pieces is None
+        got = fused.unet.get_submodule(path.removeprefix("unet.")).weight
+        want = comfy[generic + ".weight"]
+        assert not torch.equal(want, base["model." + generic + ".weight"]), generic  # the file changed it
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+    A.unfuse(fused)
+    handle.remove()
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.time() + seconds
     while not path.exists():
@@ -129,13 +171,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
         time.sleep(0.5)
 
 
-def _popen(work: Path, args: list[str], processes: int = 1) -> subprocess.Popen:
+def _popen(work: Path, args: list[str], processes: int = 1, mixed_precision: str = "no") -> subprocess.Popen:
     module = ["-m", "comfyui_tlora.trainer.diffusers"]
     if processes == 1:
         cmd = [sys.executable, *module]
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_port",
                str(30500 + os.getpid() % 1000), *module]
     return subprocess.Popen([*cmd, "--model", str(work / "sd15"), "--data", str(work / "images"), *args],
                             cwd=str(work), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -195,10 +237,11 @@ def _rank_pid(root: int, rank: int) -> int | None:
 
 
 def test_killing_one_rank_leaves_the_last_saved_file_whole(work: Path) -> None:
+    """Also: the run takes its mixed precision from accelerate's configuration (bf16 autocast here)."""
     out = work / "out_kill"
     path = out / "k.safetensors"
     proc = _popen(work, ["--output-dir", str(out), "--output-name", "k", "--steps", "100000", "--save-every", "2",
-                         *COMMON], processes=2)
+                         *COMMON], processes=2, mixed_precision="bf16")
     try:
         _wait_for(path, proc)
         victim = _rank_pid(proc.pid, 1)
@@ -213,6 +256,7 @@ def test_killing_one_rank_leaves_the_last_saved_file_whole(work: Path) -> None:
     loaded = tformat.load(str(path))  # the last saved file: whole, valid, its own steps
     meta = _meta(path)
     assert meta["tlora.train.partial"] == "true" and int(meta["tlora.train.steps"]) >= 2
+    assert meta["tlora.train.precision"] == "bf16" and meta["tlora.train.processes"] == "2"
     assert len(loaded.adapters) == 32
     # A write cut short by the launcher's SIGTERM leaves only its temp file (cleared by the next write into the
     # folder) and at most a newer sidecar, which resume detects by step and run token (tests/unit/test_engine.py).
