@@ -157,9 +157,29 @@ def _comfy_family(out: Path, family: str) -> dict[str, str]:
             "patched": str(out / f"patched_{family}.safetensors")}
 
 
+# The KL VAE of the full single-file checkpoint below, as ComfyUI's ddconfig and as diffusers' config.
+KL_VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 1, 1],
+                       num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+KL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              layers_per_block=1, norm_num_groups=32, sample_size=64)
+
+
+def sd15_config_folder(folder: Path) -> Path:
+    """A local diffusers folder describing comfy_sd15_patch's checkpoint (what from_single_file reads offline)."""
+    from diffusers import AutoencoderKL
+
+    from harness import tiny_diffusers as td
+    pipe = td.sd15(unet=SD15_UNET)
+    pipe.register_modules(vae=AutoencoderKL(**KL_VAE))
+    td.save(pipe, folder)
+    return folder
+
+
 def comfy_sd15_patch(out_dir: str, tlora_path: str = "") -> None:
-    """ComfyUI's tiny SD1.5 UNet (seeded: the same weights every call) saved as a checkpoint; with a TLoRA file,
-    also the weights ComfyUI's TLoRA loader patches with it at strength STRENGTH (`patched.safetensors`)."""
+    """A full SD1.5-format checkpoint from ComfyUI's classes (tiny UNet, KL VAE, CLIP-L; seeded: the same weights
+    every call); with a TLoRA file, also the UNet weights ComfyUI's TLoRA loader patches with it at strength
+    STRENGTH (`patched.safetensors`)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -170,10 +190,15 @@ def comfy_sd15_patch(out_dir: str, tlora_path: str = "") -> None:
     from tlora import format as tformat
     out = Path(out_dir)
     ch.setup_host(out / "host", threads=1).require_pack()
+    from comfy.ldm.models.autoencoder import AutoencoderKL
     t = tm.tiny_sd15(seed=0)
-    ckpt = {k: v.contiguous() for k, v in t.config.process_unet_state_dict_for_saving(
-        dict(t.model.diffusion_model.state_dict())).items()}
-    save_file(ckpt, str(out / "ckpt_sd15.safetensors"))
+    ckpt = dict(t.config.process_unet_state_dict_for_saving(dict(t.model.diffusion_model.state_dict())))
+    vae = tm.init_module_(AutoencoderKL(ddconfig=dict(KL_VAE_DDCONFIG), embed_dim=4), 3)
+    ckpt.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    clip = tm.tiny_clip(seed=1, kind="sd15", hidden=64, layers=2)
+    ckpt.update({"cond_stage_model." + k.removeprefix("clip_l."): v for k, v in clip.cond_stage_model.state_dict().items()
+                 if k.startswith("clip_l.transformer.")})
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(out / "ckpt_sd15.safetensors"))
     if tlora_path:
         shutil.copy(tlora_path, ch.models_dir("loras") / "trained.safetensors")
         keys = [f"{k}.weight" for k in tformat.load(tlora_path).adapters]

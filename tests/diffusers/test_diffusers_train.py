@@ -118,44 +118,39 @@ def test_resume_with_another_process_count_continues_exactly(work: Path, full_ru
 
 
 def test_a_file_trained_here_patches_comfyuis_model_as_diffusers_does(tmp_path: Path) -> None:
-    """The same checkpoint (saved by ComfyUI's classes) trained on here, then patched by both hosts with the file."""
-    from diffusers import UNet2DConditionModel
+    """A ComfyUI-format SD1.5 checkpoint (saved by ComfyUI's classes) trained on here as a single file with a local
+    config (diffusers' own from_single_file reads it offline); the file then patches both hosts' models alike."""
+    from diffusers import StableDiffusionPipeline
     from tests.diffusers import diffusers_refs as D
     from comfyui_tlora.tlora import diffusers_names as N
     from comfyui_tlora.trainer.diffusers import apply as A
     D.run_comfy_sd15_patch(tmp_path / "comfy")
-    unet = UNet2DConditionModel.from_single_file(
-        str(tmp_path / "comfy" / "ckpt_sd15.safetensors"),
-        config=str(D.write_config(tmp_path / "unet_config", UNet2DConditionModel, D.SD15_UNET)), local_files_only=True)
-    pipe = td.sd15(unet=D.SD15_UNET)
-    pipe.register_modules(unet=unet)  # the checkpoint's UNet, as diffusers' own conversion read it
-    td.save(pipe, tmp_path / "pipe")
+    ckpt, config = tmp_path / "comfy" / "ckpt_sd15.safetensors", D.sd15_config_folder(tmp_path / "config")
     td.write_images(tmp_path / "images", count=2)
     done = subprocess.run(
-        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "pipe"), "--data",
-         str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "x", "--steps", "3",
-         "--learning-rate", "0.01", "--targets", "all-linear", *COMMON],
+        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(ckpt), "--config", str(config),
+         "--data", str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "x", "--steps",
+         "3", "--learning-rate", "0.01", "--targets", "all-linear", *COMMON],
         cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
     _ok(done)
     trained = tmp_path / "out" / "x.safetensors"
     D.run_comfy_sd15_patch(tmp_path / "comfy", str(trained))
     comfy = load_file(str(tmp_path / "comfy" / "patched.safetensors"))
-    base = load_file(str(tmp_path / "comfy" / "ckpt_sd15.safetensors"))
+    base = load_file(str(ckpt))
     keys = set(tformat.load(str(trained)).adapters)
     assert len(keys) == len(comfy) > 32  # all-linear: attention, feed-forward and proj_in/out
-    from diffusers import DiffusionPipeline
-    fused = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
-    handle = A.load_tlora(fused, str(trained), strength=D.STRENGTH)
-    A.fuse(fused)
-    _, live = A.arch_of({"unet": fused.unet})
+    pipe = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(config), local_files_only=True)
+    handle = A.load_tlora(pipe, str(trained), strength=D.STRENGTH)
+    A.fuse(pipe)
+    _, live = A.arch_of({"unet": pipe.unet})
     for generic in keys:
         (path, pieces), = N.diffusers_rows(live)[generic]
         assert pieces is None
-        got = fused.unet.get_submodule(path.removeprefix("unet.")).weight
+        got = pipe.unet.get_submodule(path.removeprefix("unet.")).weight
         want = comfy[generic + ".weight"]
         assert not torch.equal(want, base["model." + generic + ".weight"]), generic  # the file changed it
         torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
-    A.unfuse(fused)
+    A.unfuse(pipe)
     handle.remove()
 
 
