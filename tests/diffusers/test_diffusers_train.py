@@ -265,7 +265,8 @@ def test_sdxl_with_text_encoders_prior_and_buckets(tmp_path: Path) -> None:
         [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "sdxl"),
          "--data", str(tmp_path / "images"), "--class-data", str(tmp_path / "class"), "--class-prompt",
          "a photo of a square", "--output-dir", str(tmp_path / "out"), "--output-name", "xl", "--steps", "2",
-         "--train-text-encoder", "--aspect-buckets", "--resolution", "64", "--quiet", "--loss", "dco"],
+         "--train-text-encoder", "--aspect-buckets", "--resolution", "64", "--quiet", "--loss", "dco",
+         "--sample-every", "2", "--sample-steps", "2"],
         cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
     _ok(done)
     loaded = tformat.load(str(tmp_path / "out" / "xl.safetensors"))
@@ -277,6 +278,9 @@ def test_sdxl_with_text_encoders_prior_and_buckets(tmp_path: Path) -> None:
     assert any(k.startswith(tarch.UNET_PREFIX) for k in keys)
     meta = _meta(tmp_path / "out" / "xl.safetensors")
     assert meta["tlora.train.class_prompt"] == "a photo of a square" and meta["tlora.train.loss"] == "dco"
+    from PIL import Image
+    with Image.open(tmp_path / "out" / "xl.step000002.png") as preview:  # the preview at step 2, decoded by the VAE
+        assert preview.size == (64, 64)
 
 
 @pytest.mark.parametrize("case", ["no images", "single file without config", "bad setting"])
