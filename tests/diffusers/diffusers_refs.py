@@ -51,15 +51,20 @@ def write_config(folder: Path, cls: Any, config: dict) -> Path:
     return folder
 
 
-def run_comfy_side(out: Path, timeout: int = 300) -> dict[str, Any]:
-    """Run `comfy_side` in the ComfyUI environment (one process for every family); returns what it wrote."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-            f"from tests.diffusers.diffusers_refs import comfy_side; comfy_side({str(out)!r})")
+def run_in_comfy(call: str, timeout: int = 300) -> None:
+    """Run `from tests.diffusers.diffusers_refs import ...; <call>` in the ComfyUI environment (.venv)."""
+    name = call.split("(", 1)[0]
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.diffusers.diffusers_refs import {name}; {call}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([str(COMFY_PYTHON), "-c", code], cwd=str(ROOT), env=env, capture_output=True,
                           text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"ComfyUI side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def run_comfy_side(out: Path, timeout: int = 300) -> dict[str, Any]:
+    """Run `comfy_side` in the ComfyUI environment (one process for every family); returns what it wrote."""
+    run_in_comfy(f"comfy_side({str(out)!r})", timeout)
     return json.loads((out / "comfy_side.json").read_text())
 
 
@@ -208,13 +213,7 @@ def comfy_sd15_patch(out_dir: str, tlora_path: str = "") -> None:
 
 def run_comfy_sd15_patch(out: Path, tlora_path: str = "", timeout: int = 300) -> None:
     """comfy_sd15_patch in the ComfyUI environment."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.diffusers.diffusers_refs import "
-            f"comfy_sd15_patch; comfy_sd15_patch({str(out)!r}, {tlora_path!r})")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([str(COMFY_PYTHON), "-c", code], cwd=str(ROOT), env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"ComfyUI side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    run_in_comfy(f"comfy_sd15_patch({str(out)!r}, {tlora_path!r})", timeout)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use
