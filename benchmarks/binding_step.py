@@ -88,13 +88,11 @@ def diffusers_trainer(size: int) -> Any:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     import comfyui_tlora.trainer as E
     from comfyui_tlora.trainer.diffusers import model as dmodel
-    from comfyui_tlora.trainer.diffusers.apply import arch_of
     unet = UNet2DConditionModel(**SD15_DIFFUSERS).eval()
     unet.requires_grad_(False)
     _init_(unet)
     latent, context = _example(E, size)
-    group = E.adapter_group(unet, "diffusion_model.", _settings(E))
-    group.names = dmodel.generic_names(arch_of({"unet": unet})[1], "unet", list(group.adapters))
+    group = E.adapter_group(unet, "diffusion_model.", _settings(E))  # the 128 attention projections, as targets() picks
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000)
     data = E.TrainData([E.Example(latent, {"encoder_hidden_states": context})])

@@ -18,6 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / ".host" / "ComfyUI" / "comfy" / "sd1_tokenizer"
+T5_TOKENIZER_DIR = ROOT / ".host" / "ComfyUI" / "comfy" / "text_encoders" / "t5_tokenizer"
 
 # Small but real: two UNet levels (one with cross-attention), a 4-level (8x) VAE, a 2-layer CLIP.
 UNET_TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -47,6 +48,47 @@ def tokenizer() -> Any:
         raise FileNotFoundError(f"{TOKENIZER_DIR} is missing: run `make bootstrap` (it installs ComfyUI)")
     # ComfyUI's copy says model_max_length 8192 (it chunks prompts itself); CLIP takes 77 tokens.
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True, model_max_length=77)
+
+
+def t5_tokenizer() -> Any:
+    """T5's tokenizer from the files ComfyUI ships for Flux/SD3."""
+    from transformers import T5TokenizerFast
+    if not T5_TOKENIZER_DIR.is_dir():
+        raise FileNotFoundError(f"{T5_TOKENIZER_DIR} is missing: run `make bootstrap` (it installs ComfyUI)")
+    return T5TokenizerFast.from_pretrained(str(T5_TOKENIZER_DIR), local_files_only=True)
+
+
+# Flux.1-dev's layout at toy widths: one double and one single block, 2 heads of 16, guidance embedding.
+FLUX_TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                 axes_dims_rope=(4, 6, 6))
+
+
+def flux(seed: int = 0, transformer: dict[str, Any] | None = None) -> Any:
+    """A tiny FluxPipeline (16-channel VAE, CLIP-L- and T5-shaped encoders sized to the transformer, flow-matching
+    schedule with Flux.1-dev's dynamic shift)."""
+    cfg = dict(transformer or FLUX_TINY)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    t5 = T5Config(vocab_size=32128, d_model=cfg["joint_attention_dim"], d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                  feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**dict(VAE_TINY, latent_channels=16), shift_factor=0.1159,
+                                                    scaling_factor=0.3611, use_quant_conv=False,
+                                                    use_post_quant_conv=False)),
+        text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(
+            **dict(CLIP_TINY, hidden_size=cfg["pooled_projection_dim"], intermediate_size=2 * cfg["pooled_projection_dim"])))),
+        tokenizer=tokenizer(),
+        text_encoder_2=_seeded(seed + 3, lambda: T5EncoderModel(t5)),
+        tokenizer_2=t5_tokenizer(),
+        transformer=_seeded(seed, lambda: FluxTransformer2DModel(**cfg)))
+
+
+def save_flux(folder: str | os.PathLike, seed: int = 0, transformer: dict[str, Any] | None = None) -> str:
+    """A tiny Flux pipeline folder."""
+    return save(flux(seed, transformer), folder)
 
 
 def sd15(seed: int = 0, unet: dict[str, Any] | None = None, prediction_type: str = "epsilon") -> Any:

@@ -211,6 +211,50 @@ def comfy_sd15_patch(out_dir: str, tlora_path: str = "") -> None:
         save_file({k: v.contiguous() for k, v in patched.items()}, str(out / "patched.safetensors"))
 
 
+def comfy_flux_patch(out_dir: str, diffusers_weights: str, tlora_path: str) -> None:
+    """ComfyUI's tiny Flux given a diffusers transformer's weights through ComfyUI's own key map
+    (`comfy.utils.flux_to_diffusers`: fused q/k/v and linear1 assembled from their diffusers rows), patched by our
+    TLoRA loader with the file at STRENGTH; the patched weights are written back in diffusers' keys and rows
+    (`patched_diffusers.safetensors`), with the unpatched ones (`base_diffusers.safetensors`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from harness import comfy_host as ch
+    from harness import tiny_models as tm
+    from tests.host import tlora_refs as R
+    out = Path(out_dir)
+    ch.setup_host(out / "host", threads=1).require_pack()
+    import comfy.utils  # importable once the host is set up
+    t = tm.tiny_dit("flux", seed=0)
+    dm = t.model.diffusion_model
+    key_map = comfy.utils.flux_to_diffusers({"depth": len(dm.double_blocks), "depth_single_blocks": len(dm.single_blocks),
+                                             "hidden_size": dm.hidden_size})
+    weights = {k: v.clone() for k, v in dm.state_dict().items()}
+    given = load_file(diffusers_weights)
+    used = {k: v for k, v in key_map.items() if k in given and isinstance(v, (str, tuple)) and
+            (isinstance(v, str) or v[1] is not None)}  # the swapped final modulation is not needed here
+    # Per-head norm scales differ in shape (ComfyUI's twin has 1 head of 128, the diffusers one 4 of 32); no
+    # adapter touches them, and the weights compared are the adapted linears'.
+    used = {k: v for k, v in used.items() if isinstance(v, tuple) or weights[v].shape == given[k].shape}
+    for key, to in used.items():
+        if isinstance(to, str):
+            weights[to].copy_(given[key])
+        else:
+            dim, offset, size = to[1]
+            weights[to[0]].narrow(dim, offset, size).copy_(given[key])
+    dm.load_state_dict(weights)
+
+    def as_diffusers(sd: dict) -> dict:
+        return {k: (sd[to] if isinstance(to, str) else sd[to[0]].narrow(*to[1])).contiguous() for k, to in used.items()}
+    shutil.copy(tlora_path, ch.models_dir("loras") / "trained_flux.safetensors")
+    patched = R.patched_weights(R.tlora_model_only(t.patcher, "trained_flux.safetensors", STRENGTH),
+                                [f"diffusion_model.{k}" for k in weights])
+    save_file(as_diffusers({k.removeprefix("diffusion_model."): v for k, v in patched.items()}),
+              str(out / "patched_diffusers.safetensors"))
+    save_file(as_diffusers(weights), str(out / "base_diffusers.safetensors"))
+
+
 def run_comfy_sd15_patch(out: Path, tlora_path: str = "", timeout: int = 300) -> None:
     """comfy_sd15_patch in the ComfyUI environment."""
     run_in_comfy(f"comfy_sd15_patch({str(out)!r}, {tlora_path!r})", timeout)

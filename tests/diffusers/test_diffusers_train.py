@@ -154,6 +154,48 @@ def test_a_file_trained_here_patches_comfyuis_model_as_diffusers_does(tmp_path: 
     handle.remove()
 
 
+def test_a_flux_file_trained_here_patches_comfyuis_flux_as_diffusers_does(tmp_path: Path) -> None:
+    """Flux: q/k/v and proj_mlp keep their diffusers names (slices of ComfyUI's fused weights), whole modules get
+    generic names; ComfyUI's tiny Flux, given the same weights through ComfyUI's own diffusers key map, is patched
+    by our loader exactly as diffusers' fuse patches the pipeline (compared in diffusers' keys and rows)."""
+    from diffusers import DiffusionPipeline
+    from tests.diffusers import diffusers_refs as D
+    from comfyui_tlora.trainer.diffusers import apply as A
+    td.save_flux(tmp_path / "flux", transformer=D.FLUX)
+    td.write_images(tmp_path / "images", count=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "flux"), "--data",
+         str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "f", "--steps", "2",
+         "--learning-rate", "0.01", "--loss", "dco", *COMMON[:2], "--quiet", "--transform", "trm:2",
+         "--residual", "lora:2"],
+        cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
+    _ok(done)
+    trained = tmp_path / "out" / "f.safetensors"
+    keys = set(tformat.load(str(trained)).adapters)
+    slices = {f"transformer.{b}.{m}" for b in ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+              for m in ("to_q", "to_k", "to_v")} | {f"transformer.transformer_blocks.0.attn.add_{m}_proj"
+                                                    for m in "qkv"} | {"transformer.single_transformer_blocks.0.proj_mlp"}
+    whole = {"diffusion_model.double_blocks.0.img_attn.proj", "diffusion_model.double_blocks.0.txt_attn.proj",
+             "diffusion_model.single_blocks.0.linear2"}
+    assert keys == slices | whole  # the attn preset: every weight ComfyUI's Flux attn preset covers
+    D.run_in_comfy(f"comfy_flux_patch({str(tmp_path / 'comfy')!r}, "
+                   f"{str(tmp_path / 'flux' / 'transformer' / 'diffusion_pytorch_model.safetensors')!r}, "
+                   f"{str(trained)!r})")
+    comfy, base = (load_file(str(tmp_path / "comfy" / f"{n}_diffusers.safetensors")) for n in ("patched", "base"))
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "flux"), local_files_only=True)
+    handle = A.load_tlora(pipe, str(trained), strength=D.STRENGTH)
+    A.fuse(pipe)
+    fused = pipe.transformer.state_dict()
+    changed = {k for k in comfy if not torch.equal(comfy[k], base[k])}
+    assert changed == {k.removeprefix("transformer.") + ".weight" for k in slices} | {
+        "transformer_blocks.0.attn.to_out.0.weight", "transformer_blocks.0.attn.to_add_out.weight",
+        "single_transformer_blocks.0.proj_out.weight"}  # img/txt_attn.proj and linear2 in diffusers' names
+    for key in comfy:
+        torch.testing.assert_close(fused[key], comfy[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    A.unfuse(pipe)
+    handle.remove()
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.time() + seconds
     while not path.exists():

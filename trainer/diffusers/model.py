@@ -1,12 +1,16 @@
 """The diffusers side of a run: the pipeline, its family, schedule, denoiser and text encoding.
 
-Families trained here are the UNet pipelines (SD1.5 and SD2-style `StableDiffusionPipeline`,
-`StableDiffusionXLPipeline`); others are refused by name. Module names in the file are
-ComfyUI's generic ones (`tlora.diffusers_names` owns the mapping; apply.py's `arch_of` reads the
-live model's table), so a run here gives the file a run in ComfyUI would.
+Families trained here: the UNet pipelines (SD1.5 and SD2-style `StableDiffusionPipeline`,
+`StableDiffusionXLPipeline`) and `FluxPipeline` (flow matching); others are refused by name.
+Module names in the file are ComfyUI's generic ones where a diffusers module is one whole generic
+weight (`tlora.diffusers_names` owns the mapping; apply.py's `arch_of` reads the live model's
+table); Flux's q/k/v and `proj_mlp`, row slices of ComfyUI's fused weights, keep their diffusers
+names (`transformer.transformer_blocks.0.attn.to_q`), which ComfyUI's key map, our loaders and
+diffusers all read as those slices.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,14 +21,15 @@ from torch import Tensor, nn
 
 from ...tlora import arch as tarch
 from ...tlora import diffusers_names as dnames
-from .apply import arch_of
+from .apply import arch_of, resolve_path
 from ..data import Cond
 from ..schedule import Schedule
 from ..settings import TrainingError
 
-# Pipeline classes this binding trains -> how their text conditioning is built.
-UNET_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# Pipeline classes this binding trains -> their kind (how conditioning, schedule and the model call go).
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+FLUX_GUIDANCE = 3.5  # the distilled guidance Flux.1-dev trains at (diffusers' and our ComfyUI binding's choice)
 
 
 def load_pipeline(model: str, config: str | None = None) -> Any:
@@ -44,9 +49,9 @@ def load_pipeline(model: str, config: str | None = None) -> Any:
     with open(os.path.join(config, "model_index.json"), encoding="utf-8") as f:
         import json
         class_name = json.load(f).get("_class_name", "")
-    if class_name not in UNET_PIPELINES:
+    if class_name not in PIPELINES:
         raise TrainingError(f"--config {config} describes a {class_name or 'unknown'} pipeline; single files "
-                            f"load as {', '.join(UNET_PIPELINES)}")
+                            f"load as {', '.join(PIPELINES)}")
     cls = getattr(diffusers, class_name)
     try:
         return cls.from_single_file(model, config=config, local_files_only=True)
@@ -55,16 +60,32 @@ def load_pipeline(model: str, config: str | None = None) -> Any:
 
 
 def family(pipe: Any) -> str:
-    """`sd` or `sdxl`; a TrainingError naming the pipeline otherwise."""
+    """`sd`, `sdxl` or `flux`; a TrainingError naming the pipeline otherwise."""
     name = type(pipe).__name__
-    if name not in UNET_PIPELINES:
-        raise TrainingError(f"{name} is not trained by this command yet: it trains "
-                            f"{' and '.join(UNET_PIPELINES)} (Flux, SD3 and Qwen-Image train in ComfyUI's node)")
-    return UNET_PIPELINES[name]
+    if name not in PIPELINES:
+        raise TrainingError(f"{name} is not trained by this command yet: it trains {', '.join(PIPELINES)} "
+                            f"(SD3 and Qwen-Image train in ComfyUI's node)")
+    return PIPELINES[name]
 
 
-def schedule_for(scheduler: Any) -> Schedule:
-    """The training schedule from the pipeline's scheduler (its betas and prediction type)."""
+def flow_sigmas(config: Any, image_tokens: int, steps: int = 1000) -> Tensor:
+    """The flow-matching sigmas at t = i/steps (i = 1..steps) with the scheduler's shift: its fixed `shift`, or,
+    with `use_dynamic_shifting`, the resolution-dependent exponential shift the pipeline samples with."""
+    t = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    if config.get("use_dynamic_shifting", False):
+        lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        mu = base + (top - base) * (image_tokens - lo) / (hi - lo)
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    shift = float(config.get("shift", 1.0))
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def schedule_for(scheduler: Any, image_tokens: int = 1024) -> Schedule:
+    """The training schedule from the pipeline's scheduler (DDPM betas + prediction type, or flow matching)."""
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        # The transformer takes sigma itself (the pipeline passes timestep / 1000).
+        return Schedule.flow(flow_sigmas(scheduler.config, image_tokens), multiplier=1.0)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     prediction = _PREDICTIONS.get(scheduler.config.get("prediction_type", "epsilon"))
     if alphas is None or prediction is None:
@@ -73,52 +94,74 @@ def schedule_for(scheduler: Any) -> Schedule:
     return Schedule.discrete(torch.as_tensor(alphas), prediction)
 
 
-def generic_names(arch: tarch.Arch, component: str, paths: list[str]) -> dict[str, str]:
-    """{module path under a pipeline component: generic file name} by tlora.diffusers_names (TrainingError if none)."""
-    out, missing = {}, []
-    for path in paths:
-        # transformers 5's CLIPTextModel has no `text_model.` level; the generic names keep it.
-        candidates = [f"{component}.{path}", f"{component}.text_model.{path}"]
-        found = next((g for g in (dnames.generic_name(arch, c) for c in candidates) if g), None)
-        (missing.append(path) if found is None else out.__setitem__(path, found))
-    if missing:
-        raise TrainingError(f"no generic name for {component} module {missing[0]} (of {len(missing)}): its layout "
-                            f"is not one tlora.arch tables")
-    return out
-
-
 @dataclass
 class Parts:
     """What the binding needs of a loaded pipeline."""
 
     pipe: Any
-    kind: str  # sd | sdxl
-    unet: nn.Module
+    kind: str  # sd | sdxl | flux
+    denoiser: nn.Module  # the UNet or the transformer
+    component: str  # its pipeline component name: unet | transformer
     vae: nn.Module
-    text_encoders: list[tuple[str, nn.Module]]  # (generic prefix, module)
-    components: dict[str, nn.Module]  # pipeline component name -> module (what the name mapping is keyed by)
-    family: str | None  # sd15 | sdxl when the UNet is that released table (the file's config says so); else None
+    text_encoders: list[tuple[str, str, nn.Module]]  # (generic prefix, component, module): the CLIPs we can adapt
+    family: str | None  # tlora.arch's name when the denoiser is that released table (the file's config says so)
     arch: tarch.Arch  # the live model's table (any size) for the name mapping
 
 
 def parts(pipe: Any) -> Parts:
-    """The pipeline's trained and frozen parts, by family."""
+    """The pipeline's trained and frozen parts, by family (T5 is never adapted: tlora.arch tables CLIP only)."""
     kind = family(pipe)
-    encoders = [(f"{tarch.TE_PREFIX}clip_l.transformer.", pipe.text_encoder)]
-    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    component = "transformer" if kind == "flux" else "unet"
+    encoders = [(f"{tarch.TE_PREFIX}clip_l.transformer.", "text_encoder", pipe.text_encoder)]
     if kind == "sdxl":
-        encoders.append((f"{tarch.TE_PREFIX}clip_g.transformer.", pipe.text_encoder_2))
-        components["text_encoder_2"] = pipe.text_encoder_2
-    name, table = arch_of(components)
-    released = name if tarch.ARCHS[name].denoiser == table.denoiser else None  # files check shapes by it
-    return Parts(pipe, kind, pipe.unet, pipe.vae, encoders, components, released, table)
+        encoders.append((f"{tarch.TE_PREFIX}clip_g.transformer.", "text_encoder_2", pipe.text_encoder_2))
+    denoiser = getattr(pipe, component)
+    name, table = arch_of({component: denoiser, **{comp: module for _, comp, module in encoders}})
+    released = name if name in tarch.ARCHS and tarch.ARCHS[name].denoiser == table.denoiser else None
+    return Parts(pipe, kind, denoiser, component, pipe.vae, encoders, released, table)
 
 
-def text_encoder(p: Parts, size: tuple[int, int] | None = None) -> Callable[[list[str]], Cond]:
+def targets(p: Parts, preset: str, with_convs: bool = False, text_encoder: str | None = None) -> dict[str, str]:
+    """{live module path: its name in the file} for a targets preset, on the denoiser or one CLIP component.
+
+    The preset's modules are tlora.arch's (the same weights as the ComfyUI node's preset); the mapping
+    (tlora.diffusers_names) finds them in the diffusers model. A module that is one whole generic weight
+    is named generically; a row slice of a fused generic weight (Flux q/k/v, proj_mlp) keeps its
+    component-prefixed diffusers path, which ComfyUI's key map, our loaders and diffusers read as that
+    slice. Rows stored in another order (the swapped final modulations) are left out.
+    """
+    if text_encoder is None:
+        groups = set(tarch.preset_groups(preset, with_convs=with_convs))
+        generic = [name for name, _, group in p.arch.denoiser_modules() if group in groups]
+        component, root = p.component, p.denoiser
+    else:
+        groups = set(tarch.preset_groups(preset, text_encoder=True))
+        te_name = {comp: prefix for prefix, comp, _ in p.text_encoders}[text_encoder].split(".")[1]
+        table = next(te for te in p.arch.text_encoders if te.name == te_name)
+        generic = [name for name, _, group in tarch.text_encoder_modules(table) if group in groups]
+        component, root = text_encoder, dict((c, m) for _, c, m in p.text_encoders)[text_encoder]
+    rows = dnames.diffusers_rows(p.arch)
+    out = {}
+    for name in generic:
+        pieces_of = rows[name]
+        for path, pieces in pieces_of:
+            if pieces is not None and len(pieces) > 1:
+                continue
+            live = resolve_path(root, path[len(component) + 1:])
+            out[live] = name if pieces is None and len(pieces_of) == 1 else path
+    if not out:
+        raise TrainingError(f"the targets preset {preset!r} matched nothing in the {component}")
+    return out
+
+
+def text_encoder(p: Parts) -> Callable[[list[str]], Cond]:
     """prompts -> the UNet's conditioning, through the pipeline's own `encode_prompt` (with gradients)."""
-    device = p.unet.device
+    device = p.denoiser.device
 
     def encode(prompts: list[str]) -> Cond:
+        if p.kind == "flux":
+            embeds, pooled, _ = p.pipe.encode_prompt(prompts, prompt_2=None, device=device, num_images_per_prompt=1)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         if p.kind == "sd":
             embeds, _ = p.pipe.encode_prompt(prompts, device, 1, False)
             return {"encoder_hidden_states": embeds}
@@ -135,8 +178,39 @@ def time_ids(x_t: Tensor, scale: int) -> Tensor:
     return ids.expand(x_t.shape[0], 6)
 
 
-def denoiser(unet: nn.Module, kind: str, vae_scale: int = 8) -> Callable[[Tensor, Tensor, Cond], Tensor]:
-    """(x_t, timestep, cond) -> the UNet's prediction (SDXL's size conditioning from the latent's size)."""
+def flux_image_ids(height: int, width: int, device: torch.device) -> Tensor:
+    """Flux's (row, column) position ids of a packed latent's 2x2 patches (the pipeline's own layout)."""
+    ids = torch.zeros(height, width, 3, device=device)
+    ids[..., 1] = torch.arange(height, device=device)[:, None]
+    ids[..., 2] = torch.arange(width, device=device)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def _flux(transformer: nn.Module) -> Callable[[Tensor, Tensor, Cond], Tensor]:
+    guided = bool(transformer.config.get("guidance_embeds", False))
+
+    def run(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        b, c, h, w = x_t.shape
+        # The pipeline's packing: 2x2 latent patches as tokens (a permutation: the loss is unchanged).
+        packed = x_t.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        text = cond["encoder_hidden_states"]
+        out = transformer(
+            hidden_states=packed, timestep=t.to(packed.dtype).expand(b), encoder_hidden_states=text,
+            pooled_projections=cond["pooled_projections"],
+            guidance=torch.full((b,), FLUX_GUIDANCE, device=x_t.device) if guided else None,
+            txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device), img_ids=flux_image_ids(h // 2, w // 2, x_t.device),
+            return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+    return run
+
+
+def denoiser(model: nn.Module, kind: str, vae_scale: int = 8) -> Callable[[Tensor, Tensor, Cond], Tensor]:
+    """(x_t, timestep, cond) -> the model's prediction (SDXL's size conditioning from the latent's size;
+    Flux's packing, position ids and guidance as its pipeline does them)."""
+    if kind == "flux":
+        return _flux(model)
+    unet = model
+
     def run(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         added = None
         if kind == "sdxl":

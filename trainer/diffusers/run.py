@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 from ...tlora import arch as tarch
 from .. import outputs
-from ..binding import AdapterGroup, Binding, adapter_group
+from ..binding import AdapterGroup, Binding, create_adapters
 from ..data import TrainData
 from ..distributed import AdapterParams, Distributed
 from ..loop import Trainer
 from ..runs import TrainResult
-from ..settings import TrainSettings
+from ..settings import TrainSettings, derived_seed
 from . import data as ddata
 from . import model as dmodel
 
@@ -80,13 +80,13 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
     device = accelerator.device
     pipe = dmodel.load_pipeline(job.model, job.config)
     p = dmodel.parts(pipe)
-    schedule = dmodel.schedule_for(pipe.scheduler)
-    for module in (p.unet, p.vae, *(te for _, te in p.text_encoders)):
+    scale = 2 ** (len(p.vae.config.block_out_channels) - 1)
+    schedule = dmodel.schedule_for(pipe.scheduler, image_tokens=(settings.resolution // (2 * scale)) ** 2)
+    for module in (p.denoiser, p.vae, *(m for m in pipe.components.values() if isinstance(m, nn.Module))):
         module.to(device)
         module.requires_grad_(False)
         module.eval()
     encode_text = dmodel.text_encoder(p)
-    scale = 2 ** (len(p.vae.config.block_out_channels) - 1)
 
     def encode_image(pixels: Tensor) -> Tensor:
         return dmodel.encode_images(p.vae, pixels)
@@ -111,16 +111,13 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
             train_data.sample_uncond = encode_text([""])
         train_data.sample_shape = tuple(instance[0].latent.shape)
 
-    unet_group = adapter_group(p.unet, tarch.UNET_PREFIX, settings)
-    unet_group.names = dmodel.generic_names(p.arch, "unet", list(unet_group.adapters))
-    groups: list[AdapterGroup] = [unet_group]
+    names = dmodel.targets(p, settings.targets, settings.with_convs)
+    groups: list[AdapterGroup] = [group_for(p.denoiser, tarch.UNET_PREFIX, names, settings, 0)]
     encode = None
     if settings.train_text_encoder:
-        for offset, ((prefix, te), component) in enumerate(zip(p.text_encoders, ("text_encoder", "text_encoder_2")),
-                                                          start=1):
-            group = adapter_group(te, prefix, settings, text_encoder=True, seed_offset=offset)
-            group.names = dmodel.generic_names(p.arch, component, list(group.adapters))
-            groups.append(group)
+        for offset, (prefix, component, te) in enumerate(p.text_encoders, start=1):
+            names = dmodel.targets(p, settings.targets, text_encoder=component)
+            groups.append(group_for(te, prefix, names, settings, offset))
         encode = encode_text
 
     path, _ = outputs.output_path(job.output_dir, settings.output_name, settings.resume or None)
@@ -135,8 +132,8 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
         return image
 
     binding = Binding(
-        groups, dmodel.denoiser(p.unet, p.kind, scale), schedule, train_data, device=device, encode=encode,
-        decode=decode if settings.sample_every else None, checkpoint_modules=checkpoint_blocks(p.unet),
+        groups, dmodel.denoiser(p.denoiser, p.kind, scale), schedule, train_data, device=device, encode=encode,
+        decode=decode if settings.sample_every else None, checkpoint_modules=checkpoint_blocks(p.denoiser),
         progress_bar=progress_bar, distributed=processes,
         metadata={"tlora.train.base_model": os.path.basename(os.path.normpath(job.model)),
                   "tlora.train.host": "diffusers", "tlora.train.processes": str(processes.world)},
@@ -145,10 +142,21 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
     return trainer
 
 
-def checkpoint_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The UNet's transformer blocks: what gradient checkpointing re-runs."""
+def group_for(root: nn.Module, prefix: str, names: dict[str, str], settings: TrainSettings, seed_offset: int
+              ) -> AdapterGroup:
+    """Fresh adapters on these modules of root, named in the file as `names` says (seeded as the node seeds)."""
+    adapters = create_adapters(root, list(names), settings.transform, settings.residual, settings.shapes,
+                               derived_seed(settings.seed, seed_offset), prefix)
+    return AdapterGroup(root, prefix, adapters, names)
+
+
+def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (UNet spatial transformers, Flux's double and single blocks): what gradient
+    checkpointing re-runs."""
     from diffusers.models.attention import BasicTransformerBlock
-    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    kinds = (BasicTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def default_accelerator() -> Any:
