@@ -91,6 +91,39 @@ def save_flux(folder: str | os.PathLike, seed: int = 0, transformer: dict[str, A
     return save(flux(seed, transformer), folder)
 
 
+# SD3.5-medium's layout at toy widths: 2 joint blocks (hidden 2 x 64 = 64 x depth, as ComfyUI's names assume),
+# the first with a second self-attention, the last context block pre-only; rms q/k norms.
+SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+                joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=32, out_channels=16,
+                pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def sd3(seed: int = 0) -> Any:
+    """A tiny StableDiffusion3Pipeline (16-channel VAE, CLIP-L/G with projections, T5, flow matching at shift 3)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    clip = dict(CLIP_TINY, hidden_size=16, intermediate_size=32, projection_dim=16)  # pooled: 16 + 16 = 32
+    t5 = T5Config(vocab_size=32128, d_model=SD3_TINY["joint_attention_dim"], d_ff=64, d_kv=8, num_layers=2,
+                  num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    return StableDiffusion3Pipeline(
+        transformer=_seeded(seed, lambda: SD3Transformer2DModel(**SD3_TINY)),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**dict(VAE_TINY, latent_channels=16), shift_factor=0.0609,
+                                                    scaling_factor=1.5305)),
+        text_encoder=_seeded(seed + 2, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**clip))),
+        tokenizer=tokenizer(),
+        text_encoder_2=_seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**clip))),
+        tokenizer_2=tokenizer(),
+        text_encoder_3=_seeded(seed + 4, lambda: T5EncoderModel(t5)),
+        tokenizer_3=t5_tokenizer())
+
+
+def save_sd3(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny SD3 pipeline folder."""
+    return save(sd3(seed), folder)
+
+
 def sd15(seed: int = 0, unet: dict[str, Any] | None = None, prediction_type: str = "epsilon") -> Any:
     """A tiny StableDiffusionPipeline (UNet, VAE, CLIP-L-shaped text encoder, DDPM schedule)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel

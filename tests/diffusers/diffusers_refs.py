@@ -211,11 +211,12 @@ def comfy_sd15_patch(out_dir: str, tlora_path: str = "") -> None:
         save_file({k: v.contiguous() for k, v in patched.items()}, str(out / "patched.safetensors"))
 
 
-def comfy_flux_patch(out_dir: str, diffusers_weights: str, tlora_path: str) -> None:
-    """ComfyUI's tiny Flux given a diffusers transformer's weights through ComfyUI's own key map
-    (`comfy.utils.flux_to_diffusers`: fused q/k/v and linear1 assembled from their diffusers rows), patched by our
-    TLoRA loader with the file at STRENGTH; the patched weights are written back in diffusers' keys and rows
-    (`patched_diffusers.safetensors`), with the unpatched ones (`base_diffusers.safetensors`)."""
+def comfy_dit_patch(out_dir: str, family: str, diffusers_weights: str, tlora_path: str) -> None:
+    """ComfyUI's tiny Flux or SD3 twin given a diffusers transformer's weights through ComfyUI's own key map
+    (`comfy.utils.flux_to_diffusers` / `mmdit_to_diffusers`: fused q/k/v and linear1 assembled from their
+    diffusers rows), patched by our TLoRA loader with the file at STRENGTH; the patched weights are written back
+    in diffusers' keys and rows (`patched_diffusers.safetensors`), with the unpatched ones
+    (`base_diffusers.safetensors`)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -226,16 +227,20 @@ def comfy_flux_patch(out_dir: str, diffusers_weights: str, tlora_path: str) -> N
     out = Path(out_dir)
     ch.setup_host(out / "host", threads=1).require_pack()
     import comfy.utils  # importable once the host is set up
-    t = tm.tiny_dit("flux", seed=0)
+    t = tm.tiny_dit(family, seed=0)
     dm = t.model.diffusion_model
-    key_map = comfy.utils.flux_to_diffusers({"depth": len(dm.double_blocks), "depth_single_blocks": len(dm.single_blocks),
-                                             "hidden_size": dm.hidden_size})
+    if family == "flux":
+        key_map = comfy.utils.flux_to_diffusers({"depth": len(dm.double_blocks),
+                                                 "depth_single_blocks": len(dm.single_blocks),
+                                                 "hidden_size": dm.hidden_size})
+    else:
+        key_map = comfy.utils.mmdit_to_diffusers({"depth": len(dm.joint_blocks)})
     weights = {k: v.clone() for k, v in dm.state_dict().items()}
     given = load_file(diffusers_weights)
     used = {k: v for k, v in key_map.items() if k in given and isinstance(v, (str, tuple)) and
             (isinstance(v, str) or v[1] is not None)}  # the swapped final modulation is not needed here
-    # Per-head norm scales differ in shape (ComfyUI's twin has 1 head of 128, the diffusers one 4 of 32); no
-    # adapter touches them, and the weights compared are the adapted linears'.
+    # Some shapes differ (Flux's per-head norms: 1 head of 128 in ComfyUI's twin, 4 of 32 in the diffusers one;
+    # SD3's context embedder: ComfyUI pads text to 4096): no adapter touches them, the adapted linears are compared.
     used = {k: v for k, v in used.items() if isinstance(v, tuple) or weights[v].shape == given[k].shape}
     for key, to in used.items():
         if isinstance(to, str):
@@ -247,8 +252,8 @@ def comfy_flux_patch(out_dir: str, diffusers_weights: str, tlora_path: str) -> N
 
     def as_diffusers(sd: dict) -> dict:
         return {k: (sd[to] if isinstance(to, str) else sd[to[0]].narrow(*to[1])).contiguous() for k, to in used.items()}
-    shutil.copy(tlora_path, ch.models_dir("loras") / "trained_flux.safetensors")
-    patched = R.patched_weights(R.tlora_model_only(t.patcher, "trained_flux.safetensors", STRENGTH),
+    shutil.copy(tlora_path, ch.models_dir("loras") / f"trained_{family}.safetensors")
+    patched = R.patched_weights(R.tlora_model_only(t.patcher, f"trained_{family}.safetensors", STRENGTH),
                                 [f"diffusion_model.{k}" for k in weights])
     save_file(as_diffusers({k.removeprefix("diffusion_model."): v for k, v in patched.items()}),
               str(out / "patched_diffusers.safetensors"))

@@ -178,7 +178,7 @@ def test_a_flux_file_trained_here_patches_comfyuis_flux_as_diffusers_does(tmp_pa
     whole = {"diffusion_model.double_blocks.0.img_attn.proj", "diffusion_model.double_blocks.0.txt_attn.proj",
              "diffusion_model.single_blocks.0.linear2"}
     assert keys == slices | whole  # the attn preset: every weight ComfyUI's Flux attn preset covers
-    D.run_in_comfy(f"comfy_flux_patch({str(tmp_path / 'comfy')!r}, "
+    D.run_in_comfy(f"comfy_dit_patch({str(tmp_path / 'comfy')!r}, 'flux', "
                    f"{str(tmp_path / 'flux' / 'transformer' / 'diffusion_pytorch_model.safetensors')!r}, "
                    f"{str(trained)!r})")
     comfy, base = (load_file(str(tmp_path / "comfy" / f"{n}_diffusers.safetensors")) for n in ("patched", "base"))
@@ -190,6 +190,47 @@ def test_a_flux_file_trained_here_patches_comfyuis_flux_as_diffusers_does(tmp_pa
     assert changed == {k.removeprefix("transformer.") + ".weight" for k in slices} | {
         "transformer_blocks.0.attn.to_out.0.weight", "transformer_blocks.0.attn.to_add_out.weight",
         "single_transformer_blocks.0.proj_out.weight"}  # img/txt_attn.proj and linear2 in diffusers' names
+    for key in comfy:
+        torch.testing.assert_close(fused[key], comfy[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    A.unfuse(pipe)
+    handle.remove()
+
+
+def test_an_sd3_file_trained_here_patches_comfyuis_sd3_as_diffusers_does(tmp_path: Path) -> None:
+    """SD3.5-medium-like (attn2 in block 0, pre-only last context block): q/k/v by diffusers names, projections
+    generic; ComfyUI's MMDiT twin, given the weights through ComfyUI's own mmdit_to_diffusers map, is patched by
+    our loader exactly as diffusers' fuse patches the pipeline."""
+    from diffusers import DiffusionPipeline
+    from tests.diffusers import diffusers_refs as D
+    from comfyui_tlora.trainer.diffusers import apply as A
+    td.save_sd3(tmp_path / "sd3")
+    td.write_images(tmp_path / "images", count=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "sd3"), "--data",
+         str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "s", "--steps", "2",
+         "--learning-rate", "0.01", *COMMON],
+        cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
+    _ok(done)
+    trained = tmp_path / "out" / "s.safetensors"
+    keys = set(tformat.load(str(trained)).adapters)
+    slices = ({f"transformer.transformer_blocks.{b}.attn.{m}" for b in (0, 1)
+               for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+              | {f"transformer.transformer_blocks.0.attn2.{m}" for m in ("to_q", "to_k", "to_v")})
+    whole = {"diffusion_model.joint_blocks.0.x_block.attn.proj", "diffusion_model.joint_blocks.0.x_block.attn2.proj",
+             "diffusion_model.joint_blocks.0.context_block.attn.proj", "diffusion_model.joint_blocks.1.x_block.attn.proj"}
+    assert keys == slices | whole  # the last context block is pre-only: it has no attention projection
+    D.run_in_comfy(f"comfy_dit_patch({str(tmp_path / 'comfy')!r}, 'sd3', "
+                   f"{str(tmp_path / 'sd3' / 'transformer' / 'diffusion_pytorch_model.safetensors')!r}, "
+                   f"{str(trained)!r})")
+    comfy, base = (load_file(str(tmp_path / "comfy" / f"{n}_diffusers.safetensors")) for n in ("patched", "base"))
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "sd3"), local_files_only=True)
+    handle = A.load_tlora(pipe, str(trained), strength=D.STRENGTH)
+    A.fuse(pipe)
+    fused = pipe.transformer.state_dict()
+    changed = {k for k in comfy if not torch.equal(comfy[k], base[k])}
+    assert changed == {k.removeprefix("transformer.") + ".weight" for k in slices} | {
+        "transformer_blocks.0.attn.to_out.0.weight", "transformer_blocks.0.attn2.to_out.0.weight",
+        "transformer_blocks.0.attn.to_add_out.weight", "transformer_blocks.1.attn.to_out.0.weight"}
     for key in comfy:
         torch.testing.assert_close(fused[key], comfy[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
     A.unfuse(pipe)
@@ -300,13 +341,15 @@ def test_killing_one_rank_leaves_the_last_saved_file_whole(work: Path) -> None:
 
 
 def test_sdxl_with_text_encoders_prior_and_buckets(tmp_path: Path) -> None:
+    """SDXL: both CLIPs adapted under their generic names, class images given and generated, DCO, a preview."""
     td.save_sdxl(tmp_path / "sdxl", seed=0)
     td.write_images(tmp_path / "images", count=2)
     td.write_images(tmp_path / "class", count=2, captions=False, seed=5)
     done = subprocess.run(
         [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "sdxl"),
          "--data", str(tmp_path / "images"), "--class-data", str(tmp_path / "class"), "--class-prompt",
-         "a photo of a square", "--output-dir", str(tmp_path / "out"), "--output-name", "xl", "--steps", "2",
+         "a photo of a square", "--num-class-images", "3", "--output-dir", str(tmp_path / "out"), "--output-name",
+         "xl", "--steps", "2",
          "--train-text-encoder", "--aspect-buckets", "--resolution", "64", "--quiet", "--loss", "dco",
          "--sample-every", "2", "--sample-steps", "2"],
         cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
@@ -320,6 +363,7 @@ def test_sdxl_with_text_encoders_prior_and_buckets(tmp_path: Path) -> None:
     assert any(k.startswith(tarch.UNET_PREFIX) for k in keys)
     meta = _meta(tmp_path / "out" / "xl.safetensors")
     assert meta["tlora.train.class_prompt"] == "a photo of a square" and meta["tlora.train.loss"] == "dco"
+    assert meta["tlora.train.num_class_images"] == "3"  # two given, one generated by the base model
     from PIL import Image
     with Image.open(tmp_path / "out" / "xl.step000002.png") as preview:  # the preview at step 2, decoded by the VAE
         assert preview.size == (64, 64)

@@ -1,10 +1,11 @@
 """The diffusers side of a run: the pipeline, its family, schedule, denoiser and text encoding.
 
 Families trained here: the UNet pipelines (SD1.5 and SD2-style `StableDiffusionPipeline`,
-`StableDiffusionXLPipeline`) and `FluxPipeline` (flow matching); others are refused by name.
+`StableDiffusionXLPipeline`), `FluxPipeline` and `StableDiffusion3Pipeline` (SD3/SD3.5, flow matching);
+others are refused by name.
 Module names in the file are ComfyUI's generic ones where a diffusers module is one whole generic
 weight (`tlora.diffusers_names` owns the mapping; apply.py's `arch_of` reads the live model's
-table); Flux's q/k/v and `proj_mlp`, row slices of ComfyUI's fused weights, keep their diffusers
+table); Flux's and SD3's q/k/v (and Flux's `proj_mlp`), row slices of ComfyUI's fused weights, keep their diffusers
 names (`transformer.transformer_blocks.0.attn.to_q`), which ComfyUI's key map, our loaders and
 diffusers all read as those slices.
 """
@@ -27,7 +28,9 @@ from ..schedule import Schedule
 from ..settings import TrainingError
 
 # Pipeline classes this binding trains -> their kind (how conditioning, schedule and the model call go).
-PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+             "StableDiffusion3Pipeline": "sd3"}
+TRANSFORMER_KINDS = ("flux", "sd3")
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 FLUX_GUIDANCE = 3.5  # the distilled guidance Flux.1-dev trains at (diffusers' and our ComfyUI binding's choice)
 
@@ -64,7 +67,7 @@ def family(pipe: Any) -> str:
     name = type(pipe).__name__
     if name not in PIPELINES:
         raise TrainingError(f"{name} is not trained by this command yet: it trains {', '.join(PIPELINES)} "
-                            f"(SD3 and Qwen-Image train in ComfyUI's node)")
+                            f"(Qwen-Image trains in ComfyUI's node)")
     return PIPELINES[name]
 
 
@@ -81,11 +84,12 @@ def flow_sigmas(config: Any, image_tokens: int, steps: int = 1000) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def schedule_for(scheduler: Any, image_tokens: int = 1024) -> Schedule:
+def schedule_for(scheduler: Any, image_tokens: int = 1024, kind: str = "sd") -> Schedule:
     """The training schedule from the pipeline's scheduler (DDPM betas + prediction type, or flow matching)."""
     if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
-        # The transformer takes sigma itself (the pipeline passes timestep / 1000).
-        return Schedule.flow(flow_sigmas(scheduler.config, image_tokens), multiplier=1.0)
+        # Flux's pipeline hands its transformer timestep / 1000 (sigma); SD3's the timestep (sigma x 1000).
+        multiplier = 1.0 if kind == "flux" else float(scheduler.config.get("num_train_timesteps", 1000))
+        return Schedule.flow(flow_sigmas(scheduler.config, image_tokens), multiplier=multiplier)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     prediction = _PREDICTIONS.get(scheduler.config.get("prediction_type", "epsilon"))
     if alphas is None or prediction is None:
@@ -111,9 +115,9 @@ class Parts:
 def parts(pipe: Any) -> Parts:
     """The pipeline's trained and frozen parts, by family (T5 is never adapted: tlora.arch tables CLIP only)."""
     kind = family(pipe)
-    component = "transformer" if kind == "flux" else "unet"
+    component = "transformer" if kind in TRANSFORMER_KINDS else "unet"
     encoders = [(f"{tarch.TE_PREFIX}clip_l.transformer.", "text_encoder", pipe.text_encoder)]
-    if kind == "sdxl":
+    if kind in ("sdxl", "sd3"):
         encoders.append((f"{tarch.TE_PREFIX}clip_g.transformer.", "text_encoder_2", pipe.text_encoder_2))
     denoiser = getattr(pipe, component)
     name, table = arch_of({component: denoiser, **{comp: module for _, comp, module in encoders}})
@@ -162,6 +166,10 @@ def text_encoder(p: Parts) -> Callable[[list[str]], Cond]:
         if p.kind == "flux":
             embeds, pooled, _ = p.pipe.encode_prompt(prompts, prompt_2=None, device=device, num_images_per_prompt=1)
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if p.kind == "sd3":
+            embeds, _, pooled, _ = p.pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         if p.kind == "sd":
             embeds, _ = p.pipe.encode_prompt(prompts, device, 1, False)
             return {"encoder_hidden_states": embeds}
@@ -209,6 +217,12 @@ def denoiser(model: nn.Module, kind: str, vae_scale: int = 8) -> Callable[[Tenso
     Flux's packing, position ids and guidance as its pipeline does them)."""
     if kind == "flux":
         return _flux(model)
+    if kind == "sd3":
+        def run_sd3(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+            return model(hidden_states=x_t, timestep=t.to(x_t.dtype).expand(x_t.shape[0]),
+                         encoder_hidden_states=cond["encoder_hidden_states"],
+                         pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        return run_sd3
     unet = model
 
     def run(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:

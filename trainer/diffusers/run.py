@@ -81,7 +81,7 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
     pipe = dmodel.load_pipeline(job.model, job.config)
     p = dmodel.parts(pipe)
     scale = 2 ** (len(p.vae.config.block_out_channels) - 1)
-    schedule = dmodel.schedule_for(pipe.scheduler, image_tokens=(settings.resolution // (2 * scale)) ** 2)
+    schedule = dmodel.schedule_for(pipe.scheduler, (settings.resolution // (2 * scale)) ** 2, p.kind)
     for module in (p.denoiser, p.vae, *(m for m in pipe.components.values() if isinstance(m, nn.Module))):
         module.to(device)
         module.requires_grad_(False)
@@ -151,11 +151,12 @@ def group_for(root: nn.Module, prefix: str, names: dict[str, str], settings: Tra
 
 
 def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (UNet spatial transformers, Flux's double and single blocks): what gradient
+    """The transformer blocks (UNet spatial transformers, Flux's double and single blocks, SD3's joint blocks): what gradient
     checkpointing re-runs."""
     from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-    kinds = (BasicTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)
+    kinds = (BasicTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock, JointTransformerBlock)
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
