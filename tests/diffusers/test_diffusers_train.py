@@ -154,83 +154,63 @@ def test_a_file_trained_here_patches_comfyuis_model_as_diffusers_does(tmp_path: 
     handle.remove()
 
 
-def test_a_flux_file_trained_here_patches_comfyuis_flux_as_diffusers_does(tmp_path: Path) -> None:
-    """Flux: q/k/v and proj_mlp keep their diffusers names (slices of ComfyUI's fused weights), whole modules get
-    generic names; ComfyUI's tiny Flux, given the same weights through ComfyUI's own diffusers key map, is patched
-    by our loader exactly as diffusers' fuse patches the pipeline (compared in diffusers' keys and rows)."""
+# Per transformer family: the file names ComfyUI's `attn` preset gives (written out by hand from ComfyUI's
+# fused layout), as diffusers slices and whole generic modules, and the diffusers weights those whole modules are.
+DIT_CASES = {
+    "flux": dict(
+        slices={f"transformer.{b}.{m}" for b in ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+                for m in ("to_q", "to_k", "to_v")}
+        | {f"transformer.transformer_blocks.0.attn.add_{m}_proj" for m in "qkv"}
+        | {"transformer.single_transformer_blocks.0.proj_mlp"},
+        whole={"diffusion_model.double_blocks.0.img_attn.proj": "transformer_blocks.0.attn.to_out.0",
+               "diffusion_model.double_blocks.0.txt_attn.proj": "transformer_blocks.0.attn.to_add_out",
+               "diffusion_model.single_blocks.0.linear2": "single_transformer_blocks.0.proj_out"},
+        extra=["--loss", "dco"]),
+    "sd3": dict(  # SD3.5-medium-like: attn2 in block 0; the last context block is pre-only (no projection)
+        slices={f"transformer.transformer_blocks.{b}.attn.{m}" for b in (0, 1)
+                for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+        | {f"transformer.transformer_blocks.0.attn2.{m}" for m in ("to_q", "to_k", "to_v")},
+        whole={"diffusion_model.joint_blocks.0.x_block.attn.proj": "transformer_blocks.0.attn.to_out.0",
+               "diffusion_model.joint_blocks.0.x_block.attn2.proj": "transformer_blocks.0.attn2.to_out.0",
+               "diffusion_model.joint_blocks.0.context_block.attn.proj": "transformer_blocks.0.attn.to_add_out",
+               "diffusion_model.joint_blocks.1.x_block.attn.proj": "transformer_blocks.1.attn.to_out.0"},
+        extra=[]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DIT_CASES))
+def test_a_transformer_file_trained_here_patches_comfyuis_model_as_diffusers_does(tmp_path: Path, family: str) -> None:
+    """Flux / SD3.5-medium-like: q/k/v (and Flux's proj_mlp) keep their diffusers names (slices of ComfyUI's fused
+    weights), whole modules get generic names; ComfyUI's twin, given the same weights through ComfyUI's own
+    diffusers key map, is patched by our loader exactly as diffusers' fuse patches the pipeline."""
     from diffusers import DiffusionPipeline
     from tests.diffusers import diffusers_refs as D
     from comfyui_tlora.trainer.diffusers import apply as A
-    td.save_flux(tmp_path / "flux", transformer=D.FLUX)
+    case = DIT_CASES[family]
+    if family == "flux":
+        td.save_flux(tmp_path / "pipe", transformer=D.FLUX)
+    else:
+        td.save_sd3(tmp_path / "pipe")
     td.write_images(tmp_path / "images", count=2)
     done = subprocess.run(
-        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "flux"), "--data",
-         str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "f", "--steps", "2",
-         "--learning-rate", "0.01", "--loss", "dco", *COMMON[:2], "--quiet", "--transform", "trm:2",
-         "--residual", "lora:2"],
+        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "pipe"), "--data",
+         str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "t", "--steps", "2",
+         "--learning-rate", "0.01", *COMMON, *case["extra"]],
         cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
     _ok(done)
-    trained = tmp_path / "out" / "f.safetensors"
-    keys = set(tformat.load(str(trained)).adapters)
-    slices = {f"transformer.{b}.{m}" for b in ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
-              for m in ("to_q", "to_k", "to_v")} | {f"transformer.transformer_blocks.0.attn.add_{m}_proj"
-                                                    for m in "qkv"} | {"transformer.single_transformer_blocks.0.proj_mlp"}
-    whole = {"diffusion_model.double_blocks.0.img_attn.proj", "diffusion_model.double_blocks.0.txt_attn.proj",
-             "diffusion_model.single_blocks.0.linear2"}
-    assert keys == slices | whole  # the attn preset: every weight ComfyUI's Flux attn preset covers
-    D.run_in_comfy(f"comfy_dit_patch({str(tmp_path / 'comfy')!r}, 'flux', "
-                   f"{str(tmp_path / 'flux' / 'transformer' / 'diffusion_pytorch_model.safetensors')!r}, "
+    trained = tmp_path / "out" / "t.safetensors"
+    assert set(tformat.load(str(trained)).adapters) == case["slices"] | set(case["whole"])
+    D.run_in_comfy(f"comfy_dit_patch({str(tmp_path / 'comfy')!r}, {family!r}, "
+                   f"{str(tmp_path / 'pipe' / 'transformer' / 'diffusion_pytorch_model.safetensors')!r}, "
                    f"{str(trained)!r})")
     comfy, base = (load_file(str(tmp_path / "comfy" / f"{n}_diffusers.safetensors")) for n in ("patched", "base"))
-    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "flux"), local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
     handle = A.load_tlora(pipe, str(trained), strength=D.STRENGTH)
     A.fuse(pipe)
     fused = pipe.transformer.state_dict()
     changed = {k for k in comfy if not torch.equal(comfy[k], base[k])}
-    assert changed == {k.removeprefix("transformer.") + ".weight" for k in slices} | {
-        "transformer_blocks.0.attn.to_out.0.weight", "transformer_blocks.0.attn.to_add_out.weight",
-        "single_transformer_blocks.0.proj_out.weight"}  # img/txt_attn.proj and linear2 in diffusers' names
-    for key in comfy:
-        torch.testing.assert_close(fused[key], comfy[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    A.unfuse(pipe)
-    handle.remove()
-
-
-def test_an_sd3_file_trained_here_patches_comfyuis_sd3_as_diffusers_does(tmp_path: Path) -> None:
-    """SD3.5-medium-like (attn2 in block 0, pre-only last context block): q/k/v by diffusers names, projections
-    generic; ComfyUI's MMDiT twin, given the weights through ComfyUI's own mmdit_to_diffusers map, is patched by
-    our loader exactly as diffusers' fuse patches the pipeline."""
-    from diffusers import DiffusionPipeline
-    from tests.diffusers import diffusers_refs as D
-    from comfyui_tlora.trainer.diffusers import apply as A
-    td.save_sd3(tmp_path / "sd3")
-    td.write_images(tmp_path / "images", count=2)
-    done = subprocess.run(
-        [sys.executable, "-m", "comfyui_tlora.trainer.diffusers", "--model", str(tmp_path / "sd3"), "--data",
-         str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--output-name", "s", "--steps", "2",
-         "--learning-rate", "0.01", *COMMON],
-        cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
-    _ok(done)
-    trained = tmp_path / "out" / "s.safetensors"
-    keys = set(tformat.load(str(trained)).adapters)
-    slices = ({f"transformer.transformer_blocks.{b}.attn.{m}" for b in (0, 1)
-               for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
-              | {f"transformer.transformer_blocks.0.attn2.{m}" for m in ("to_q", "to_k", "to_v")})
-    whole = {"diffusion_model.joint_blocks.0.x_block.attn.proj", "diffusion_model.joint_blocks.0.x_block.attn2.proj",
-             "diffusion_model.joint_blocks.0.context_block.attn.proj", "diffusion_model.joint_blocks.1.x_block.attn.proj"}
-    assert keys == slices | whole  # the last context block is pre-only: it has no attention projection
-    D.run_in_comfy(f"comfy_dit_patch({str(tmp_path / 'comfy')!r}, 'sd3', "
-                   f"{str(tmp_path / 'sd3' / 'transformer' / 'diffusion_pytorch_model.safetensors')!r}, "
-                   f"{str(trained)!r})")
-    comfy, base = (load_file(str(tmp_path / "comfy" / f"{n}_diffusers.safetensors")) for n in ("patched", "base"))
-    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "sd3"), local_files_only=True)
-    handle = A.load_tlora(pipe, str(trained), strength=D.STRENGTH)
-    A.fuse(pipe)
-    fused = pipe.transformer.state_dict()
-    changed = {k for k in comfy if not torch.equal(comfy[k], base[k])}
-    assert changed == {k.removeprefix("transformer.") + ".weight" for k in slices} | {
-        "transformer_blocks.0.attn.to_out.0.weight", "transformer_blocks.0.attn2.to_out.0.weight",
-        "transformer_blocks.0.attn.to_add_out.weight", "transformer_blocks.1.attn.to_out.0.weight"}
+    assert changed == ({k.removeprefix("transformer.") + ".weight" for k in case["slices"]}
+                       | {m + ".weight" for m in case["whole"].values()})  # every adapted weight, nothing else
     for key in comfy:
         torch.testing.assert_close(fused[key], comfy[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
     A.unfuse(pipe)
