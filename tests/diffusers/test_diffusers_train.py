@@ -239,7 +239,13 @@ def _popen(work: Path, args: list[str], processes: int = 1, mixed_precision: str
                str(30500 + os.getpid() % 1000), *module]
     return subprocess.Popen([*cmd, "--model", str(work / "sd15"), "--data", str(work / "images"), *args],
                             cwd=str(work), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """Ctrl-C as in a terminal: a run started in the background of a non-interactive shell (CI, nohup, `&`)
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_saves_a_partial_file(work: Path) -> None:
