@@ -13,15 +13,9 @@ COMFY012 := $(CURDIR)/.host/ComfyUI-0.12.1
 
 # Unit and webui tests once; the host and browser suites on each ComfyUI (0.3.75, then 0.12.1 when the
 # bootstrap could install it: it says so when it could not, and so does this); the diffusers binding in
-# its own environment.
+# its own environment, beside them (tools/test_legs.sh says why).
 test: bootstrap
-	$(PY) -m pytest tests/unit tests/webui tests/host tests/browser -q -ra
-	@if [ -x $(PY012) ] && [ -f $(COMFY012)/main.py ]; then \
-	  echo "[test] host and browser suites on ComfyUI 0.12.1"; \
-	  TLORA_COMFY_DIR=$(COMFY012) $(PY012) -m pytest tests/host tests/browser -q -ra; \
-	else echo "[test] SKIPPED the ComfyUI 0.12.1 leg: it is not installed (see the bootstrap's message)"; fi
-	@echo "[test] the diffusers binding (diffusers, accelerate, PEFT) in .venv-diffusers"
-	$(PYDIFF) -m pytest tests/diffusers -q -ra
+	@bash tools/test_legs.sh
 
 test-unit: bootstrap
 	$(PY) -m pytest tests/unit -q
