@@ -13,7 +13,8 @@ Two parts, both on weights nobody here trained and data nobody here wrote
   EfficientNet-Lite0's pointwise convs (handwritten digits): ours through `tlora.attach` (TLoRA(2,6),
   TLoRA*(2,4), TR(6) (TLoRA(2,6) without its transform), Kron+TR(1,6), LoRA r1/2/4/8), LyCORIS's LoHa, LoKr, DoRA and diag-OFT and PEFT's
   LoRA as real peers, plus a head-only row. Learning rate per method chosen on a validation split over a
-  five-point grid, 1e-4 ... 1e-2 (diag-OFT x3), choices on an edge of it flagged; then seeds; held-out accuracy and loss with 95% confidence intervals over seeds and paired tests
+  five-point grid, 1e-4 ... 1e-2 (diag-OFT x3), choices on an edge of it flagged (`--prior` runs extend a
+  grid: docs/QUALITY.md section 6.4); then seeds; held-out accuracy and loss with 95% confidence intervals over seeds and paired tests
   against LoRA r4.
 
     .venv/bin/python benchmarks/real_weights.py                 # the documented run (docs/QUALITY.md section 6)
@@ -251,8 +252,14 @@ def _select(records: list[dict]) -> dict:
     return min(records, key=key)
 
 
-def run_finetunes(task: Task, methods: list[Method], cfg: "Config", log: Callable[[str], None]) -> list[dict]:
-    """Per method: tune lr on seed 0 (validation), then the other seeds at the chosen rate."""
+def run_finetunes(task: Task, methods: list[Method], cfg: "Config", log: Callable[[str], None],
+                  prior: list[dict] | None = None) -> list[dict]:
+    """Per method: tune lr on seed 0 (validation), then the other seeds at the chosen rate.
+
+    With `prior` (an earlier run's records, --prior): the rate is picked over the earlier tuning runs of the
+    same task and method and this run's points together (as `reselect` does when the two are merged); the
+    seeds run only when one of this run's points wins, otherwise the earlier run's seeds stay the chosen
+    ones and this run marks nothing chosen for that method."""
     out = []
     for method in methods:
         grid = [0.0] if method.kind == "head" else method.grid(cfg.base_lr, cfg.lr_points)
@@ -263,9 +270,14 @@ def run_finetunes(task: Task, methods: list[Method], cfg: "Config", log: Callabl
             tuning.append(rec)
             log(f"  {task.name:28s} {method.name:17s} lr {lr:<8.3g} seed {cfg.seeds[0]}  val acc "
                 f"{rec['val']['acc']:.3f} loss {rec['val']['loss']:.3f}  ({rec['seconds']:.1f} s)")
-        best = _select(tuning)
-        best["chosen"] = True
+        earlier = [r for r in prior or [] if r["task"] == task.name and r["method"] == method.name
+                   and r.get("phase") == "tune" and r["seed"] == cfg.seeds[0]]
+        best = _select(earlier + tuning)  # earlier first: the order `merge` puts them in, so ties agree
         out += tuning
+        if not any(best is r for r in tuning):
+            log(f"  {task.name:28s} {method.name:17s} earlier lr {best['lr']:<8.3g} still best: seeds not run")
+            continue
+        best["chosen"] = True
         for seed in cfg.seeds[1:]:
             rec = train_one(task, method, best["lr"], seed, cfg)
             rec["phase"], rec["chosen"] = "seed", True
@@ -316,7 +328,9 @@ def summarize(records: list[dict], reference: str = "LoRA r4") -> list[dict]:
     for task in dict.fromkeys(r["task"] for r in records):
         chosen = [r for r in records if r["task"] == task and r.get("chosen")]
         ref = {r["seed"]: r for r in chosen if r["method"] == reference}
-        for method in dict.fromkeys(r["method"] for r in chosen):
+        order = {m.name: i for i, m in enumerate(METHODS)}  # METHODS' order, also when merged runs chose
+        names = sorted(dict.fromkeys(r["method"] for r in chosen), key=lambda m: order.get(m, len(order)))
+        for method in names:
             runs = sorted((r for r in chosen if r["method"] == method), key=lambda r: r["seed"])
             acc = [r["test"]["acc"] for r in runs]
             loss = [r["test"]["loss"] for r in runs]
@@ -698,6 +712,7 @@ class Config:
     approx_iters: int = 100
     approx_layers: tuple[int, ...] | None = (1, 4)
     threads: int = 1
+    prior: tuple[str, ...] = ()  # earlier results.json whose tuning runs join the rate selection (--prior)
 
 
 QUICK = dict(methods=tuple(QUICK_METHODS), seeds=(0, 1), lr_points=(1.0, 10.0), text_steps=2, image_steps=2,
@@ -721,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-first-layer", type=int, help="first MiniLM layer adapted (lower ones cached)")
     ap.add_argument("--image-first-block", type=int, help="first EfficientNet block adapted (lower ones cached)")
     ap.add_argument("--image-per-class", help="train,val,test digits per class")
+    ap.add_argument("--prior", help="comma list of earlier results.json: extend their grids (the rate is picked "
+                    "over their tuning runs and this run's; seeds run only where a new point wins; then --merge)")
     ap.add_argument("--merge", help="comma list of results.json files to merge into --out (no training)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--docs", action="store_true", help="copy the plots to docs/real_weights/")
@@ -738,6 +755,8 @@ def make_config(args: argparse.Namespace) -> Config:
         cfg.seeds = tuple(int(s) for s in args.seeds.split(","))
     if args.lr_points:
         cfg.lr_points = tuple(float(s) for s in args.lr_points.split(","))
+    if args.prior:
+        cfg.prior = tuple(p.strip() for p in args.prior.split(","))
     if args.image_per_class:
         cfg.image_per_class = tuple(int(v) for v in args.image_per_class.split(","))
     for name in ("text_steps", "image_steps", "approx_iters", "ft_steps", "threads", "text_first_layer",
@@ -775,6 +794,7 @@ def run(cfg: Config, out: Path, docs: bool = False, log: Callable[[str], None] =
 
 def _run(cfg: Config, out: Path, docs: bool, log: Callable[[str], None]) -> dict:
     started = time.time()
+    prior = [rec for p in cfg.prior for rec in json.loads(Path(p).read_text())["finetunes"]]
     results: dict = {"config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                  time.gmtime(started)),
                      "torch": torch.__version__, "finetunes": [], "tasks": {}, "commit": _commit()}
@@ -790,7 +810,7 @@ def _run(cfg: Config, out: Path, docs: bool, log: Callable[[str], None]) -> dict
         task = make(cfg)
         results["tasks"][task.name] = {**task.snapshot, "targets": len(task.targets)}
         log(f"fine-tunes: {task.name} ({len(task.targets)} modules adapted)")
-        results["finetunes"] += run_finetunes(task, methods, cfg, log)
+        results["finetunes"] += run_finetunes(task, methods, cfg, log, prior)
         results["summary"] = summarize(results["finetunes"])
         write_reports(results, out, False, plots_too=False)  # partial tables while the run goes on
     if results["finetunes"]:

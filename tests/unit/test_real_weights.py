@@ -145,3 +145,27 @@ def test_edge_choices_are_flagged_and_a_merged_extension_is_reselected():
     B.reselect(recs)
     assert [(r["lr"], r["phase"]) for r in recs if r.get("chosen")] == [(1e-4, "tune"), (1e-4, "seed")]
     assert B.lr_edge(recs, "t", "m") is None  # 1e-4 is now inside the grid 3e-5 ... 1e-3
+
+
+def test_prior_extends_a_grid_and_runs_seeds_only_where_a_new_point_wins(monkeypatch):
+    """No training (train_one stubbed): with --prior the rate is picked over the earlier tuning runs and the new
+    points together; seeds follow only where a new point wins, and merging the two runs agrees."""
+    from benchmarks import real_weights as B
+    val = {("m", 3e-5): 0.9, ("n", 3e-5): 0.6}
+
+    def fake_train(task, method, lr, seed, cfg, test=True):
+        return {"task": task.name, "method": method.name, "lr": lr, "seed": seed, "params": 10,
+                "val": {"acc": val[(method.name, lr)], "loss": 1.0}, "test": {"acc": 0.5, "loss": 1.0},
+                "seconds": 1.0}
+    monkeypatch.setattr(B, "train_one", fake_train)
+    task = B.Task("t", 1, None, [], {}, {})
+    cfg = B.Config(seeds=(0, 1), lr_points=(0.03,))
+    prior = [_rec("m", 1e-4, 0, "tune", 0.8, chosen=True), _rec("m", 1e-4, 1, "seed", 0.8, chosen=True),
+             _rec("n", 1e-4, 0, "tune", 0.8, chosen=True), _rec("n", 1e-4, 1, "seed", 0.8, chosen=True)]
+    new = B.run_finetunes(task, [B.Method("m", "tlora"), B.Method("n", "tlora")], cfg, lambda _l: None, prior)
+    assert [(r["method"], r["lr"], r["seed"], r.get("chosen")) for r in new] == [
+        ("m", 3e-5, 0, True), ("m", 3e-5, 1, True), ("n", 3e-5, 0, None)]
+    recs = [{**r, "source": 0} for r in prior] + [{**r, "source": 1} for r in new]
+    B.reselect(recs)
+    chosen = sorted((r["method"], r["lr"], r["seed"]) for r in recs if r.get("chosen"))
+    assert chosen == [("m", 3e-5, 0), ("m", 3e-5, 1), ("n", 1e-4, 0), ("n", 1e-4, 1)]
