@@ -34,11 +34,13 @@ def remove_stale_temps(folder: str, older_than_s: float = STALE_TEMP_S) -> list[
     return removed
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes, replace: bool = True) -> None:
     """Write bytes beside the target, then rename over it: readers never see half a file.
 
     An existing file's mode is kept (else rw-r--r--); the temp file is removed on any failure,
-    and temp files a killed writer left behind earlier are cleared first.
+    and temp files a killed writer left behind earlier are cleared first. replace=False never
+    replaces a file: the name is taken by a hard link, atomically, and FileExistsError says that
+    another writer has it.
     """
     folder = os.path.dirname(os.path.abspath(path))
     remove_stale_temps(folder)
@@ -50,11 +52,29 @@ def atomic_write(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         # mkstemp makes the file private (0600).
         os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _claim(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _claim(tmp: str, path: str) -> None:
+    """Give tmp's content the name path only if no file has it (FileExistsError otherwise), atomically."""
+    try:
+        os.link(tmp, path)  # fails if the name exists, whoever made it and however late
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links here (FAT, some network shares): an exclusive create claims the name,
+        # then the content replaces the empty claim.
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
 
 
 def parse_json(text: str | bytes) -> Any:

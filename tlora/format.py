@@ -335,8 +335,11 @@ def state_dict(adapters: Mapping[str, Any], dtype: torch.dtype = torch.float32) 
 
 def save_file(adapters: Mapping[str, Any], path: str | os.PathLike,
               metadata: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
-              dtype: torch.dtype = torch.float32) -> None:
-    """Write adapters ({module prefix: ModuleAdapter or TLoRAModule}) atomically as safetensors."""
+              dtype: torch.dtype = torch.float32, replace: bool = True) -> None:
+    """Write adapters ({module prefix: ModuleAdapter or TLoRAModule}) atomically as safetensors.
+
+    replace=False never replaces an existing file (FileExistsError; see fileio.atomic_write).
+    """
     path = os.fspath(path)
     # TLoRAModule (training) exports through to_adapter(); ModuleAdapter is stored as is.
     adapters = {k: (v.to_adapter() if hasattr(v, "to_adapter") else v) for k, v in adapters.items()}
@@ -347,4 +350,4 @@ def save_file(adapters: Mapping[str, Any], path: str | os.PathLike,
         raise TypeError(f"save_file expects ModuleAdapter values ({bad[0]!r} is {type(adapters[bad[0]]).__name__})")
     title = os.path.splitext(os.path.basename(path))[0] or "TLoRA adapter"
     data = _st_save(state_dict(adapters, dtype), metadata=build_metadata(adapters, metadata, config, title, dtype))
-    atomic_write(path, data)
+    atomic_write(path, data, replace=replace)

@@ -20,7 +20,7 @@ from .data import Cond, Denoiser, TrainData
 from .distributed import Distributed
 from .runs import StepReport
 from .schedule import Schedule
-from .settings import TARGET_PRESETS, TrainingError, TrainSettings, derived_seed
+from .settings import TARGET_PRESETS, TrainingError, TrainSettings, check_adapter_size, derived_seed
 
 
 @dataclass
@@ -92,7 +92,12 @@ def select_targets(root: nn.Module, preset: str = "attn", with_convs: bool = Fal
 
 def create_adapters(root: nn.Module, paths: Sequence[str], transform: str = "trm:2", residual: str = "tr:6",
                     shapes: str = "paper", seed: int = 0, prefix: str = "") -> dict[str, ModuleAdapter]:
-    """Fresh adapters (identity transform, zero residual) for each path, seeded."""
+    """Fresh adapters (identity transform, zero residual) for each path, seeded.
+
+    Their size is estimated from the layout first: ranks that would not fit in memory are
+    refused before any tensor is made.
+    """
+    check_adapter_size([tuple(root.get_submodule(p).weight.shape) for p in paths], transform, residual, shapes)
     generator = torch.Generator().manual_seed(int(seed))
     out = {}
     for path in paths:
@@ -104,7 +109,8 @@ def create_adapters(root: nn.Module, paths: Sequence[str], transform: str = "trm
 
 def adapter_group(root: nn.Module, prefix: str, settings: TrainSettings, text_encoder: bool = False,
                   seed_offset: int = 0) -> AdapterGroup:
-    """Fresh adapters on the modules of root that the settings' targets preset names."""
+    """Fresh adapters on the modules of root that the settings' targets preset names (settings checked first)."""
+    settings.validate()
     paths = select_targets(root, settings.targets, settings.with_convs and not text_encoder, text_encoder)
     return AdapterGroup(root, prefix, create_adapters(root, paths, settings.transform, settings.residual,
                                                       settings.shapes, derived_seed(settings.seed, seed_offset), prefix))

@@ -42,11 +42,13 @@ from .optim import adamw, clip_gradients, fast_forward, lr_scheduler
 from .runs import RUNS, RunRegistry, StepReport, TrainResult
 from .sampling import PRECISION_DTYPES, autocast, class_examples, ddim_sample
 from .settings import TrainingError, TrainSettings, derived_seed, pick_precision
+from .guard import LastGood, outputs_finite
+from .outputs import claim_output
 from .state import TrainState, load_resume, state_path_for
 
 
 class TrainingDiverged(TrainingError):
-    """The loss (or the gradient) became NaN/inf; the last good adapter was kept."""
+    """The loss, the gradient or the final adapter's output became NaN/inf; the last good adapter was kept."""
 
 
 class Trainer:
@@ -60,6 +62,11 @@ class Trainer:
             raise TrainingError("no training images: connect at least one image")
         if not any(g.adapters for g in binding.groups) and not binding.extra_params:
             raise TrainingError("no modules to adapt: the targets preset matched nothing in this model")
+        if settings.class_prompt.strip() and not data.prior and not data.generate_prior:
+            # The metadata would record a class prompt that trained nothing.
+            raise TrainingError("class_prompt is set but prior preservation has no class images: set "
+                                "num_class_images (the base model generates them) or give class images, or "
+                                "clear class_prompt")
         self.binding = binding
         self.groups = list(binding.groups)
         self.denoiser, self.schedule, self.data = binding.denoiser, binding.schedule, data
@@ -74,6 +81,10 @@ class Trainer:
         self.registry = registry
         self.run_info = dict(run_info or {})  # extra registry fields from the host (node id, prompt id...)
         self.saved_path: str | None = None  # set once this run has written its file
+        # A new run's name is claimed when its first file is written (another run may take it
+        # first); resuming into the file continues that name.
+        self._claimed = bool(output_path and self.resume_path
+                             and os.path.realpath(self.resume_path) == os.path.realpath(output_path))
         self.run_token = uuid.uuid4().hex
         self.modules: dict[str, TLoRAModule] = {}
         self.history: list[dict[str, float]] = []
@@ -141,7 +152,7 @@ class Trainer:
         if self.resume_path:
             state, self._warm_start_step, note = load_resume(self.resume_path, self.groups)
             if note:
-                self.metadata.setdefault("tlora.train.resume_note", note)
+                self._note(note)
         trained = {id(p) for p in self.binding.extra_params}
         for group in self.groups:
             for param in group.root.parameters():
@@ -179,12 +190,17 @@ class Trainer:
                     group["lr"] = group["initial_lr"] = cfg.learning_rate
                 scheduler = lr_scheduler(optimizer, cfg)
                 fast_forward(scheduler, state.step)
-                self.metadata.setdefault("tlora.train.resume_note", (
+                self._note((
                     f"resumed at step {state.step} with {cfg.steps} total steps ({cfg.lr_schedule}) instead of "
                     f"{saved_total} ({state.extra.get('lr_schedule')}): the new schedule continues from there"))
             if scaler is not None and state.scaler:
                 scaler.load_state_dict(state.scaler)
             generator.set_state(state.generator)
+            saved_seed = state.extra.get("seed")
+            if isinstance(saved_seed, int) and saved_seed != cfg.seed:
+                # The noise continues from the saved generator: the file says which seed drew it.
+                self._note(f"resumed exactly: the noise continues from seed {saved_seed}; seed {cfg.seed} was not used")
+                self.settings = cfg = cfg.replace(seed=saved_seed)
             self.step = state.step
             self.run_token = state.run_token
             self.history = [h for h in state.extra.get("history", []) if h.get("step", 0) <= state.step]
@@ -198,12 +214,19 @@ class Trainer:
             raise TrainingError(f"{os.path.basename(self.resume_path)} has already been trained for {self.step} of "
                                 f"{cfg.steps} steps: set steps higher to train it further")
         self._start_step = self.step
+        # Recent adapters whose training losses were finite: what a diverged run may keep.
+        self._good = LastGood(self._params, self.step)
         self._generator = generator
         self._gen_state = generator.get_state()
         self._optimizer, self._scheduler, self._scaler = optimizer, scheduler, scaler
         self._times: list[float] = []
         self._register()
         self._prior = self._prior_examples(self._amp_dtype)
+
+    def _note(self, text: str) -> None:
+        """Add a sentence to the file's resume note (several things can be worth saying about one resume)."""
+        earlier = self.metadata.get("tlora.train.resume_note")
+        self.metadata["tlora.train.resume_note"] = f"{earlier}; {text}" if earlier else text
 
     def close(self) -> None:
         """Undo open(): checkpointing off, adapters detached, base parameters' requires_grad restored."""
@@ -235,6 +258,8 @@ class Trainer:
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += shown[0].item() / cfg.grad_accum
                 mse_sum += shown[1].item() / cfg.grad_accum
+            # Every micro-batch's loss was finite: keep these parameters before this step changes them.
+            self._good.push(self.step)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = float(clip_gradients(self._params, cfg.max_grad_norm))
@@ -301,22 +326,42 @@ class Trainer:
                 self._save_partial("failed")
             self.registry.finish(self.run_id, status, **self._summary(status, error))
 
-    def _diverged(self, what: str, value: float) -> None:
-        kept = ""
-        if self.output_path and self.step > 0:
-            self._save_partial("diverged")
-            kept = (f" The adapter from step {self.step} (the last good one) was saved to "
-                    f"{os.path.basename(self.output_path)}, marked partial.")
-        elif self.step == 0:
-            kept = " Nothing was saved: no step had completed."
-        raise TrainingDiverged(f"training stopped: the {what} became {value} at step {self.step + 1}.{kept} "
+    def _outputs_finite(self) -> bool:
+        """Whether the adapter as it is now gives finite outputs (guard.outputs_finite), alike on every process."""
+        finite = outputs_finite(self._params, self.denoiser, self.schedule, self.data.instance, self._conds,
+                                self.device, self._amp_dtype, derived_seed(self.settings.seed, 7919))
+        return float(self.dist.mean(torch.tensor([0.0 if finite else 1.0], device=self.device))[0]) == 0
+
+    def _diverged(self, what: str, value: float, at_step: int | None = None) -> None:
+        """Keep the newest recent adapter whose outputs are finite (saved without a state sidecar); raise TrainingDiverged.
+
+        A NaN loss at step n+1 is the output of the adapter after step n: never that one.
+        """
+        at_step = self.step + 1 if at_step is None else at_step
+        kept_step = next((step for step in self._good.candidates(after=self._start_step) if self._outputs_finite()),
+                         None)
+        if kept_step is not None:
+            self.step = kept_step
+            self.history = [h for h in self.history if h["step"] <= self.step]
+            kept = f" The adapter from step {self.step} is the last whose outputs were finite"
+            if self.output_path:
+                self._save_partial("diverged", state=False)
+                kept += f"; it was saved to {os.path.basename(self.output_path)}, marked partial."
+            else:
+                kept += " (no file was asked for)."
+        elif self.resume_path:
+            kept = (f" Nothing was saved: no step of this run gave finite outputs "
+                    f"({os.path.basename(self.resume_path)} is unchanged).")
+        else:
+            kept = " Nothing was saved: no step of this run gave finite outputs."
+        raise TrainingDiverged(f"training stopped: the {what} became {value} at step {at_step}.{kept} "
                                f"Lower the learning rate or use fp32/bf16 precision.")
 
-    def _save_partial(self, reason: str) -> None:
+    def _save_partial(self, reason: str, state: bool = True) -> None:
         if not self.output_path or self.step == 0:
             return  # nothing trained yet: an untouched adapter is not worth a file
         try:
-            self.save(self.output_path, partial=True, reason=reason)
+            self.save(self.output_path, partial=True, reason=reason, state=state)
         except Exception as err:  # never mask the original error
             self.metadata["tlora.train.save_error"] = str(err)
 
@@ -481,28 +526,52 @@ class Trainer:
         """The file's tlora.config: the settings' part plus the host's (e.g. the architecture)."""
         return {**self.settings.file_config(), **self.binding.file_config}
 
-    def save(self, path: str, partial: bool, reason: str | None = None) -> dict[str, str]:
-        """Adapter file + state sidecar, both atomic (the main process only); returns the metadata written."""
+    def save(self, path: str, partial: bool, reason: str | None = None, state: bool = True) -> dict[str, str]:
+        """Adapter file + state sidecar (state=False: none), both atomic (the main process only); returns the
+        metadata written."""
         metadata = self._train_metadata(partial, reason)
         if not self.dist.is_main:
             return metadata
-        state = TrainState(self.step, self.run_token, self._optimizer.state_dict(), self._scheduler.state_dict(),
-                           self._gen_state, [n for n, _ in self._ordered_params()],
-                           self._scaler.state_dict() if self._scaler is not None else None,
-                           {"history": self.history[-10000:], "total_steps": self.settings.steps,
-                            "lr_schedule": self.settings.lr_schedule})
-        # Sidecar first: a crash in between leaves a newer sidecar, which resume detects
-        # (step/run token mismatch) and then falls back to the adapter's weights.
-        atomic_write(state_path_for(path), state.to_bytes())
-        tformat.save_file(self.current_adapters(), path, metadata=metadata, config=self.file_config())
-        if self.output_path and os.path.abspath(path) == os.path.abspath(self.output_path):
+        sidecar = None
+        if state:
+            sidecar = TrainState(self.step, self.run_token, self._optimizer.state_dict(), self._scheduler.state_dict(),
+                                 self._gen_state, [n for n, _ in self._ordered_params()],
+                                 self._scaler.state_dict() if self._scaler is not None else None,
+                                 {"history": self.history[-10000:], "total_steps": self.settings.steps,
+                                  "lr_schedule": self.settings.lr_schedule, "seed": int(self.settings.seed)}
+                                 ).to_bytes()
+        ours = self.output_path is not None and os.path.abspath(path) == os.path.abspath(self.output_path)
+        if ours and not self._claimed:
+            # A new run's first file claims its name: if another run wrote that name since this
+            # one started, this run takes the next free name instead of replacing that file.
+            path = self.output_path = claim_output(path, lambda p: tformat.save_file(
+                self.current_adapters(), p, metadata={**metadata, "ss_output_name": _stem(p)},
+                config=self.file_config(), replace=False))
+            self._claimed = True
+            metadata = {**metadata, "ss_output_name": _stem(path)}
+            if sidecar is not None:
+                atomic_write(state_path_for(path), sidecar)
+        else:
+            # Sidecar first: a crash in between leaves a newer sidecar, which resume detects
+            # (step/run token mismatch) and then falls back to the adapter's weights.
+            if sidecar is not None:
+                atomic_write(state_path_for(path), sidecar)
+            tformat.save_file(self.current_adapters(), path, metadata=metadata, config=self.file_config())
+        if ours:
             self.saved_path = path
         return metadata
 
     def _finish(self, partial: bool) -> TrainResult:
+        # The adapter after the last step is the one no training step has run: checked before it is kept.
+        if not self._outputs_finite():
+            self._diverged("output of the final adapter", float("nan"), at_step=self.step)
         metadata = self._train_metadata(partial, None)
         if self.output_path:
             metadata = self.save(self.output_path, partial=partial)
         return TrainResult(self.run_id, self.current_adapters(), self.step, self.settings.steps,
                            self.history[-1]["loss"] if self.history else None, list(self.history),
                            self.output_path, partial, metadata, self.last_sample)
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]

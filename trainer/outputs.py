@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
+from collections.abc import Callable
 
 from ..tlora.errors import TLoRAError
 from .state import state_path_for
@@ -48,10 +50,44 @@ def output_path(folder: str, output_name: str, resume_path: str | None = None) -
         raise TLoRAError(f"output_name {output_name!r} was refused: it leaves the loras folder")
     if resume_path and os.path.realpath(resume_path) == os.path.realpath(path):
         return path, file_name
-    stem = file_name[: -len(".safetensors")]
-    n = 2
-    while os.path.exists(path) or os.path.exists(state_path_for(path)):
-        file_name = f"{stem}_{n}.safetensors"
-        path = os.path.join(folder, file_name)
+    check_writable(folder)
+    path = _free(path)
+    return path, os.path.basename(path)
+
+
+def _free(path: str, start: int = 2) -> str:
+    """path, or `stem_2`, `stem_3`... beside it: the first name with neither a file nor a state sidecar."""
+    folder, file_name = os.path.split(path)
+    stem, ext = os.path.splitext(file_name)
+    n = start
+    while os.path.lexists(path) or os.path.lexists(state_path_for(path)):
+        path = os.path.join(folder, f"{stem}_{n}{ext}")
         n += 1
-    return path, file_name
+    return path
+
+
+def check_writable(folder: str) -> None:
+    """TLoRAError now, not at the first save, when files cannot be created in folder."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise TLoRAError(f"cannot write into the output folder {folder}: {err.strerror or err}") from None
+
+
+def claim_output(path: str, write: Callable[[str], None]) -> str:
+    """Write a new run's first file with write(path) without ever replacing one; returns the name it got.
+
+    Two runs started with one output name both chose it while it was free: the first to write
+    keeps it, the other takes the next free `_2`, `_3`... name (write must raise FileExistsError,
+    as fileio.atomic_write(replace=False) does, when the name is taken).
+    """
+    candidate = path
+    while True:
+        if not os.path.lexists(state_path_for(candidate)):
+            try:
+                write(candidate)
+                return candidate
+            except FileExistsError:
+                pass
+        candidate = _free(path)

@@ -8,20 +8,34 @@ its node input, validation, metadata and file config follow from the field's `Sp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..tlora.adapter import layout
 from ..tlora.arch import PRESETS as TARGET_PRESETS
+from ..tlora.functional.trm import FORMS as TRANSFORM_FORMS
 from ..tlora.errors import TLoRAError
+from ..tlora.shapes import SHAPE_PRESETS
+from ..tlora.spec import Kind, parse_residual, parse_transform
 
 LOSSES = ("mse", "dco")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+FORMS = ("auto", *TRANSFORM_FORMS)
+# Largest ranks a run may ask for. Past these a factor outgrows the dense matrix it stands for
+# (a TRM core is n x n x R x R, a TR core n x R x R) or, for LoRA, any weight's width: the
+# paper's ranks are trm:2 and tr:6, and trm:3000 or lora:100000 only ever asked for gigabytes.
+MAX_RANKS = {"trm": 32, "tr": 64, "lora": 1024}
+# What training holds per adapter parameter (float32): the value, its gradient, AdamW's two
+# moments and the last good copy kept for divergence (trainer/loop.py).
+TRAIN_BYTES_PER_PARAM = 5 * 4
 
 
 class TrainingError(TLoRAError):
@@ -83,9 +97,10 @@ class TrainSettings:
     output_name: str = _setting(
         "tlora_subject", "File name in the loras folder (no folders). An existing file is never overwritten: "
         "_2, _3... are added, unless resuming it.", required=True)
-    transform: str = _setting("trm:2", "none | diag | trm:R (tensor-ring matrix).", required=True,
-                              config="transform")
-    residual: str = _setting("tr:6", "none | lora:r | tr:R (tensor ring).", required=True, config="residual")
+    transform: str = _setting("trm:2", f"none | diag | trm:R (tensor-ring matrix, R 1-{MAX_RANKS['trm']}).",
+                              required=True, config="transform")
+    residual: str = _setting("tr:6", f"none | lora:r (r 1-{MAX_RANKS['lora']}) | tr:R (tensor ring, R "
+                                     f"1-{MAX_RANKS['tr']}).", required=True, config="residual")
     targets: str = _setting(
         "attn", "attn: to_q/k/v/out of every attention (the paper's set).", options=TARGET_PRESETS,
         required=True, config="targets",
@@ -145,31 +160,39 @@ class TrainSettings:
                                  max=100.0, no_node="fixed at a value that suits every SD family")
     weight_decay: float = _setting(1e-4, "AdamW weight decay.", min=0.0, max=1.0,
                                    no_node="the paper's value; rarely worth changing")
-    adam_betas: tuple[float, float] = _setting((0.9, 0.999), "AdamW betas.",
+    adam_betas: tuple[float, float] = _setting((0.9, 0.999), "AdamW betas (each in [0, 1)).", min=0.0, max=0.999999,
                                                no_node="torch's defaults; rarely worth changing")
-    max_grad_norm: float = _setting(1.0, "Gradient clipping norm.", min=0.0,
+    max_grad_norm: float = _setting(1.0, "Gradient clipping norm.", min=1e-6, max=1e6,
                                     no_node="clipping at 1 keeps DCO stable; rarely worth changing")
     form: str = _setting("auto", "How the transform runs (auto picks the fastest; see tlora/forms.py).",
-                         no_node="a performance knob for benchmarks (TLORA_FORM overrides it too)")
+                         options=FORMS, no_node="a performance knob for benchmarks (TLORA_FORM overrides it too)")
 
-    def validate(self) -> None:
-        """Raise TrainingError naming the first setting that cannot work."""
-        checks = [
-            (self.steps >= 1, f"steps must be >= 1 (got {self.steps})"),
-            (self.learning_rate > 0, f"learning rate must be > 0 (got {self.learning_rate})"),
-            (self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})"),
-            (self.grad_accum >= 1, f"gradient accumulation must be >= 1 (got {self.grad_accum})"),
-            (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {LR_SCHEDULES}"),
-            (0 <= self.warmup_steps < max(self.steps, 1) or self.warmup_steps == 0,
-             f"warm-up ({self.warmup_steps}) must be shorter than the run ({self.steps} steps)"),
-            (self.loss in LOSSES, f"loss must be one of {LOSSES} (got {self.loss!r})"),
-            (self.precision in PRECISION_CHOICES,
-             f"precision must be one of {PRECISION_CHOICES} (got {self.precision!r})"),
-            (self.save_every >= 0 and self.sample_every >= 0, "save_every/sample_every must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingError(message)
+    def validate(self, label: Callable[[str], str] | None = None) -> None:
+        """Raise TrainingError naming the first setting that cannot work (`label`: how the host names a field).
+
+        The one check of every setting for every host (the node's inputs and the command line
+        alike): each value inside its Spec's range and finite, options among their options,
+        adapter kinds parsed and their ranks within MAX_RANKS, the warm-up shorter than the run.
+        """
+        name = label or (lambda n: _SPECS[n].input_name(n))
+        for f, spec in specs():
+            problem = _value_problem(getattr(self, f.name), f.default, spec)
+            if problem:
+                raise TrainingError(f"{name(f.name)} {problem}")
+        for field_name, parse in (("transform", parse_transform), ("residual", parse_residual)):
+            try:
+                kind = parse(getattr(self, field_name))
+            except TLoRAError as err:
+                raise TrainingError(f"{name(field_name)}: {err}") from None
+            top = MAX_RANKS.get(kind.kind)
+            if top is not None and kind.rank > top:
+                raise TrainingError(f"{name(field_name)} {kind} asks for rank {kind.rank}; {kind.kind} ranks go up "
+                                    f"to {top} (the paper's adapter is trm:2 with tr:6)")
+        if self.transform.strip().lower() == "none" and self.residual.strip().lower() == "none":
+            raise TrainingError(f"{name('transform')} and {name('residual')} are both none: nothing would train")
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise TrainingError(f"{name('warmup_steps')}: the warm-up ({self.warmup_steps} steps) must be shorter than the run "
+                                f"({self.steps} steps)")
 
     def replace(self, **changes: Any) -> "TrainSettings":
         """A copy with some settings changed."""
@@ -192,6 +215,36 @@ class TrainSettings:
         return {spec.config: getattr(self, f.name) for f, spec in specs() if spec.config}
 
 
+def _num(value: float) -> str:
+    """A number as a message shows it (integers whole, floats short)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _value_problem(value: Any, default: Any, spec: Spec) -> str | None:
+    """What is wrong with one setting's value against its Spec (None when it is fine)."""
+    if isinstance(default, tuple):
+        if not isinstance(value, tuple) or len(value) != len(default):
+            return f"needs {len(default)} numbers (got {value!r})"
+        for item in value:
+            problem = _value_problem(item, default[0], spec)
+            if problem:
+                return problem
+        return None
+    if isinstance(default, bool) or isinstance(default, str):
+        if spec.options is not None and value not in spec.options:
+            return f"must be one of {', '.join(spec.options)} (got {value!r})"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number (got {value})"
+    if spec.min is not None and value < spec.min:
+        return f"must be at least {_num(spec.min)} (got {_num(value)})"
+    if spec.max is not None and value > spec.max:
+        return f"must be at most {_num(spec.max)} (got {_num(value)})"
+    if isinstance(default, int) and spec.step and spec.step > 1 and (value - (spec.min or 0)) % spec.step:
+        return f"must be a multiple of {_num(spec.step)} (got {value})"
+    return None
+
+
 def specs() -> Iterator[tuple[dataclasses.Field, Spec]]:
     """Every setting's dataclass field and Spec, in declaration (node input) order."""
     for f in dataclasses.fields(TrainSettings):
@@ -199,6 +252,7 @@ def specs() -> Iterator[tuple[dataclasses.Field, Spec]]:
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f, _ in specs())
+_SPECS: dict[str, Spec] = {f.name: spec for f, spec in specs()}
 
 
 def from_values(values: dict[str, Any], by_input_name: bool = False) -> TrainSettings:
@@ -245,3 +299,50 @@ def derived_seed(seed: int, offset: int) -> int:
     The node allows seeds up to 2**64 - 1; `seed + 1` past that overflowed torch's generator.
     """
     return (int(seed) + int(offset)) % (MAX_SEED + 1)
+
+
+def adapter_params(weight_shapes: Iterable[Sequence[int]], transform: str | Kind, residual: str | Kind,
+                   shapes: str = "paper") -> int:
+    """Parameters of fresh adapters on weights of these shapes, counted from the layout (nothing allocated)."""
+    if shapes not in SHAPE_PRESETS:
+        raise TrainingError(f"shapes must be one of {', '.join(SHAPE_PRESETS)} (got {shapes!r})")
+    total = 0
+    for shape in weight_shapes:
+        _, _, entries = layout(tuple(shape), transform, residual, shapes)
+        total += sum(math.prod(s) for s in entries.values())
+    return total
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes free for new tensors on a device (None when the platform does not say)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_adapter_size(weight_shapes: Sequence[Sequence[int]], transform: str | Kind, residual: str | Kind,
+                       shapes: str = "paper", device: torch.device | str = "cpu") -> int:
+    """The adapters' parameter count; TrainingError, before anything is allocated, if training them cannot fit.
+
+    Training holds TRAIN_BYTES_PER_PARAM bytes per parameter; this is checked against the memory
+    the device has free now (the model's own weights are already loaded).
+    """
+    params = adapter_params(weight_shapes, transform, residual, shapes)
+    need = params * TRAIN_BYTES_PER_PARAM
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise TrainingError(f"transform {transform} with residual {residual} on {len(weight_shapes)} modules is "
+                            f"{params:,} parameters: training them needs about {need / 2**30:.1f} GiB, "
+                            f"{free / 2**30:.1f} GiB is free; choose smaller ranks")
+    return params

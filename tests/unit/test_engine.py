@@ -279,6 +279,7 @@ def test_periodic_checkpoint_is_partial(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good(tmp_path):
+    """A NaN loss at step 4 is the output of the adapter after step 3: the one after step 2 is kept."""
     net = TinyNet()
     calls = {"n": 0}
 
@@ -290,11 +291,16 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path):
         run(net, tmp_path, "n.safetensors", steps=6, denoiser=poisoned)
     assert "a.safetensors" not in str(info.value) and "n.safetensors" in str(info.value)
     loaded = tformat.load(str(tmp_path / "n.safetensors"))
-    assert loaded.metadata["tlora.train.steps"] == "3" and loaded.metadata["tlora.train.partial"] == "true"
+    assert loaded.metadata["tlora.train.steps"] == "2" and loaded.metadata["tlora.train.partial"] == "true"
+    assert "adapter from step 2" in str(info.value)
     assert loaded.metadata["tlora.train.stopped"] == "diverged"
     assert all(bool(torch.isfinite(t).all()) for a in loaded.adapters.values() for t in a.tensors.values())
     assert not any(type(m).__name__ == "TLoRAModule" for m in net.modules())
     assert E.RUNS.runs()[-1]["status"] == "diverged"
+    clean = run(TinyNet(), steps=2)  # what the kept adapter must be: two clean steps (same seed)
+    for key, adapter in clean.adapters.items():
+        for suffix, tensor in adapter.tensors.items():
+            assert torch.equal(loaded.adapters[key].tensors[suffix], tensor), (key, suffix)
 
 
 def test_dco_starts_at_log2_and_trains():

@@ -16,10 +16,12 @@ def test_every_setting_has_a_spec_with_help_and_a_node_input_or_a_reason():
         assert spec.no_node is None or len(spec.no_node) > 10, f.name
         if spec.options is not None:
             assert f.default in spec.options, f.name
+        values = f.default if isinstance(f.default, tuple) else (f.default,)
         if spec.min is not None:
-            assert f.default >= spec.min, f.name
+            assert all(v >= spec.min for v in values), f.name
         if spec.max is not None:
-            assert f.default <= spec.max, f.name
+            assert all(v <= spec.max for v in values), f.name
+        assert S._value_problem(f.default, f.default, spec) is None, f.name
 
 
 def test_node_and_engine_defaults_are_one_set():
@@ -77,3 +79,42 @@ def test_derived_seeds_stay_in_torchs_range_at_the_nodes_maximum():
     top = S.MAX_SEED
     assert S.derived_seed(top, 1) == 0 and S.derived_seed(5, 1) == 6
     torch.Generator().manual_seed(S.derived_seed(top, 104729))  # no "Overflow when unpacking long long"
+
+
+# The values the hostile rounds gave the command line and the node: each is refused, naming the setting.
+BAD_VALUES = [
+    ({"resolution": 0}, "resolution must be at least 64"), ({"resolution": -64}, "resolution must be at least 64"),
+    ({"resolution": 8}, "resolution must be at least 64"), ({"resolution": 100}, "resolution must be a multiple of 64"),
+    ({"seed": 2 ** 64}, "seed must be at most 18446744073709551615"),
+    ({"weight_decay": float("nan")}, "weight_decay must be a finite number"),
+    ({"adam_betas": (1.0, 1.0)}, "adam_betas must be at most"),
+    ({"transform": "trm:100000"}, "transform trm:100000 asks for rank 100000"),
+    ({"residual": "lora:100000"}, "residual lora:100000 asks for rank 100000"),
+    ({"sample_steps": 0}, "sample_steps must be at least 1"),
+    ({"num_class_images": -3}, "num_class_images must be at least 0"),
+    ({"sample_cfg": float("nan")}, "sample_cfg must be a finite number"),
+    ({"dco_beta": float("nan")}, "dco_beta must be a finite number"),
+    ({"prior_loss_weight": float("nan")}, "prior_loss_weight must be a finite number"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
+    ({"learning_rate": 1e30}, "learning_rate must be at most 1"),
+    ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm must be at least"),
+    ({"form": "fastest"}, "form must be one of auto, factored, merged, dense"),
+    ({"transform": "none", "residual": "none"}, "both none"),
+    ({"transform": "trm:x"}, "transform: transform 'trm:x' needs an integer rank"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_VALUES, ids=[str(c) for c, _ in BAD_VALUES])
+def test_every_setting_is_checked_against_its_range_once_for_every_host(changes, message):
+    with pytest.raises(S.TrainingError, match=message.replace("(", r"\(")):
+        S.TrainSettings(**changes).validate()
+    with pytest.raises(S.TrainingError, match="^--"):  # a host names its own inputs (the command line's flags)
+        S.TrainSettings(**changes).validate(label=lambda n: "--" + n.replace("_", "-"))
+
+
+def test_the_sizes_are_counted_from_the_layout():
+    """trm:2 + tr:6 on a 320x320 weight (the paper's shapes: 320 = 4 x 8 x 10): cores counted by hand."""
+    transform = (4 * 4 + 8 * 8 + 10 * 10) * 2 * 2
+    residual = 2 * (4 + 8 + 10) * 6 * 6
+    assert S.adapter_params([(320, 320)], "trm:2", "tr:6") == transform + residual + 1  # + the scale

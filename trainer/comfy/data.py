@@ -121,8 +121,6 @@ def prepare_data(base_model: Any, clip: Any, vae: Any, images: Sequence[Tensor],
     device = device or mm.get_torch_device()
     if not images:
         raise TLoRAError("no training images: connect an IMAGE batch or an image dataset loader")
-    if resolution % 64:
-        raise TLoRAError(f"resolution must be a multiple of 64 (got {resolution})")
     downscale = vae_downscale(vae)
     encoder = Encoder(base_model, clip, device)
     with torch.inference_mode(False), torch.no_grad():
