@@ -4,15 +4,20 @@
     accelerate launch --num_processes 2 -m comfyui_tlora.trainer.diffusers --model ... (the same arguments)
 
 Every training setting of the ComfyUI node is an option here, generated from `TrainSettings`
-(same names with dashes, same defaults, ranges and help). Errors print one line and exit 2;
-a diverged run exits 3 (the last good adapter kept); Ctrl-C saves a partial file and exits 130.
+(same names with dashes, same defaults, ranges and help) and checked by the same
+`TrainSettings.validate`, before anything loads. Errors print one line and exit 2; a diverged
+run exits 3 (the last adapter whose outputs were finite kept, or none); Ctrl-C saves a partial
+file and exits 130, SIGTERM (a scheduler's or accelerate's stop) does the same and exits 143.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ...tlora.errors import TLoRAError
@@ -55,14 +60,47 @@ def settings_from(args: argparse.Namespace) -> TrainSettings:
     return from_values(values)
 
 
+def option_label(name: str) -> str:
+    """A setting's name as this command line spells it (`learning_rate` -> `--learning-rate`)."""
+    return _option(name)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the partial file is saved, marked stopped)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread while the run lasts (a KeyboardInterrupt to the engine)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = parser().parse_args(argv)
     from ..loop import TrainingDiverged
-    from .run import Job, train
+    from .run import Job, check_job, train
     job = Job(args.model, args.data, args.output_dir, args.config, args.class_data)
     try:
-        result = train(job, settings_from(args), progress_bar=not args.quiet)
+        settings = settings_from(args)
+        settings.validate(label=option_label)  # the node's own check, before anything loads
+        check_job(job, settings)
+        with sigterm_as_interrupt():
+            result = train(job, settings, progress_bar=not args.quiet)
+    except Terminated:
+        print("tlora-train: stopped by SIGTERM; the steps done so far were saved (marked partial)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("tlora-train: interrupted; the steps done so far were saved (marked partial)", file=sys.stderr)
         return 130
@@ -70,10 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tlora-train: {err}", file=sys.stderr)
         return 3
     except (TLoRAError, OSError) as err:
-        print(f"tlora-train: {err}", file=sys.stderr)
+        print(f"tlora-train: {_one_line(err)}", file=sys.stderr)
         return 2
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch only rank 0 wrote it
     if main_process and result.path and result.metadata.get("tlora.train.partial") == "false":
         loss = "" if result.final_loss is None else f", final loss {result.final_loss:.4g}"
         print(f"tlora-train: wrote {result.path} ({result.steps_done} steps{loss})")
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line (an OSError's own text can span several)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."

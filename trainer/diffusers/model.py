@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from ...tlora import arch as tarch
 from ...tlora import diffusers_names as dnames
+from ...tlora import format as tformat
+from ...tlora.errors import TLoRAError
+from ...tlora.fileio import parse_json
 from .apply import arch_of, resolve_path
 from ..data import Cond
 from ..schedule import Schedule
@@ -35,31 +38,70 @@ _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 FLUX_GUIDANCE = 3.5  # the distilled guidance Flux.1-dev trains at (diffusers' and our ComfyUI binding's choice)
 
 
+def refuse_adapter_file(model: str) -> None:
+    """TrainingError when --model is an adapter file (a TLoRA or LoRA), not the base model it adapts."""
+    if not os.path.isfile(model):
+        return
+    try:
+        header, _, _ = tformat.read_header(model)
+    except TLoRAError:
+        return  # not safetensors (a .ckpt): from_single_file says what it is
+    keys = [k for k in header if k != "__metadata__"]
+    if tformat.is_tlora_state_dict(keys) or (keys and all(".lora_" in k or ".alpha" in k for k in keys)):
+        kind = "TLoRA" if tformat.is_tlora_state_dict(keys) else "LoRA"
+        raise TrainingError(f"--model {os.path.basename(model)} is a {kind} adapter file, not a base model: give "
+                            f"the checkpoint or diffusers folder to train on")
+
+
+def quiet_loading() -> None:
+    """No progress bars from diffusers' and transformers' loading (the command's --quiet)."""
+    import diffusers
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # a pipeline without transformers' encoders
+        pass
+
+
 def load_pipeline(model: str, config: str | None = None) -> Any:
     """A pipeline from a local diffusers folder, or a single-file checkpoint with a local config folder; offline."""
     import diffusers
     if os.path.isdir(model):
         try:
             return diffusers.DiffusionPipeline.from_pretrained(model, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise TrainingError(f"cannot load the diffusers folder {model}: {err}") from None
+        except Exception as err:  # diffusers raises many kinds for a folder that is not a pipeline
+            raise TrainingError(f"cannot load the diffusers folder {model}: {_first_line(err)}") from None
     if not os.path.isfile(model):
         raise TrainingError(f"model {model!r} is neither a diffusers folder nor a checkpoint file")
-    if not config or not os.path.isdir(config):
+    refuse_adapter_file(model)
+    if not config:
         raise TrainingError(f"{os.path.basename(model)} is a single-file checkpoint: give --config, a local "
                             f"diffusers folder (model_index.json and configs) describing it (offline: nothing "
                             f"is downloaded)")
-    with open(os.path.join(config, "model_index.json"), encoding="utf-8") as f:
-        import json
-        class_name = json.load(f).get("_class_name", "")
+    if not os.path.isdir(config):
+        raise TrainingError(f"--config {config}: no such folder (give a local diffusers folder)")
+    index = os.path.join(config, "model_index.json")
+    try:
+        with open(index, encoding="utf-8") as f:
+            class_name = parse_json(f.read()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError) as err:
+        raise TrainingError(f"--config {config} is not a diffusers folder (its model_index.json: "
+                            f"{getattr(err, 'strerror', None) or err})") from None
     if class_name not in PIPELINES:
         raise TrainingError(f"--config {config} describes a {class_name or 'unknown'} pipeline; single files "
                             f"load as {', '.join(PIPELINES)}")
     cls = getattr(diffusers, class_name)
     try:
         return cls.from_single_file(model, config=config, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise TrainingError(f"cannot load {os.path.basename(model)} with the config in {config}: {err}") from None
+    except Exception as err:  # a checkpoint of another family than the config raises shape errors of many kinds
+        raise TrainingError(f"cannot load {os.path.basename(model)} with the config in {config} (is it that "
+                            f"model's config?): {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def family(pipe: Any) -> str:

@@ -22,7 +22,7 @@ from ..data import TrainData
 from ..distributed import AdapterParams, Distributed
 from ..loop import Trainer
 from ..runs import TrainResult
-from ..settings import TrainSettings, derived_seed
+from ..settings import TrainingError, TrainSettings, derived_seed
 from . import data as ddata
 from . import model as dmodel
 
@@ -64,6 +64,27 @@ class Job:
     class_dir: str | None = None
 
 
+def check_job(job: Job, settings: TrainSettings) -> None:
+    """TrainingError, before anything loads, for paths that cannot work (each named as the options name them)."""
+    if job.config is not None and not os.path.isdir(job.config):
+        raise TrainingError(f"--config {job.config}: no such folder (give a local diffusers folder)")
+    for option, folder in (("--data", job.data_dir), ("--class-data", job.class_dir)):
+        if folder is not None and not os.path.isdir(folder):
+            raise TrainingError(f"{option} {folder}: no such folder")
+    dmodel.refuse_adapter_file(job.model)
+    if settings.sample_every:
+        out = os.path.realpath(job.output_dir)
+        for option, folder in (("--data", job.data_dir), ("--class-data", job.class_dir)):
+            if folder is not None and os.path.realpath(folder) == out:
+                raise TrainingError(f"--output-dir is the {option} folder: its previews would be training images "
+                                    f"of the next run; write into another folder")
+    try:
+        os.makedirs(job.output_dir, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"cannot make the output folder {job.output_dir}: {err.strerror or err}") from None
+    outputs.check_writable(job.output_dir)
+
+
 def precision_for(settings: TrainSettings, accelerator: Any) -> TrainSettings:
     """`auto` precision follows accelerate's mixed-precision configuration (`--mixed_precision`, its config file)."""
     configured = getattr(accelerator, "mixed_precision", "no")
@@ -78,6 +99,11 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
     settings.validate()
     processes = AccelerateProcesses(accelerator)
     device = accelerator.device
+    # The folders first: a bad image or caption is named before the model takes its time to load.
+    images, captions, _ = ddata.read_folder(job.data_dir)
+    class_images = ddata.read_folder(job.class_dir)[0] if settings.class_prompt and job.class_dir else []
+    if not progress_bar:
+        dmodel.quiet_loading()
     pipe = dmodel.load_pipeline(job.model, job.config)
     p = dmodel.parts(pipe)
     scale = 2 ** (len(p.vae.config.block_out_channels) - 1)
@@ -91,13 +117,11 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
     def encode_image(pixels: Tensor) -> Tensor:
         return dmodel.encode_images(p.vae, pixels)
 
-    images, captions, _ = ddata.read_folder(job.data_dir)
     instance = ddata.examples(images, captions, settings.instance_prompt, settings.resolution,
                               settings.aspect_buckets, encode_image, encode_text)
     train_data = TrainData(instance)
     if settings.class_prompt:
-        if job.class_dir:
-            class_images, _, _ = ddata.read_folder(job.class_dir)
+        if class_images:
             train_data.prior = ddata.examples(class_images, [""] * len(class_images), settings.class_prompt,
                                               settings.resolution, False, encode_image, encode_text)
         with torch.no_grad():
@@ -127,7 +151,7 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
         image = dmodel.decode_latent(p.vae, latent)
         if processes.is_main:
             from PIL import Image
-            preview = os.path.splitext(path)[0] + f".step{trainer.step:06d}.png"
+            preview = os.path.splitext(trainer.output_path or path)[0] + f".step{trainer.step:06d}.png"
             Image.fromarray((image * 255).round().to(torch.uint8).numpy()).save(preview)
         return image
 
@@ -171,9 +195,9 @@ def default_accelerator() -> Any:
 def train(job: Job, settings: TrainSettings, accelerator: Any | None = None, progress_bar: bool = True
           ) -> TrainResult:
     """Train a TLoRA on a diffusers pipeline; the main process writes `output_dir/<output_name>.safetensors`."""
+    check_job(job, settings)
     if accelerator is None:
         accelerator = default_accelerator()
-    os.makedirs(job.output_dir, exist_ok=True)
     trainer = build_trainer(job, settings, accelerator, progress_bar)
     try:
         return trainer.run()
