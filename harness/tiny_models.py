@@ -14,6 +14,8 @@ not need `setup_host` or node loading.
 """
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import math
 import os
@@ -169,7 +171,18 @@ def _build(config_cls_name: str, unet_config: dict, seed: int, head_channels: Op
     model.eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
+    if hasattr(patcher, "cached_patcher_init"):
+        # What ComfyUI's own loaders register (0.33): how to load this model afresh. TrainLoraNode's
+        # deep clone and the non-dynamic delegate reload through it; seeded init gives the same weights.
+        patcher.cached_patcher_init = (_reload, (config_cls_name, copy.deepcopy(unet_config), seed,
+                                                 head_channels, dtype))
     return cfg, model, patcher
+
+
+def _reload(config_cls_name: str, unet_config: dict, seed: int, head_channels: Optional[int], dtype: Any,
+            disable_dynamic: bool = False) -> Any:
+    """A fresh patcher of the same tiny model (the `cached_patcher_init` factory; CPU patchers are never dynamic)."""
+    return _build(config_cls_name, copy.deepcopy(unet_config), seed, head_channels, dtype)[2]
 
 
 def tiny_sd15(seed: int = 0, *, model_channels: int = 32, context_dim: int = 64,

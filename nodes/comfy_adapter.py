@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -57,7 +57,7 @@ class TLoRAWeightAdapter(WeightAdapterBase):
     @classmethod
     def from_module_adapter(cls, adapter: ModuleAdapter, loaded_keys=None) -> "TLoRAWeightAdapter":
         """Wrap a validated core adapter."""
-        names = tuple(adapter.tensors)
+        names = _Suffixes(tuple(adapter.tensors), adapter)
         patch = cls(set(loaded_keys or ()), (names, *(adapter.tensors[n] for n in names)))
         patch._adapter = adapter
         return patch
@@ -94,8 +94,17 @@ class TLoRAWeightAdapter(WeightAdapterBase):
         names, tensors = self.weights[0], self.weights[1:]
         cached = self._adapter
         if cached is None or any(cached.tensors.get(n) is not t for n, t in zip(names, tensors)):
-            cached = self._adapter = ModuleAdapter(dict(zip(names, tensors)), name=self.name)
+            source = getattr(names, "source", None)
+            if source is not None:  # a host's copy of validated tensors (see _Suffixes)
+                cached = ModuleAdapter.like(source, dict(zip(names, tensors)))
+            else:
+                cached = ModuleAdapter(dict(zip(names, tensors)), name=self.name)
+            self._adapter = cached
         return cached
+
+    def calculate_shape(self, key):
+        """The patched weight's shape: TLoRA never changes it (None, as the host's base class answers)."""
+        return None
 
     # ----- training (ComfyUI's built-in TrainLoraNode) ----------------------------------
     @classmethod
@@ -219,6 +228,33 @@ class TLoRATrainDiff(WeightAdapterTrainBase):
     def passive_memory_usage(self) -> int:
         """Bytes held by the adapter's tensors."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+class _Suffixes(Sequence):
+    """`weights[0]` of a patch: the tensors' suffix names, with the validated adapter they belong to.
+
+    Deliberately not a tuple: ComfyUI (0.33) rebuilds a patch as `type(p)(p.loaded_keys, w)`
+    each time it moves the weights, copying tuples item by item but passing other objects
+    through, so the rebuilt patch still finds the adapter its tensors were copied from and
+    skips re-validating them (`ModuleAdapter.like`).
+    """
+
+    __slots__ = ("names", "source")
+
+    def __init__(self, names: tuple[str, ...], source: ModuleAdapter) -> None:
+        self.names, self.source = names, source
+
+    def __getitem__(self, index):
+        return self.names[index]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __deepcopy__(self, memo: dict) -> "_Suffixes":
+        return self  # immutable; a deep copy of the source's tensors would only waste memory
+
+    def __repr__(self) -> str:
+        return f"_Suffixes{self.names!r}"
 
 
 @dataclass(frozen=True)

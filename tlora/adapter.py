@@ -128,6 +128,31 @@ class ModuleAdapter:
         tensors[SCALE] = torch.tensor(default_scale(r_kind, alpha), dtype=dtype)
         return cls(tensors, name=name, weight_shape=weight_shape)
 
+    @classmethod
+    def like(cls, source: "ModuleAdapter", tensors: Mapping[str, Tensor]) -> "ModuleAdapter":
+        """`source` over moved copies of its tensors: names, shapes and dtypes checked, values not re-read.
+
+        Hosts that rebuild a patch every time they move its weights (ComfyUI 0.33's dynamic VRAM
+        casts them per use) would otherwise re-validate every layer at every step, reading every
+        value back from the device. The copies hold the validated values, so the facts derived
+        from them (kinds, factors, an identity start, the scale) carry over.
+        """
+        tensors = dict(tensors)
+        # Another dtype may overflow (1e30 in float16) or round an identity start: validated anew.
+        if tensors.keys() != source.tensors.keys() or any(
+                not isinstance(v, Tensor) or tuple(v.shape) != tuple(source.tensors[k].shape)
+                or v.dtype != source.tensors[k].dtype for k, v in tensors.items()):
+            return cls(tensors, name=source.name)
+        copy = cls.__new__(cls)
+        copy.__dict__.update(source.__dict__)
+        copy.tensors = tensors
+        copy.transform_cores = [tensors[T_CORE.format(d)] for d in range(len(source.transform_cores))]
+        copy.diag = tensors.get(T_DIAG)
+        copy.out_cores = [tensors[R_OUT.format(d)] for d in range(len(source.out_cores))]
+        copy.in_cores = [tensors[R_IN.format(d)] for d in range(len(source.in_cores))]
+        copy.up, copy.down = tensors.get(R_UP), tensors.get(R_DOWN)
+        return copy
+
     # ----- validation ---------------------------------------------------------------
     def _fail(self, problem: str) -> TLoRAFormatError:
         return TLoRAFormatError(f"{self.name}: {problem}")
@@ -277,7 +302,7 @@ class ModuleAdapter:
 
     def to(self, *args, **kwargs) -> "ModuleAdapter":
         """A copy with every tensor moved/cast (as Tensor.to)."""
-        return ModuleAdapter({k: v.to(*args, **kwargs) for k, v in self.tensors.items()}, name=self.name)
+        return ModuleAdapter.like(self, {k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
 
     def config(self) -> dict:
         """A JSON-able summary of this module's adapter."""

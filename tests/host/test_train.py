@@ -430,11 +430,20 @@ def test_sanitized_names():
 
 
 # ----- ComfyUI's built-in trainer can train TLoRA -----------------------------------------------
-def builtin_train(model, clip, tm, bypass: bool = False):
+def builtin_train_inputs(node) -> dict:
+    """TrainLoraNode's inputs and their defaults, from its own schema (V3 on 0.12+, INPUT_TYPES on 0.3.75)."""
+    if hasattr(node, "define_schema"):
+        return {i.id: getattr(i, "default", None) for i in node.define_schema().inputs}
+    required = node.INPUT_TYPES()["required"]
+    return {name: (spec[1].get("default") if len(spec) > 1 else None) for name, spec in required.items()}
+
+
+def builtin_train(model, clip, tm, bypass: bool = False, **extra):
     """ComfyUI's TrainLoraNode with TLoRA as its algorithm -> (trained model or None, lora state dict, loss map, steps).
 
     0.3.75 returns (model, lora, loss_map, steps); 0.12 is a V3 node with required bucket_mode
-    and bypass_mode inputs returning (lora, loss_map, steps).
+    and bypass_mode inputs returning (lora, loss_map, steps); 0.33 requires quantized_backward,
+    checkpoint_depth and offloading too. `extra` sets further inputs (skipped where the host lacks one).
     """
     import torch
     node = ch.node_class("TrainLoraNode")
@@ -451,24 +460,43 @@ def builtin_train(model, clip, tm, bypass: bool = False):
         inputs.update(bucket_mode=[False], bypass_mode=[bypass])
     elif bypass:
         pytest.skip(f"{ch.host_label()} has no bypass mode in TrainLoraNode (0.12 added it)")
+    if extra:
+        missing = set(extra) - set(builtin_train_inputs(node))
+        if missing:
+            pytest.skip(f"{ch.host_label()}'s TrainLoraNode has no {', '.join(sorted(missing))} input")
+        inputs.update({k: [v] for k, v in extra.items()})
+    # Inputs this test does not set (0.33 added quantized_backward, checkpoint_depth, offloading) take
+    # the node's own defaults, read from its schema: a newer host's new inputs do not break the call.
+    for name, default in builtin_train_inputs(node).items():
+        inputs.setdefault(name, [default])
     with torch.inference_mode():
         result = node.execute(**inputs).result
     return (None, *result) if len(result) == 3 else result
 
 
-@pytest.mark.parametrize("bypass", [False, True], ids=["weight_mode", "bypass_mode_0_12"])
-def test_trainloranode_trains_tlora(sd15, tm, loras_dir, bypass):
+TRAINLORA_MODES = {
+    "weight_mode": (False, {}),
+    "bypass_mode_0_12": (True, {}),
+    # 0.33: checkpointing below the top level, and weights offloaded between uses (CPU: a no-op move).
+    "checkpoint_depth_offloading_0_33": (False, {"gradient_checkpointing": True, "checkpoint_depth": 2,
+                                                 "offloading": True}),
+}
+
+
+@pytest.mark.parametrize("mode", list(TRAINLORA_MODES))
+def test_trainloranode_trains_tlora(sd15, tm, loras_dir, mode):
     import torch
     import comfy.weight_adapter as wa
     model, clip, vae = sd15
+    bypass, extra = TRAINLORA_MODES[mode]
     adapter_module = pack("nodes.comfy_adapter")
     assert wa.adapter_maps[adapter_module.TRAIN_ALGORITHM] is adapter_module.TLoRAWeightAdapter
-    _, lora_sd, loss_map, steps = builtin_train(model, clip, tm, bypass)
+    _, lora_sd, loss_map, steps = builtin_train(model, clip, tm, bypass, **extra)
     assert steps == 2 and len(loss_map["loss"]) == 2
     tlora_keys = {k: v for k, v in lora_sd.items() if ".tlora_" in k}
     assert any(k.endswith(".tlora_t.0") for k in tlora_keys) and any(k.endswith(".tlora_scale") for k in tlora_keys)
     from safetensors.torch import save_file
-    path = loras_dir / f"builtin_{'bypass' if bypass else 'weight'}.safetensors"
+    path = loras_dir / f"builtin_{mode}.safetensors"
     save_file({k: v.detach().contiguous() for k, v in tlora_keys.items()}, str(path))
     loaded = pack("tlora.format").load(str(path))
     assert len(loaded.adapters) >= len(model.attention_modules())
@@ -690,9 +718,13 @@ def test_dynamic_vram_patcher_is_refused_with_a_clear_message_0_12(sd15, loras_d
     import comfy.model_patcher as mp
     if not hasattr(mp, "ModelPatcherDynamic"):
         pytest.skip(f"{ch.host_label()} has no dynamic-VRAM model patcher (0.12 added it)")
+    if hasattr(mp.ModelPatcherDynamic, "get_non_dynamic_delegate"):
+        pytest.skip(f"{ch.host_label()} gives dynamic patchers a resident delegate: training runs on it "
+                    f"(test_host_contracts.py); refused only where a loader registered no reload")
     model, clip, vae = sd15
     dynamic = model.patcher.clone()
     dynamic.__class__ = mp.ModelPatcherDynamic  # the real class (its constructor gives CPUs a plain patcher)
+    dynamic.non_dynamic_delegate_model = None  # what its __init__ sets (0.33)
     assert dynamic.is_dynamic()
     before = set(loras_dir.iterdir())
     with pytest.raises(pack("tlora.errors").TLoRAError, match="dynamic VRAM.*restart ComfyUI without"):

@@ -87,12 +87,29 @@ class _Restore:
         setattr(self.module, self.name, self.value)
 
 
+def host_training_mode() -> list[_Restore]:
+    """ComfyUI's own "a training run is on" flag, set for the run as its TrainLoraNode sets it.
+
+    From 0.33 the host reads `comfy.model_management.in_training` to choose differentiable
+    paths over kernels without a backward (Flux's and Qwen-Image's RoPE, Lumina's fused QK norm,
+    INT8 fused activations, newer families' fused ops). Hosts without the flag get nothing here
+    (0.12 is served by `differentiable_rope`). The handle restores the previous value.
+    """
+    module = importlib.import_module("comfy.model_management")
+    if not hasattr(module, "in_training"):
+        return []
+    handle = _Restore(module, "in_training", module.in_training)
+    module.in_training = True
+    return [handle]
+
+
 def differentiable_rope() -> list[_Restore]:
     """While training, rotary embeddings in torch where the host uses comfy_kitchen's kernels.
 
     ComfyUI 0.12 runs Flux's and Qwen-Image's RoPE through comfy_kitchen ops that have no
     backward ("no autograd formula was registered"); the same maths in torch trains. The
-    returned handles restore the host's functions.
+    returned handles restore the host's functions. Newer hosts wrap those kernels in functions
+    of their own that follow `host_training_mode`'s flag: nothing is swapped there.
     """
     handles = []
     for module_name, names in (("comfy.ldm.flux.math", ("apply_rope", "apply_rope1")),

@@ -21,8 +21,8 @@ from ..loop import Trainer
 from ..runs import RUNS, RunRegistry, TrainResult
 from ..settings import TrainSettings
 from .data import prepare_data
-from .model import (arch_of, autograd_safe_norms, checkpoint_blocks, differentiable_rope, make_denoiser,
-                    make_trainable, schedule_for, text_encode, text_group)
+from .model import (arch_of, autograd_safe_norms, checkpoint_blocks, differentiable_rope, host_training_mode,
+                    make_denoiser, make_trainable, schedule_for, text_encode, text_group)
 from .progress import ComfyProgress, current_prompt_id, report_end, send_event
 
 
@@ -38,18 +38,31 @@ def output_path(output_name: str, resume_path: str | None = None) -> tuple[str, 
     return outputs.output_path(loras_dir(), output_name, resume_path)
 
 
-def refuse_dynamic_vram(model: Any) -> None:
-    """Training needs resident weights: refuse 0.12's dynamic-VRAM patcher with a message that says what to do.
+def resident_patcher(model: Any) -> Any:
+    """The patcher a training run uses: `model`, or under dynamic VRAM the host's own non-dynamic delegate.
 
-    ModelPatcherDynamic (`--fast dynamic_vram`, GPU only) streams each layer's weights in per
-    forward through a virtual address range; our adapters wrap the live layers and autograd
-    keeps their inputs for the backward pass, which that streaming does not plan for (and no
-    GPU was at hand to prove otherwise).
+    ModelPatcherDynamic (the default on GPUs from ComfyUI 0.33; `--fast dynamic_vram` on 0.12)
+    streams each layer's weights in per forward through a virtual address range; our adapters
+    wrap the live layers and autograd keeps what they saw for the backward pass, which that
+    streaming does not plan for. The host itself falls back to `get_non_dynamic_delegate()`
+    (the same model reloaded resident, patches kept) for what dynamic loading cannot do (hook
+    patches); a training run does the same. Hosts or loaders without that way back are refused
+    with what to do.
     """
     is_dynamic = getattr(model, "is_dynamic", None)
-    if callable(is_dynamic) and is_dynamic():
-        raise TLoRAError("Train TLoRA does not train under ComfyUI's dynamic VRAM mode (--fast dynamic_vram), "
-                         "which streams weights in per layer; restart ComfyUI without dynamic_vram to train")
+    if not (callable(is_dynamic) and is_dynamic()):
+        return model
+    delegate = getattr(model, "get_non_dynamic_delegate", None)
+    if delegate is not None:
+        try:
+            return delegate()
+        except RuntimeError as err:  # a custom loader that registered no way to reload its model
+            raise TLoRAError(f"Train TLoRA needs this model resident, and its loader cannot reload it without "
+                             f"dynamic VRAM ({err}); load it with a core loader (Load Checkpoint, Load Diffusion "
+                             f"Model) or restart ComfyUI without dynamic VRAM (--disable-dynamic-vram)") from None
+    raise TLoRAError("Train TLoRA does not train under ComfyUI's dynamic VRAM mode (--fast dynamic_vram), "
+                     "which streams weights in per layer; restart ComfyUI without dynamic_vram to train "
+                     "(--disable-dynamic-vram on newer ComfyUI)")
 
 
 def base_model_name(model: Any, prompt: Mapping[str, Any] | None = None, node_id: str | None = None) -> str:
@@ -79,7 +92,7 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
     out as `tlora.train` events; a run that raises ends with a `cancelled`, `diverged` or
     `failed` event before the exception reaches ComfyUI.
     """
-    refuse_dynamic_vram(model)
+    model = resident_patcher(model)
     path, file_name = output_path(settings.output_name, settings.resume or None)
     run_id = run_id or f"{int(time.time())}-{os.urandom(3).hex()}"
     run_info = {"node": node_id, "prompt_id": current_prompt_id(), "file_name": file_name}
@@ -144,6 +157,7 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
         progress_bar=comfy.utils.PROGRESS_BAR_ENABLED,
         metadata={"tlora.train.base_model": base_model_name(model, prompt, node_id)},
         file_config={"arch": arch} if arch else {})
+    hooks.extend(host_training_mode())
     if settings.train_text_encoder:
         hooks.extend(autograd_safe_norms(clip.cond_stage_model))
     if schedule.prediction == "flow":  # DiT blocks add residuals in place onto what their norms saved
