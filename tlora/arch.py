@@ -451,6 +451,22 @@ def kohya_map(arch: str) -> dict[str, str]:
     return dict(_kohya_pairs(arch))
 
 
+@lru_cache(maxsize=None)
+def _generic_of_kohya() -> dict[str, frozenset[str]]:
+    """{kohya name: the module paths it stands for on any released architecture}."""
+    out: dict[str, set[str]] = {}
+    for arch in ARCHS:
+        for kohya, path in _kohya_pairs(arch):
+            out.setdefault(kohya, set()).add(path)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def same_weight_names(module_path: str) -> set[str]:
+    """Every other name ComfyUI maps to this module's weight: the kohya forms of a generic path, and the
+    generic paths of a kohya name (on any released architecture)."""
+    return (aliases(module_path) | set(_generic_of_kohya().get(module_path, ()))) - {module_path}
+
+
 def module_path_from_kohya(name: str, arch: str) -> str | None:
     """The module path a kohya-style name stands for on this architecture (None if unknown).
 

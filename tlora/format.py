@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     """(parsed safetensors header, header length, file size), checked against the file size."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the read below forever
+            raise TLoRAFormatError(f"{path}: not a regular file (a FIFO, device or folder)")
+        size = info.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             sniffed = _sniff_non_safetensors(head)
@@ -141,13 +145,18 @@ class TLoRAFile:
         return sum(a.num_params() for a in self.adapters.values())
 
 
-def _parse_config(path: str, metadata: Mapping[str, str]) -> dict[str, Any]:
-    version = metadata.get("tlora.version", FORMAT_VERSION)
+def check_version(path: str, metadata: Mapping[str, Any]) -> None:
+    """TLoRAFormatError unless the file's tlora.version is one this reader knows (absent: version 1)."""
+    version = str(metadata.get("tlora.version", FORMAT_VERSION))
     if version != FORMAT_VERSION:
         if version.isdigit() and int(version) > int(FORMAT_VERSION):
             raise TLoRAFormatError(f"{path}: written in TLoRA format version {version}; this reader "
                                    f"supports version {FORMAT_VERSION} (update ComfyUI-TLoRA)")
-        raise TLoRAFormatError(f"{path}: unknown tlora.version {version!r}")
+        raise TLoRAFormatError(f"{path}: unknown tlora.version {version[:40]!r}")
+
+
+def _parse_config(path: str, metadata: Mapping[str, str]) -> dict[str, Any]:
+    check_version(path, metadata)
     text = metadata.get("tlora.config")
     if text is None:
         return {}
@@ -218,6 +227,51 @@ def load(path: str | os.PathLike) -> TLoRAFile:
         adapters[prefix] = adapter
     _check_against_arch(adapters, config.get("arch"))
     return TLoRAFile(adapters, metadata, config, path, size)
+
+
+# What other adapter kinds store for a module `x` as `x.<suffix>` (ComfyUI's weight adapters and its
+# loader's diff/set/norm patches; kohya, LyCORIS, PEFT and diffusers files use these): each patches
+# x's weight as a TLoRA of x does, so a host would apply one and drop the other.
+FOREIGN_SUFFIXES = (
+    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora.up.weight", "lora.down.weight", "lora_A",
+    "lora_B", "lora_A.weight", "lora_B.weight", "lora_A.default.weight", "lora_B.default.weight",
+    "lora_linear_layer.up.weight", "lora_linear_layer.down.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a",
+    "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+    "lokr_t2", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "oft_blocks", "oft_diag", "diff", "set_weight",
+    "w_norm")
+
+
+def foreign_keys(prefix: str, keys: Container[str]) -> list[str]:
+    """Keys of another adapter kind for module `prefix` (a few lookups in `keys`, no scan)."""
+    return [f"{prefix}.{suffix}" for suffix in FOREIGN_SUFFIXES if f"{prefix}.{suffix}" in keys]
+
+
+# Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
+TLORA_PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r.in.0", "tlora_r.up",
+                "tlora_r.down")
+
+
+def has_tlora_module(prefix: str, keys: Container[str]) -> bool:
+    """Whether `keys` hold a TLoRA module under this prefix (a few lookups, no scan)."""
+    return any(f"{prefix}.{probe}" in keys for probe in TLORA_PROBES)
+
+
+def check_one_adapter_per_weight(prefix: str, keys: Container[str]) -> None:
+    """TLoRAFormatError when module `prefix`'s weight is also given under another name or by another adapter kind.
+
+    The rule every loader applies (ours, ComfyUI's registered adapter, the webuis'): hosts keep one
+    patch per weight, so either file would lose a half without a word.
+    """
+    names = sorted(arch_mod.same_weight_names(prefix))
+    twice = next((n for n in names if has_tlora_module(n, keys)), None)
+    if twice is not None:
+        generic, other = sorted((prefix, twice), key=lambda n: n.startswith(("lora_unet_", "lora_te")))
+        raise TLoRAFormatError(f"module {generic} is given twice (also as {other}); loaders would apply one copy or "
+                               f"the other: keep one name per module")
+    clash = next((k for n in (prefix, *names) for k in foreign_keys(n, keys)), None)
+    if clash is not None:
+        raise TLoRAFormatError(f"module {prefix} also has {clash}, another adapter's tensor for the same weight: "
+                               f"a loader would apply one and drop the other; save the LoRA and the TLoRA as two files")
 
 
 def duplicate_modules(prefixes: Iterable[str]) -> list[tuple[str, str]]:

@@ -223,3 +223,45 @@ def test_functional_mode_forward_matches_the_reference_layer(host, tmp_path):
             else:
                 want = torch.nn.functional.conv2d(x.double(), w, layer.bias.double(), padding=1)
             refs.assert_matches(got, want, prefix)
+
+
+# ----- one adapter per weight, a known format, every module placed (issue 28) --------------------------------------
+def _refused(host, layers, path, words):
+    """The file fails to load with our one-line reason; no layer changes."""
+    before = {p + ".weight": layer.weight.detach().clone() for p, layer in layers.items()}
+    host.errors.shown.clear()
+    got = _apply(host, layers, [path], 1.0)
+    assert len(host.errors.shown) == 1 and words in host.errors.shown[0], host.errors.shown
+    assert host.networks.loaded_networks == []
+    assert all(torch.equal(got[k], before[k]) for k in before), "a refused file changed a weight"
+
+
+@pytest.mark.parametrize("lora_name", [refs.LIN, refs.kohya(refs.LIN)], ids=["same-name", "kohya-name"])
+def test_a_lora_and_a_tlora_for_one_weight_are_refused(host, tmp_path, lora_name):
+    """A1111 let its LoRA module type claim the module and dropped the TLoRA half without a word."""
+    path = refs.write_mixed(str(tmp_path / "mixed.safetensors"), lora_name)
+    _refused(host, _model(host), path, f"also has {lora_name}.lora_up.weight, another adapter's tensor")
+
+
+def test_one_module_under_two_names_is_refused(host, tmp_path):
+    """Renamed to kohya names, the two copies of LIN became one key and one copy was applied silently."""
+    _refused(host, _model(host), refs.write_twice(str(tmp_path / "twice.safetensors")),
+             f"module {refs.LIN} is given twice (also as {refs.kohya(refs.LIN)})")
+
+
+def test_a_newer_format_version_is_refused(host, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from tlora import format as tformat
+    path, _ = refs.standard_file(tmp_path)
+    save_file(load_file(path), str(tmp_path / "v99.safetensors"), metadata={**tformat.read_metadata(path),
+                                                                          "tlora.version": "99"})
+    _refused(host, _model(host), str(tmp_path / "v99.safetensors"), "written in TLoRA format version 99")
+
+
+def test_modules_that_match_no_layer_are_refused_not_skipped(host, tmp_path):
+    """A1111 logs unmatched keys at debug level only: a file for another model applied in part."""
+    layers = _model(host)
+    modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
+               "diffusion_model.elsewhere": refs.trained_module((8, 16), "trm:2", "tr:3", 2)}
+    path = refs.write_tlora(str(tmp_path / "partly.safetensors"), modules)
+    _refused(host, layers, path, "1 of 2 modules match no layer of this model (e.g. lora_unet_elsewhere)")

@@ -117,3 +117,15 @@ def test_comfy_named_text_encoder_module_applies_through_forge_clip_key_map(host
     patcher.add_patches(filename=path, patches=patches, strength_patch=-1.0)
     patcher.refresh_loras()
     refs.assert_matches(q_proj.weight.detach(), refs.ref_patched(w0, module, -1.0), prefix)
+
+
+@pytest.mark.parametrize("lora_name", [refs.LIN, refs.kohya(refs.LIN)], ids=["same-name", "kohya-name"])
+def test_a_lora_and_a_tlora_for_one_weight_are_refused(host, tmp_path, lora_name):
+    """Our loader claimed the TLoRA half, the host's the LoRA half, and ours replaced it in the patch dict."""
+    lora, base = host
+    path = refs.write_mixed(str(tmp_path / "mixed.safetensors"), lora_name)
+    model = refs.tiny_model()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"also has {lora_name}.lora_up.weight, another adapter's tensor.*nothing of it"):
+        _apply(lora, base, model, [path], 1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -103,3 +103,22 @@ def test_webui_script_detects_reforge_and_registers_once(host, capsys):
         runpy.run_path(script, run_name="tlora_webui_script")
     assert capsys.readouterr().out.count("apply through reForge's <lora:name:weight>") == 2
     assert [a.name for a in weight_adapter.adapters].count("transformed_lora") == 1
+
+
+@pytest.mark.parametrize("lora_name", [refs.LIN, refs.kohya(refs.LIN)], ids=["same-name", "kohya-name"])
+def test_a_lora_and_a_tlora_for_one_weight_are_refused(host, tmp_path, lora_name):
+    """The registry's last adapter to claim a module wins: the LoRA half was dropped without a word."""
+    lora, _ = host
+    from safetensors.torch import load_file
+    state = load_file(refs.write_mixed(str(tmp_path / "mixed.safetensors"), lora_name))
+    with pytest.raises(ValueError, match=f"also has {lora_name}.lora_up.weight, another adapter's tensor.*nothing of it"):
+        lora.load_lora(state, refs.generic_key_map(refs.tiny_model()))
+
+
+def test_one_module_under_two_names_is_refused(host, tmp_path):
+    """Both names are in the key map: each claimed its copy and the last one patched the weight."""
+    lora, _ = host
+    from safetensors.torch import load_file
+    state = load_file(refs.write_twice(str(tmp_path / "twice.safetensors")))
+    with pytest.raises(ValueError, match=f"module {refs.LIN} is given twice \\(also as {refs.kohya(refs.LIN)}\\)"):
+        lora.load_lora(state, refs.generic_key_map(refs.tiny_model()))

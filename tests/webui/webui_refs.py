@@ -149,3 +149,35 @@ def assert_file_and_plain_lora_applied(got: dict[str, torch.Tensor], base: dict[
         else:
             assert_matches(got[prefix + ".weight"], ref_patched(w0, tensors, strength), prefix)
     assert_matches(got[PLAIN + ".weight"], base[PLAIN + ".weight"].double() + strength * plain_update, "plain LoRA")
+
+
+# ----- files that give one weight twice (what every host must refuse, issue 28 items 3 and 4) ------------
+def kohya(prefix: str) -> str:
+    """The kohya name of a UNet module path (`diffusion_model.lin` -> `lora_unet_lin`)."""
+    return "lora_unet_" + prefix[len("diffusion_model."):].replace(".", "_")
+
+
+def write_mixed(path: str, lora_name: str) -> str:
+    """The standard file plus an ordinary LoRA for LIN's weight, named `lora_name` (LIN's own name or its kohya one)."""
+    from safetensors.torch import load_file, save_file
+    import pathlib
+    standard, _ = standard_file(pathlib.Path(os.path.dirname(path)))
+    gen = torch.Generator().manual_seed(9)
+    tensors = dict(load_file(standard))
+    tensors.update({f"{lora_name}.lora_up.weight": torch.randn(8, 2, generator=gen),
+                    f"{lora_name}.lora_down.weight": torch.randn(2, 16, generator=gen),
+                    f"{lora_name}.alpha": torch.tensor(2.0)})
+    save_file(tensors, path, metadata={"tlora.version": "1"})
+    return path
+
+
+def write_twice(path: str) -> str:
+    """LIN under its generic and its kohya name, with different values (the hosts applied one or the other)."""
+    layers = tiny_layers()
+    first = trained_module(layers[LIN].weight.shape, "trm:2", "tr:3", 1)
+    second = trained_module(layers[LIN].weight.shape, "trm:2", "tr:3", 7)
+    from safetensors.torch import save_file
+    tensors = {f"{LIN}.{k}": v for k, v in first.items()}
+    tensors.update({f"{kohya(LIN)}.{k}": v for k, v in second.items()})
+    save_file(tensors, path, metadata={"tlora.version": "1"})
+    return path

@@ -57,6 +57,21 @@ def _arch_of(metadata: dict) -> str:
         return "sd15"
 
 
+def _all_matched(net, keys: set, name: str):
+    """The loaded network, or TLoRAError when some of its TLoRA modules matched no layer of this model.
+
+    A1111 drops keys it cannot place with a debug-level log only: such a file (made for another
+    model) would be applied in part without a word. Our loaders refuse it whole; so does this one.
+    """
+    modules = {k[:k.rfind(".tlora_")] for k in keys if core.tformat.is_tlora_key(k)}
+    claimed = {m.adapter.name for m in net.modules.values() if isinstance(getattr(m, "adapter", None), core.ModuleAdapter)}
+    missing = sorted(modules - claimed)
+    if missing:
+        raise core.TLoRAError(f"TLoRA file {name}: {len(missing)} of {len(modules)} modules match no layer of this "
+                              f"model (e.g. {missing[0]}); nothing of it was applied")
+    return net
+
+
 def install(networks, network, sd_models) -> None:
     """Append our module type and wrap networks.load_network to give TLoRA files kohya names."""
     if any(type(t).__name__ == "ModuleTypeTLoRA" for t in networks.module_types):
@@ -67,20 +82,24 @@ def install(networks, network, sd_models) -> None:
 
     @functools.wraps(original)
     def load_network(name, network_on_disk):
-        if not str(network_on_disk.filename).lower().endswith(".safetensors"):
+        filename = str(network_on_disk.filename)
+        if not filename.lower().endswith(".safetensors"):
             return original(name, network_on_disk)
-        with safetensors.safe_open(network_on_disk.filename, "pt") as handle:  # the header only
-            dotted = any(".tlora_" in k and "." in k.rpartition(".tlora_")[0] for k in handle.keys())
+        with safetensors.safe_open(filename, "pt") as handle:  # the header only
+            keys = set(handle.keys())
+        if not any(core.tformat.is_tlora_key(k) for k in keys):
+            return original(name, network_on_disk)
+        core.check_file(filename, keys)  # version, one adapter per weight: before the host groups keys
+        dotted = any(".tlora_" in k and "." in k.rpartition(".tlora_")[0] for k in keys)
         if not dotted:
-            return original(name, network_on_disk)
+            return _all_matched(original(name, network_on_disk), keys, name)
         read = sd_models.read_state_dict
-        renamed = core.kohya_renamed(read(network_on_disk.filename),
-                                     _arch_of(getattr(network_on_disk, "metadata", {}) or {}))
+        renamed = core.kohya_renamed(read(filename), _arch_of(getattr(network_on_disk, "metadata", {}) or {}))
         # The host's loader reads the file itself; hand it the renamed tensors for this one call
         # (the webui loads networks one at a time, on its one generation thread).
         sd_models.read_state_dict = lambda *a, **k: renamed
         try:
-            return original(name, network_on_disk)
+            return _all_matched(original(name, network_on_disk), set(renamed), name)
         finally:
             sd_models.read_state_dict = read
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 if not os.path.isfile(os.path.join(_ROOT, "tlora", "adapter.py")):
@@ -17,10 +17,11 @@ if _ROOT not in sys.path:
     sys.path.append(_ROOT)  # appended: never shadows a webui module
 
 from tlora import arch as tarch  # noqa: E402
+from tlora import format as tformat  # noqa: E402
 from tlora.adapter import SUFFIX_PATTERN, ModuleAdapter  # noqa: E402
 from tlora.errors import TLoRAError, TLoRAShapeError  # noqa: E402
 
-__all__ = ["ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_fits", "claim",
+__all__ = ["ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_file", "check_fits", "claim",
            "has_module", "kohya_renamed"]
 
 # Forge's patch type and reForge's adapter name; not "tlora", which is T-LoRA (LyCORIS).
@@ -42,10 +43,26 @@ def claim(prefix: str, tensors: Mapping) -> tuple[ModuleAdapter, set[str]] | Non
     mine = {k[len(head):]: v for k, v in tensors.items()
             if k.startswith(head) and SUFFIX_PATTERN.match(k[len(head):])}
     try:
+        tformat.check_one_adapter_per_weight(prefix, tensors)
         adapter = ModuleAdapter(mine, name=prefix)
     except TLoRAError as err:
         raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
     return adapter, {head + s for s in mine}
+
+
+def check_file(path: str, keys: Collection[str]) -> None:
+    """The file-level checks a webui's loader cannot make per module (one line, naming the file's problem).
+
+    Its format version, and every TLoRA module's weight given once: A1111 renames and groups keys
+    before any module type sees them, so a second name or a LoRA half would be lost there.
+    """
+    try:
+        tformat.check_version(os.path.basename(path), tformat.read_metadata(path))
+        keys = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+        for prefix in sorted({k[:k.rfind(".tlora_")] for k in keys if tformat.is_tlora_key(k)}):
+            tformat.check_one_adapter_per_weight(prefix, keys)
+    except TLoRAError as err:
+        raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
 
 
 def check_fits(adapter: ModuleAdapter, shape) -> None:
