@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..tlora import arch as tarch
+from ..tlora import format as tformat
 from ..tlora.adapter import SUFFIX_PATTERN, ModuleAdapter
 from ..tlora.errors import TLoRAError
 from ..tlora.functional import weight as wside
@@ -72,10 +72,10 @@ class TLoRAWeightAdapter(WeightAdapterBase):
             return None
         mine = {k[len(prefix):]: v for k, v in lora.items()
                 if k.startswith(prefix) and SUFFIX_PATTERN.match(k[len(prefix):])}
-        for alias in tarch.aliases(x):
-            if any(alias + "." + probe in lora for probe in _PROBES):
-                raise TLoRAError(f"broken TLoRA file: module {x} is given twice (also as {alias}); one copy "
-                                 f"would be applied and the other dropped: keep one name per module")
+        try:  # the host keeps one patch per weight: another name or adapter kind for it would lose a half
+            tformat.check_one_adapter_per_weight(x, lora)
+        except TLoRAError as err:
+            raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
         try:
             adapter = ModuleAdapter(mine, name=x)
         except TLoRAError as err:

@@ -361,3 +361,23 @@ def test_one_module_given_twice_is_refused_by_both_loaders(sd15, loras_dir):
         with pytest.raises(Exception, match=f"{generic} is given twice"):
             load(m.patcher, "twice.safetensors", 1.0)
     assert_all_base(R.patched_weights(m.patcher), base, "after refusing a module given twice")
+
+
+@pytest.mark.parametrize("lora_name", ["generic", "kohya"])
+def test_a_lora_and_a_tlora_for_one_weight_are_refused_by_both_loaders(sd15, loras_dir, lora_name):
+    """The stock loader asked every registered adapter and kept the last to claim: the TLoRA half was applied,
+    the LoRA half dropped, no log line (issue 28 item 3)."""
+    m, base = sd15
+    shapes = unet_shapes(m.model, convs=False)
+    sd = good_state(shapes, seed=8)
+    generic = next(iter(shapes))
+    name = generic if lora_name == "generic" else "lora_unet_" + generic[len("diffusion_model."):].replace(".", "_")
+    out_f, in_f = shapes[generic][:2]
+    g = torch.Generator().manual_seed(3)
+    sd.update({f"{name}.lora_up.weight": torch.randn(out_f, 2, generator=g),
+               f"{name}.lora_down.weight": torch.randn(2, in_f, generator=g), f"{name}.alpha": torch.tensor(2.0)})
+    raw_tlora(loras_dir / "mixed.safetensors", sd)
+    for load in (stock_model_only, tlora_model_only):
+        with pytest.raises(Exception, match=f"also has {name}.lora_up.weight|unknown key '{name}\\."):
+            load(m.patcher, "mixed.safetensors", 1.0)
+    assert_all_base(R.patched_weights(m.patcher), base, "after refusing a LoRA beside a TLoRA")
