@@ -45,6 +45,9 @@ class TrainData:
     sample_cond: Cond | None = None
     sample_uncond: Cond | None = None
     sample_shape: tuple[int, ...] | None = None
+    # The empty prompt's conditioning (classifier-free guidance's other half): the check of a kept
+    # adapter's outputs runs it too (trainer/guard.py). Hosts set it; None leaves that part out.
+    uncond: Cond | None = None
 
 
 def collate_conds(conds: Sequence[Cond]) -> Cond:

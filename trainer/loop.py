@@ -215,7 +215,7 @@ class Trainer:
                                 f"{cfg.steps} steps: set steps higher to train it further")
         self._start_step = self.step
         # Recent adapters whose training losses were finite: what a diverged run may keep.
-        self._good = LastGood(self._params, self.step)
+        self._good = LastGood(self._params, self.step, cfg.steps)
         self._generator = generator
         self._gen_state = generator.get_state()
         self._optimizer, self._scheduler, self._scaler = optimizer, scheduler, scaler
@@ -328,8 +328,13 @@ class Trainer:
 
     def _outputs_finite(self) -> bool:
         """Whether the adapter as it is now gives finite outputs (guard.outputs_finite), alike on every process."""
+        uncond = self.data.uncond
+        if uncond is not None and self.binding.encode is not None:  # a trained text encoder: its own empty prompt
+            with torch.no_grad():
+                uncond = self.binding.encode([""])
         finite = outputs_finite(self._params, self.denoiser, self.schedule, self.data.instance, self._conds,
-                                self.device, self._amp_dtype, derived_seed(self.settings.seed, 7919))
+                                uncond, self.settings.sample_cfg, self.device, self._amp_dtype,
+                                derived_seed(self.settings.seed, 7919))
         return float(self.dist.mean(torch.tensor([0.0 if finite else 1.0], device=self.device))[0]) == 0
 
     def _diverged(self, what: str, value: float, at_step: int | None = None) -> None:
@@ -338,6 +343,7 @@ class Trainer:
         A NaN loss at step n+1 is the output of the adapter after step n: never that one.
         """
         at_step = self.step + 1 if at_step is None else at_step
+        tried = [step for step in self._good.steps() if step > self._start_step]
         kept_step = next((step for step in self._good.candidates(after=self._start_step) if self._outputs_finite()),
                          None)
         if kept_step is not None:
@@ -349,11 +355,10 @@ class Trainer:
                 kept += f"; it was saved to {os.path.basename(self.output_path)}, marked partial."
             else:
                 kept += " (no file was asked for)."
-        elif self.resume_path:
-            kept = (f" Nothing was saved: no step of this run gave finite outputs "
-                    f"({os.path.basename(self.resume_path)} is unchanged).")
         else:
-            kept = " Nothing was saved: no step of this run gave finite outputs."
+            kept = " Nothing was saved: " + (f"none of the adapters kept from steps {', '.join(map(str, tried))} "
+                                             f"gave finite outputs" if tried else "no step of this run had finished")
+            kept += f" ({os.path.basename(self.resume_path)} is unchanged)." if self.resume_path else "."
         raise TrainingDiverged(f"training stopped: the {what} became {value} at step {at_step}.{kept} "
                                f"Lower the learning rate or use fp32/bf16 precision.")
 

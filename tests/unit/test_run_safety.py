@@ -1,8 +1,11 @@
 """What a run keeps when it goes wrong, and what it refuses before it starts (the engine, host-free).
 
 The model is tests/unit/test_engine.py's tiny denoiser. Where a run must diverge for real (no
-poisoned step), its output goes through float16, as a half-precision host's would: adapters that
-grow too large then give inf outputs, the way the issue's lr-1.0 runs rendered black images.
+poisoned step), the model overflows as a half-precision model does: its output is NaN once its
+transform's entries pass a limit, whatever the input, the way the issue's lr-1.0 runs rendered
+black images from the kept file. With lr 0.05 the transform cores grow by about 0.05 a step from
+0.5 (0.55, 0.60, 0.65, 0.695, 0.740, ...), so a limit of 0.72 is first passed by the adapter after
+step 5.
 """
 from __future__ import annotations
 
@@ -16,17 +19,23 @@ from harness.pack import pack_module
 from tests.unit.test_engine import E, TinyNet, make_data, run, schedule, settings, tformat
 
 module = pack_module("tlora.module")
+LIMIT = 0.72
 
 
-def half_output(net):
-    """The tiny model with a float16 output: finite for sane adapters, inf once they blow up."""
-    return lambda x, t, cond: net(x, t, cond["c_crossattn"]).half().float()
+def overflowing(net, limit=LIMIT):
+    """The tiny model, NaN everywhere once any attached transform core has an entry above `limit`."""
+    def denoise(x, t, cond):
+        cores = [p for m in net.modules() if type(m).__name__ == "TLoRAModule"
+                 for k, p in m.adapter_params.items() if k.startswith("tlora_t")]
+        out = net(x, t, cond["c_crossattn"])
+        return out * float("nan") if cores and max(float(p.detach().abs().max()) for p in cores) > limit else out
+    return denoise
 
 
 @torch.no_grad()
 def outputs_of(net, adapters, draws=24):
-    """The half-precision model's outputs over many (noise, timestep, image) draws with these adapters attached."""
-    denoise, sched, data = half_output(net), schedule(), make_data()
+    """The overflowing model's outputs over many (noise, timestep, image) draws with these adapters attached."""
+    denoise, sched, data = overflowing(net), schedule(), make_data()
     wrapped = module.attach(net, {k.removeprefix("diffusion_model."): v for k, v in adapters.items()},
                             trainable=False)
     try:
@@ -43,35 +52,36 @@ def outputs_of(net, adapters, draws=24):
         module.detach(net, list(wrapped))
 
 
+def diverging(net, tmp_path, name, steps, **kw):
+    return run(net, tmp_path, name, steps=steps, learning_rate=0.05, form="factored", denoiser=overflowing(net), **kw)
+
+
 # ----- divergence ----------------------------------------------------------------------------------
 def test_a_diverged_run_keeps_an_adapter_whose_outputs_are_finite(tmp_path):
-    net = TinyNet()
-    with pytest.raises(E.TrainingDiverged, match="loss became inf at step 4") as info:
-        run(net, tmp_path, "d.safetensors", steps=40, learning_rate=0.5, denoiser=half_output(net))
+    """The NaN loss of step 6 is the output of the adapter after step 5: the file is the one after step 4."""
+    with pytest.raises(E.TrainingDiverged, match="loss became nan at step 6") as info:
+        diverging(TinyNet(), tmp_path, "d.safetensors", 40)
     loaded = tformat.load(str(tmp_path / "d.safetensors"))
-    # The step-4 loss came from the adapter after step 3; the one after step 2 gave a finite loss at
-    # step 3 but inf at other timesteps: the file is the one after step 1.
-    assert loaded.metadata["tlora.train.stopped"] == "diverged" and loaded.metadata["tlora.train.steps"] == "1"
-    assert "adapter from step 1 is the last whose outputs were finite" in str(info.value)
+    assert loaded.metadata["tlora.train.stopped"] == "diverged" and loaded.metadata["tlora.train.steps"] == "4"
+    assert "adapter from step 4 is the last whose outputs were finite" in str(info.value)
     assert bool(torch.isfinite(outputs_of(TinyNet(), loaded.adapters)).all())
     # No state sidecar for a diverged save: its optimizer state would be that of another step.
     assert not os.path.exists(tmp_path / "d.tlora-state")
 
 
-def test_a_final_adapter_with_inf_outputs_is_not_saved_as_finished(tmp_path):
-    """The adapter after the last step was never run by a training step: it is checked before it is saved."""
-    net = TinyNet()
-    with pytest.raises(E.TrainingDiverged, match="output of the final adapter became nan at step 3"):
-        run(net, tmp_path, "f.safetensors", steps=3, learning_rate=0.5, denoiser=half_output(net))
+def test_a_final_adapter_with_nan_outputs_is_not_saved_as_finished(tmp_path):
+    """The adapter after the last step was never run by a training step: it is checked before it is kept."""
+    with pytest.raises(E.TrainingDiverged, match="output of the final adapter became nan at step 5"):
+        diverging(TinyNet(), tmp_path, "f.safetensors", 5)
     loaded = tformat.load(str(tmp_path / "f.safetensors"))
-    assert loaded.metadata["tlora.train.partial"] == "true" and loaded.metadata["tlora.train.steps"] == "1"
+    assert loaded.metadata["tlora.train.partial"] == "true" and loaded.metadata["tlora.train.steps"] == "4"
     assert bool(torch.isfinite(outputs_of(TinyNet(), loaded.adapters)).all())
 
 
 def test_divergence_before_any_finite_step_saves_nothing_and_says_so(tmp_path):
     net = TinyNet()
-    with pytest.raises(E.TrainingDiverged, match="Nothing was saved: no step of this run gave finite outputs"):
-        run(net, tmp_path, "none.safetensors", steps=40, learning_rate=1.0, denoiser=half_output(net))
+    with pytest.raises(E.TrainingDiverged, match="Nothing was saved: no step of this run had finished"):
+        run(net, tmp_path, "none.safetensors", steps=40, learning_rate=0.05, denoiser=overflowing(net, limit=0.4))
     assert os.listdir(tmp_path) == []  # no adapter, no stray sidecar
 
 

@@ -120,6 +120,8 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
     instance = ddata.examples(images, captions, settings.instance_prompt, settings.resolution,
                               settings.aspect_buckets, encode_image, encode_text)
     train_data = TrainData(instance)
+    with torch.no_grad():
+        train_data.uncond = encode_text([""])
     if settings.class_prompt:
         if class_images:
             train_data.prior = ddata.examples(class_images, [""] * len(class_images), settings.class_prompt,
