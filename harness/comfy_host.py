@@ -476,7 +476,9 @@ def new_executor(cache: str = "classic") -> Any:
     ct = {"classic": execution.CacheType.CLASSIC, "none": execution.CacheType.NONE,
           "lru": execution.CacheType.LRU}[cache]
     try:
-        return execution.PromptExecutor(srv, cache_type=ct, cache_args={"lru": 8 if cache == "lru" else 0, "ram": 0})
+        # The keys main.py passes (0.33 reads "ram_inactive" too; older hosts ignore what they do not read).
+        return execution.PromptExecutor(srv, cache_type=ct, cache_args={"lru": 8 if cache == "lru" else 0, "ram": 0,
+                                                                       "ram_inactive": 0})
     except TypeError:  # older signature without cache_args
         return execution.PromptExecutor(srv, cache_type=ct)
 

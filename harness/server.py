@@ -58,8 +58,8 @@ def free_port() -> int:
 def venv_python() -> str:
     """The python that runs ComfyUI subprocesses: this interpreter when it is a virtualenv's.
 
-    Each ComfyUI host has an environment of its own (.venv for 0.3.75, .venv-comfy-0.12 for
-    0.12.1): a test run under one starts servers with the same one. Outside a virtualenv,
+    Each ComfyUI host has an environment of its own (.venv for 0.33.0, .venv-comfy-0.12 for
+    0.12.1, .venv-comfy-0.3 for 0.3.75): a test run under one starts servers with the same one. Outside a virtualenv,
     the repository's .venv.
     """
     if sys.prefix != sys.base_prefix:
@@ -110,6 +110,10 @@ class ComfyServer:
         self.port = port
         self.checkpoints = dict(checkpoints or {})
         self.extra_args = list(extra_args)
+        # TLORA_FRONTEND_ROOT: serve another frontend build (make test's pass on the newest frontend).
+        frontend = os.environ.get("TLORA_FRONTEND_ROOT")
+        if frontend and "--front-end-root" not in self.extra_args:
+            self.extra_args += ["--front-end-root", str(Path(frontend).resolve())]
         self.env = dict(env or {})
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.base_dir / "comfy.log"

