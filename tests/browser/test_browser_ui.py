@@ -53,6 +53,7 @@ def unique(prefix: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.every_host  # the panel and the card on every tested host's own frontend
 def test_training_panels_chart_every_step_and_summarise(ui: ComfyPage, comfy_server: Any) -> None:
     """Two training nodes in one graph: every step's loss reaches its own node's chart; summaries appear."""
     steps = {3: 5, 4: 3}
@@ -150,6 +151,7 @@ def test_reload_during_training_keeps_every_step(ui: ComfyPage, comfy_server: An
     ui.console.assert_clean()
 
 
+@pytest.mark.every_host  # the panel and the card on every tested host's own frontend
 def test_adapter_card_shows_what_was_picked(ui: ComfyPage, comfy_server: Any) -> None:
     """Pick adapters in loader nodes with the mouse: the card shows the file's real parameter count."""
     import torch
@@ -174,6 +176,7 @@ def test_adapter_card_shows_what_was_picked(ui: ComfyPage, comfy_server: Any) ->
     params = file_params(path)
     try:
         ui.reload()  # the dropdowns list the loras folder as it was when the page loaded
+        ui.empty_workflow()  # the default workflow's nodes (0.33: a larger one) would cover ours
         loader = ui.add_node("TLoRALoader", (80, 120))
         blocks = ui.add_node("TLoRABlockWeights", (520, 120))
         ui.view(0, 0, 1.0)
@@ -282,4 +285,47 @@ def test_failed_run_shows_why(ui: ComfyPage, comfy_server: Any) -> None:
     again = ui.panel(3)
     assert again["run"]["id"] == ended[-1]["run_id"] and "unknown transform kind" in (again["summaryText"] or "")
     # ComfyUI itself reports the node's error as an execution error (a console error is expected there).
+    ui.console.assert_clean()
+
+
+def test_nodes_inside_a_subgraph(ui: ComfyPage, comfy_server: Any) -> None:
+    """A training node and a loader inside a subgraph: the panel charts every step of the node's run (the server
+    names it "<subgraph node>:<node>") and shows it again after a reload; the new file is offered in the loader
+    inside the subgraph at once, and picking it there with the mouse fills the card."""
+    n = 3
+    graph = base_graph()
+    graph["3"] = {"class_type": "TLoRATrain", "inputs": train_inputs(n, unique("browser_subgraph"))}
+    graph["5"] = {"class_type": "TLoRALoaderModelOnly", "inputs": {"model": ["1", 0], "strength_model": 1.0}}
+    ui.load_api_graph(graph, "tlora_browser_subgraph.json",
+                      positions={"1": (20, 80), "2": (20, 300), "3": (420, 80), "5": (420, 700)})
+    outer = ui.js("""() => { const g = app.graph;
+                             const {node} = g.convertToSubgraph(new Set([g.getNodeById(3), g.getNodeById(5)]));
+                             return node.id; }""")
+    inner = f"app.graph.getNodeById({outer})?.subgraph?.getNodeById"  # undefined until a reload restored it
+    assert ui.js(f"() => Boolean({inner}(3)?.tloraPanel && {inner}(5)?.tloraCard)"), "panels on the inner nodes"
+    ui.record_events()
+    ui.queue()
+    final = f"() => {{ const r = {inner}(3)?.tloraPanel?.run; return r?.status === 'done' && Boolean(r.summary); }}"
+    ui.wait_js(final, timeout=600, what="the inner node's finished run")
+    mine = [e for e in ui.events() if str(e.get("node")) == f"{outer}:3" and "status" not in e]
+    assert [e["step"] for e in mine] == list(range(1, n + 1)), ui.events()
+    points = ui.js(f"() => {inner}(3).tloraPanel.points().map(p => [p.step, p.loss])")
+    assert [tuple(p) for p in points] == [(e["step"], e["loss"]) for e in mine]
+    file = ui.js(f"() => {inner}(3).tloraPanel.run.summary.file")
+    ui.wait_js(f"f => {inner}(5).widgets.find(w => w.name === 'adapter_name').options.values.includes(f)", file,
+               timeout=30, what="the new file offered in the loader inside the subgraph")
+
+    ui.reload()
+    ui.wait_js(final, timeout=60, what="the inner node's run after a reload")
+    restored = ui.js(f"() => {inner}(3).tloraPanel.run.sources")
+    assert restored == {"event": 0, "route": n}, restored
+
+    ui.js(f"() => {{ const o = app.graph.getNodeById({outer}); app.canvas.openSubgraph(o.subgraph, o); }}")
+    ui.wait_js("() => app.canvas.graph !== app.graph", timeout=15, what="the subgraph open on the canvas")
+    box = ui.node_box(5)
+    ui.view(box["x"] - 40, box["y"] - 40, 1.0)
+    ui.pick_combo(5, "adapter_name", file)
+    card = ui.wait_card(5, file)
+    assert card["params"] == str(file_params(comfy_server.loras_dir / file)), card
+    ui.screenshot("browser_subgraph")
     ui.console.assert_clean()
