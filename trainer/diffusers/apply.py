@@ -49,7 +49,7 @@ from ...tlora import arch as arch_mod
 from ...tlora import diffusers_names as names
 from ...tlora.adapter import ModuleAdapter
 from ...tlora.errors import TLoRAError, TLoRAShapeError
-from ...tlora.format import TLoRAFile, load as load_file
+from ...tlora.format import TLoRAFile, is_tlora_key, load as load_file, split_key
 from ...tlora.forms import select_form
 from ...tlora.functional import tr, trm
 from ...tlora.functional.weight import merge_diff
@@ -401,12 +401,58 @@ def _read(file: Any, label: str) -> tuple[dict[str, ModuleAdapter], dict[str, An
     if isinstance(file, TLoRAFile):
         return dict(file.adapters), dict(file.config)
     if isinstance(file, Mapping):
-        return {k: (v if isinstance(v, ModuleAdapter) else v.to_adapter()) for k, v in file.items()}, {}
+        return _adapters_of(file, label), {}
     try:
         loaded = load_file(file)
     except TLoRAError as err:
         raise TLoRAApplyError(f"TLoRA {label!r}: {str(err).removeprefix(f'{os.fspath(file)}: ')}") from None
     return loaded.adapters, loaded.config
+
+
+def _adapters_of(mapping: Mapping[Any, Any], label: str) -> dict[str, ModuleAdapter]:
+    """{module: ModuleAdapter} from an in-memory file: adapters (or trained modules), or a state dict of tensors."""
+    if mapping and all(isinstance(v, Tensor) for v in mapping.values()):
+        grouped: dict[str, dict[str, Tensor]] = {}
+        for key, value in mapping.items():
+            if not isinstance(key, str) or not is_tlora_key(key):
+                raise TLoRAApplyError(f"TLoRA {label!r}: key {key!r} is not a TLoRA tensor name "
+                                      f"('<module>.tlora_t.0', '<module>.tlora_scale', ...). Nothing was applied.")
+            prefix, suffix = split_key(key)
+            grouped.setdefault(prefix, {})[suffix] = value
+        try:
+            return {prefix: ModuleAdapter(tensors, name=prefix) for prefix, tensors in grouped.items()}
+        except TLoRAError as err:
+            raise TLoRAApplyError(f"TLoRA {label!r}: {err}. Nothing was applied.") from None
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, ModuleAdapter):
+            out[key] = value
+        elif hasattr(value, "to_adapter"):
+            out[key] = value.to_adapter()
+        elif isinstance(getattr(value, "tensors", None), Mapping):  # an adapter of another import of the core
+            try:
+                out[key] = ModuleAdapter(dict(value.tensors), name=str(key))
+            except TLoRAError as err:
+                raise TLoRAApplyError(f"TLoRA {label!r}: {err}. Nothing was applied.") from None
+        else:
+            raise TLoRAApplyError(f"TLoRA {label!r}: {key!r} is a {type(value).__name__}; an in-memory file maps "
+                                  f"module names to ModuleAdapters, or tensor names to tensors. Nothing was applied.")
+    return out
+
+
+def _inside_a_wrapper(root: nn.Module, path: str) -> str | None:
+    """The path of a TLoRA or PEFT layer that `path` reaches into (its `.base`, `.base_layer`...), if any.
+
+    A file naming a module inside another adapter's layer would wrap that layer's own base: its
+    remove() could no longer find it, and the model's adapter records would break.
+    """
+    parts = path.split(".")
+    for end in range(1, len(parts)):
+        parent = ".".join(parts[:end])
+        module = root.get_submodule(parent)
+        if isinstance(module, WRAPPERS) or _is_peft_layer(module):
+            return parent
+    return None
 
 
 def _rows_index(pieces: tuple[names.Piece, ...] | None) -> Tensor | None:
@@ -459,6 +505,10 @@ def _plan(adapters: Mapping[str, ModuleAdapter], roots: Mapping[str, nn.Module],
                 module = roots[root_name].get_submodule(sub)
             except AttributeError:
                 problems[prefix] = f"{MISSING} ({path})"
+                break
+            inside = _inside_a_wrapper(roots[root_name], sub)
+            if inside is not None:
+                problems[prefix] = f"{path} is inside the adapter layer {root_name}.{inside}; name the layer itself"
                 break
             plain = _innermost(module)
             if not isinstance(plain, (nn.Linear, nn.Conv2d)) or isinstance(plain, nn.ConvTranspose2d):
@@ -655,13 +705,24 @@ def fuse(target: Any, component: str | None = None) -> None:
                                          f"({', '.join(inner.active_adapters)}): fuse_lora() it first")
                 work.append((state, path, wrapper))
     with torch.no_grad():
-        for state, _, wrapper in work:
+        for state, path, wrapper in work:
             weight = _innermost(wrapper).weight
             if id(weight) not in state.backups:
                 state.backups[id(weight)] = (weight, weight.detach().clone(), None)
             if wrapper.strength != 0:
                 diff = wrapper.weight_diff(weight)
-                weight.copy_((weight.to(diff.dtype) + diff).to(weight.dtype))
+                merged = (weight.to(diff.dtype) + diff).to(weight.dtype)
+                if not bool(torch.isfinite(merged).all()):
+                    # Refused before this weight is written; the ones fused so far are put back.
+                    for s in {id(s): s for s, _, _ in work}.values():
+                        for param, backup, _ in s.backups.values():
+                            param.copy_(backup)
+                        s.backups.clear()
+                    for _, _, w in work:
+                        w.fused = False
+                    raise TLoRAError(f"{path}: fusing TLoRA {wrapper.adapter_name!r} would write NaN or inf into this "
+                                     f"weight (its values are too large for {weight.dtype}); nothing was fused")
+                weight.copy_(merged)
             wrapper.fused = True
         for state in {id(s): s for s, _, _ in work}.values():
             for key, (param, backup, _) in list(state.backups.items()):
@@ -681,8 +742,11 @@ def unfuse(target: Any, component: str | None = None) -> None:
         for param, _, sample in state.backups.values():
             now = _sample(param)
             eps = torch.finfo(param.dtype).eps if param.is_floating_point() else 0.0
-            tol = 8 * eps * float(sample.abs().max()) if sample.numel() else 0.0
-            if not torch.allclose(now.float(), sample.float(), rtol=0, atol=tol):
+            finite = sample[torch.isfinite(sample)] if sample.is_floating_point() else sample
+            # A weight that holds NaN/inf still compares (equal_nan; the tolerance from its finite part):
+            # the backups must always be able to come back.
+            tol = 8 * eps * float(finite.abs().max()) if finite.numel() else 0.0
+            if not torch.allclose(now.float(), sample.float(), rtol=0, atol=tol, equal_nan=True):
                 raise TLoRAError(f"a weight of shape {tuple(param.shape)} changed after fuse() (a LoRA fused after "
                                  f"the TLoRA?): unfuse that first; nothing was restored")
     with torch.no_grad():
