@@ -74,18 +74,22 @@ class Binding:
 
 def select_targets(root: nn.Module, preset: str = "attn", with_convs: bool = False,
                    text_encoder: bool = False) -> list[str]:
-    """Dotted paths under root for a targets preset (tlora.arch's rules, by module name)."""
+    """Dotted paths under root for a targets preset, by role on the live model (tlora.arch's rules).
+
+    Only Linear and ungrouped Conv2d layers are adapted (a module that merely holds a 2-D `weight`,
+    such as a mixture-of-experts gate, is not a linear map of its input).
+    """
     if preset not in TARGET_PRESETS:
         raise TrainingError(f"unknown targets preset {preset!r}; expected one of {TARGET_PRESETS}")
     groups = tarch.preset_groups(preset, text_encoder=text_encoder, with_convs=with_convs)
     paths = []
     for name, module in root.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() not in (2, 4):
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                continue
+        elif not isinstance(module, nn.Linear):
             continue
-        if weight.dim() == 4 and getattr(module, "groups", 1) != 1:
-            continue
-        if tarch.path_in_groups(name, groups):
+        if tarch.path_in_groups(name, groups, conv=isinstance(module, nn.Conv2d)):
             paths.append(name)
     return paths
 

@@ -18,6 +18,9 @@ class Schedule:
     eps / v: discrete DDPM schedule (a_t = sqrt(alphas_cumprod), b_t = sqrt(1 - alphas_cumprod)),
     timestep passed to the model = the index. flow: rectified flow, a_t = 1 - s_t, b_t = s_t,
     target noise - x0 (the velocity), timestep = s_t * multiplier.
+    Any other parametrisation a host samples with (x0, EDM's preconditioned output, ...) is given
+    by its target's coefficients: target = c_t x0 + d_t noise (`general`); `prediction` is then a
+    label for the file's metadata.
     Training draws indices uniformly, or by `weights` (flow: logit-normal, see `flow`).
     """
 
@@ -26,10 +29,18 @@ class Schedule:
     noise: Tensor  # b_t per index (float64)
     timesteps: Tensor  # what the denoiser receives for each index (float32)
     weights: Tensor | None = None  # training draw probability per index (None: uniform)
+    target_signal: Tensor | None = None  # c_t per index (float64), with target_noise: a general target
+    target_noise: Tensor | None = None  # d_t per index (float64)
 
     def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
+        general = self.target_signal is not None and self.target_noise is not None
+        if not general and self.prediction not in PREDICTIONS:
             raise TrainingError(f"unknown prediction type {self.prediction!r}; expected one of {PREDICTIONS}")
+        if general:
+            det = self.signal * self.target_noise - self.noise * self.target_signal
+            if not bool(torch.isfinite(det).all()) or bool((det.abs() < 1e-12).any()):
+                raise TrainingError(f"the {self.prediction} target cannot be told apart from the noisy input "
+                                    f"at some noise levels: no denoising target to train")
 
     def draw(self, n: int, generator: torch.Generator) -> Tensor:
         """n training indices (uniform, or by `weights`) from the run's CPU generator."""
@@ -70,6 +81,14 @@ class Schedule:
             weights = weights / weights.sum()
         return cls("flow", 1 - s, s, (s * multiplier).float(), weights)
 
+    @classmethod
+    def general(cls, prediction: str, signal: Tensor, noise: Tensor, target_signal: Tensor, target_noise: Tensor,
+                timesteps: Tensor, weights: Tensor | None = None) -> "Schedule":
+        """x_t = a x0 + b noise with target c x0 + d noise per index (all float64), any parametrisation."""
+        as64 = lambda t: t.detach().double().cpu()  # noqa: E731
+        return cls(prediction, as64(signal), as64(noise), timesteps.detach().float().cpu(), weights,
+                   as64(target_signal), as64(target_noise))
+
     def __len__(self) -> int:
         return len(self.timesteps)
 
@@ -82,6 +101,8 @@ class Schedule:
 
     def target(self, x0: Tensor, noise: Tensor, idx: Tensor) -> Tensor:
         """What the model should predict at these indices."""
+        if self.target_signal is not None and self.target_noise is not None:
+            return self._coef(self.target_signal, idx, x0) * x0 + self._coef(self.target_noise, idx, x0) * noise
         if self.prediction == "eps":
             return noise
         if self.prediction == "v":
@@ -91,6 +112,11 @@ class Schedule:
     def split(self, x_t: Tensor, pred: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         """(x0, noise) implied by a prediction at x_t (used by the sampler)."""
         a, b = self._coef(self.signal, idx, x_t), self._coef(self.noise, idx, x_t)
+        if self.target_signal is not None and self.target_noise is not None:
+            # Solve [x_t, pred] = [[a, b], [c, d]] [x0, noise] (the determinant is checked non-zero at build).
+            c, d = self._coef(self.target_signal, idx, x_t), self._coef(self.target_noise, idx, x_t)
+            det = a * d - b * c
+            return (d * x_t - b * pred) / det, (a * pred - c * x_t) / det
         if self.prediction == "eps":
             return (x_t - b * pred) / a.clamp_min(1e-8), pred
         if self.prediction == "v":
