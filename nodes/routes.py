@@ -18,7 +18,7 @@ import folder_paths
 from aiohttp import web
 
 from ..trainer import previews
-from .display import ABS_PATH, short_metadata
+from .display import ABS_PATH, short_config, short_metadata, short_value
 
 log = logging.getLogger("ComfyUI-TLoRA")
 
@@ -111,7 +111,8 @@ def _plain_file_info(name: str, real: str) -> dict[str, Any]:
             with safe_open(real, framework="pt") as handle:
                 meta = handle.metadata() or {}
                 info["tensors"] = len(list(handle.keys()))
-            info["architecture"] = meta.get("modelspec.architecture") or meta.get("ss_base_model_version") or "unknown"
+            info["architecture"] = short_value(meta.get("modelspec.architecture") or meta.get("ss_base_model_version")
+                                               or "unknown", 80)
             keep = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
                     "ss_resolution", "ss_max_train_steps", "ss_steps", "ss_output_name", "ss_training_comment")
             info["training"] = short_metadata({k: meta[k] for k in keep if k in meta})
@@ -134,6 +135,8 @@ def adapter_info(name: str) -> dict[str, Any]:
     info = dict(info)
     info["tlora"] = True
     info["training"] = short_metadata(info.get("training", {}))
+    info["config"] = short_config(info.get("config"))
+    info["architecture"] = short_value(info.get("architecture", "unknown"), 80)
     info["partial"] = info["training"].get("tlora.train.partial") == "true"
     return jsonable(info)
 

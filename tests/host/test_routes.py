@@ -144,6 +144,27 @@ def test_broken_tlora_file_is_a_clean_4xx(comfy_server, loras):
     assert_reveals_nothing(comfy_server, text)
 
 
+def test_metadata_of_any_size_makes_a_small_card(comfy_server, loras):
+    """1,000 extra keys of 1 kB, a 1 MB architecture and a 1 MB tlora.config entry: the card stays a few kB,
+    with the entries our card reads (issue 28: a 100,000-key file made a 40 MB card)."""
+    import torch
+    from tlora import ModuleAdapter, save_file
+    junk = {f"ss_junk_{i:04d}": "j" * 1000 for i in range(1000)}
+    adapters = {p: ModuleAdapter.create(s, "trm:2", "tr:3", shapes="auto", generator=torch.Generator().manual_seed(0))
+                for p, s in SHAPES.items()}
+    save_file(adapters, str(loras / "routes_big.safetensors"),
+              config={"transform": "trm:2", "residual": "tr:3", "targets": "attn", "junk": "c" * 2 ** 20},
+              metadata={"modelspec.architecture": "a" * 2 ** 20, "tlora.train.partial": "true",
+                        "tlora.train.steps": "3", **junk})
+    status, info, text = get(comfy_server, q("routes_big.safetensors"))
+    assert status == 200, text[:300]
+    assert len(text) < 64 * 1024, len(text)
+    assert info["partial"] is True and info["training"]["tlora.train.steps"] == "3"
+    assert len(info["training"]) <= 65 and "more metadata entries not shown" in info["training"]["…"]
+    assert len(info["architecture"]) <= 81 and "junk" not in info["config"]
+    assert info["config"]["transform"] == "trm:2" and info["config"]["transform_kinds"] == {"trm:2": len(SHAPES)}
+
+
 # Everything here must be refused: not in the loras list, escaping it, or malformed.
 HOSTILE = [
     "?name=..%2Fcomfy.log",
