@@ -35,14 +35,52 @@ function typeOf(node) {
   return node?.comfyClass ?? node?.type;
 }
 
+/** The workflow's root graph, or null before there is one (newer frontends log an error on an early read). */
+function rootGraph() {
+  if (app.isGraphReady === false) return null;
+  return app.rootGraph ?? app.graph ?? null;
+}
+
+function graphNodes(graph) {
+  return graph?._nodes ?? graph?.nodes ?? [];
+}
+
+/** Every node of the workflow, those inside subgraphs included (each subgraph's nodes once). */
 function allNodes() {
-  return app.graph?._nodes ?? app.graph?.nodes ?? [];
+  const root = rootGraph();
+  const out = [];
+  const seen = new Set();
+  const walk = (graph) => {
+    if (!graph || seen.has(graph)) return;
+    seen.add(graph);
+    for (const node of graphNodes(graph)) {
+      out.push(node);
+      if (node.subgraph) walk(node.subgraph);
+    }
+  };
+  walk(root);
+  for (const sub of root?.subgraphs?.values?.() ?? []) walk(sub); // definitions not placed (yet)
+  return out;
+}
+
+/** The id the server runs a node under: "5" on the root graph, "12:5" inside subgraph node 12. */
+function executionId(node) {
+  const root = rootGraph();
+  if (!node?.graph || node.graph === root) return String(node?.id);
+  const owner = allNodes().find((n) => n.subgraph === node.graph);
+  return owner ? `${executionId(owner)}:${node.id}` : String(node.id);
+}
+
+/** An executing/progress event's node id: a bare id in older frontends, {node, display_node, ...} in newer. */
+function eventNodeId(detail) {
+  if (detail && typeof detail === "object") return detail.node ?? detail.display_node ?? detail.node_id ?? null;
+  return detail;
 }
 
 /** The node an event names: "5" on the root graph, "12:5" for node 5 inside subgraph node 12. */
 function findNode(id) {
   if (id === undefined || id === null) return null;
-  let graph = app.rootGraph ?? app.graph;
+  let graph = rootGraph();
   let node = null;
   for (const part of String(id).split(":")) {
     node = graph?.getNodeById?.(part) ?? graph?.getNodeById?.(Number(part)) ?? null;
@@ -100,8 +138,9 @@ function setupTrainNode(node) {
     viewUrl,
     relayout: () => relayout(node),
     get storageKey() {
-      return `tlora.run.${node.id}`; // read lazily: a loaded node gets its id after creation
+      return `tlora.run.${executionId(node)}`; // read lazily: a loaded node gets its id after creation
     },
+    ownsRun: (run) => findNode(run?.node) === node, // the registry records the server's (execution) id
   };
   node.tloraPanel = new TrainPanel(node, deps);
   addPanel(node, "tlora_training", node.tloraPanel, TRAIN_MIN_WIDTH);
@@ -194,7 +233,7 @@ function onTrainEvent(event) {
 }
 
 function onExecuting(event) {
-  findNode(event.detail)?.tloraPanel?.noteStart();
+  findNode(eventNodeId(event.detail))?.tloraPanel?.noteStart();
 }
 
 function onExecutionEnd(event) {
@@ -208,7 +247,6 @@ const EXTENSION = {
 
   async setup() {
     injectStyles();
-    api.addEventListener(EVENT, onTrainEvent);
     api.addEventListener("executing", onExecuting);
     api.addEventListener("execution_error", onExecutionEnd);
     api.addEventListener("execution_interrupted", onExecutionEnd);
@@ -233,5 +271,9 @@ const EXTENSION = {
 const LOADED = Symbol.for("comfyui.tlora.loaded");
 if (!globalThis[LOADED]) {
   globalThis[LOADED] = true;
+  // Listen as soon as the script loads, not in setup(): a reload during a run gets the run's events
+  // from the socket before setup() (frontend 1.58 logs events nobody listens for as unknown). Events
+  // before the graph exists find no node and are ignored; the panel re-reads the run from the route.
+  api.addEventListener(EVENT, onTrainEvent);
   app.registerExtension(EXTENSION);
 }

@@ -30,7 +30,8 @@ function stat(label) {
 export class TrainPanel {
   /**
    * node: the LiteGraph node; deps: {fetchJson(path) -> Promise<json|null>, viewUrl(ref) -> url,
-   * relayout() -> void (grow the node when sections appear), storageKey -> string}.
+   * relayout() -> void (grow the node when sections appear), storageKey -> string,
+   * ownsRun(run record) -> bool (the run's node id names this node, subgraphs included)}.
    */
   constructor(node, deps) {
     this.node = node;
@@ -205,8 +206,8 @@ export class TrainPanel {
     const list = runs || [];
     // A registry that records node ids lets any tab find the run of this node (node ids repeat
     // across workflows: only a run that fits this node's settings counts).
-    const mine = list.filter((r) => r.node !== undefined && r.node !== null
-      && String(r.node) === String(this.node.id) && this.fits(r));
+    const owns = this.deps.ownsRun ?? ((r) => String(r.node) === String(this.node.id));
+    const mine = list.filter((r) => r.node !== undefined && r.node !== null && owns(r) && this.fits(r));
     const pick = list.find((r) => r.run_id === runId && this.fits(r)) || mine[mine.length - 1];
     if (!pick || (this.run && this.run.id !== pick.run_id && this.run.lastEventAt)) return;
     this._ensureRun(pick.run_id, pick.steps, pick.start_step);
