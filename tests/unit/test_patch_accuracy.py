@@ -10,10 +10,11 @@ Tolerance: max |patched - reference| <= C * eps32 * M, M = the largest magnitude
 the reference. Rounding the exact result to float32 alone costs up to 0.5 eps32 |w|; the
 merge adds a few more roundings of numbers of the weight's size (three chain contractions of
 sums whose terms do not cancel, the residual's GEMM accumulated into the result, the final
-addition to W0), and sums of K terms grow their error like sqrt(K) in practice (K <= 64
-here). C = 8 covers that with room; measured worst cases are 1-3 (SD1.5's 128 attention
-weights: 2.9, benchmarks/patch_time.py). A float64 weight is merged in float64 and meets the
-same bound in eps64: the arithmetic itself is exact, only rounding separates the results.
+addition to W0). Measured worst cases are 1-3 (every row of SD1.5's 128 attention weights
+through ComfyUI's stock loader: worst 2.75, median 1.88, `benchmarks/patch_time.py --models
+sd15 --check-rows 0`); C = 4 is that with a margin (it was 8, which let a merge twice as
+inexact as the documented one pass). A float64 weight is merged in float64 and meets C64 in
+eps64 (the float64 cases use unit-variance weights, whose sums grow their error like sqrt(K)).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import torch
 from tests.unit.brute import brute_t
 from tlora import ModuleAdapter
 
-C = 8.0
+C = 4.0
+C64 = 8.0
 
 
 def dense_t(cores: list[torch.Tensor]) -> torch.Tensor:
@@ -144,7 +146,7 @@ def test_float64_weight_is_merged_in_float64(case) -> None:
     for strength in (1.0, 0.5, -1.0):
         got = adapter.patched_weight(w0, strength)
         assert got.dtype == torch.float64
-        assert error_units(got, w0, reference(w0, tensors, strength)) <= C
+        assert error_units(got, w0, reference(w0, tensors, strength)) <= C64
 
 
 @pytest.mark.parametrize("engine", ["native", "torch"])
