@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import real_weights_models as RM  # noqa: E402
 from tlora import ModuleAdapter  # noqa: E402
-from tlora.functional import weight as wfn  # noqa: E402
+from tlora.fit import fit_adapter  # noqa: E402,F401  (the fit lives in the core; tests call it here)
 from tlora.module import attach  # noqa: E402
 
 CACHE = ROOT / ".cache" / "real_weights"
@@ -414,85 +414,6 @@ def full_finetune_deltas(cfg: "Config", log: Callable[[str], None]) -> tuple[dic
     log(f"  full fine-tune: {cfg.ft_steps} steps in {info['seconds']:.0f} s, test acc {info['test']['acc']:.3f}, "
         f"|W*-W0|/|W0| = {info['relative_change']:.4f}")
     return deltas, info
-
-
-def _tensors_of(params: dict[str, Tensor], scale: Tensor) -> dict[str, Tensor]:
-    out = {k: v.detach().clone() for k, v in params.items()}
-    out["tlora_scale"] = scale.clone()
-    return out
-
-
-def fit_adapter(w0: Tensor, w1: Tensor, transform: str, residual: str, iters: int, seed: int = 0) -> ModuleAdapter:
-    """The ModuleAdapter closest to W* found from TLoRA's start (T = I, Delta = 0).
-
-    Transform and TR cores are fitted by Adam (lr 1e-2, cosine; L-BFGS stalled at TR's zero start, and
-    lower Adam rates ended worse on these deltas) through the core's differentiable weight functions. A
-    LoRA residual is solved exactly for the current transform (truncated SVD of W* - W0 T, re-solved
-    every 10 iterations: variable projection), so transform + LoRA never ends worse than LoRA alone; with
-    no transform that is plain truncated SVD, LoRA's optimum. Each fit keeps its best iterate.
-    """
-    start = ModuleAdapter.create(tuple(w0.shape), transform, residual, generator=torch.Generator().manual_seed(seed))
-    scale = start.tensors["tlora_scale"]
-    s = float(scale)
-    lora_rank = start.residual.rank if start.residual.kind == "lora" else 0
-    params = {k: nn.Parameter(v.clone()) for k, v in start.tensors.items()
-              if k not in ("tlora_scale", "tlora_r.up", "tlora_r.down")}
-    t_keys = sorted((k for k in params if k.startswith("tlora_t.") and k != "tlora_t.diag"),
-                    key=lambda k: int(k.rsplit(".", 1)[1]))
-    out_keys = sorted((k for k in params if k.startswith("tlora_r.out.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    in_keys = sorted((k for k in params if k.startswith("tlora_r.in.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    lora: dict[str, Tensor] = {}
-    norm = float((w1 - w0).pow(2).sum())
-
-    def base_fit() -> Tensor:
-        """W0 T + s Delta_TR (everything but a LoRA residual), differentiable in the cores."""
-        if t_keys:
-            w = wfn.transformed(w0, [params[k] for k in t_keys])
-        elif "tlora_t.diag" in params:
-            w = wfn.transformed(w0, diag=params["tlora_t.diag"])
-        else:
-            w = w0
-        if out_keys:
-            w = w + s * wfn.residual("tr", w0.shape, ([params[k] for k in out_keys], [params[k] for k in in_keys]))
-        return w
-
-    def solve_lora() -> None:
-        with torch.no_grad():
-            u, sv, vh = torch.linalg.svd(w1 - base_fit(), full_matrices=False)
-        lora["up"] = (u[:, :lora_rank] * sv[:lora_rank]) / s
-        lora["down"] = vh[:lora_rank].clone()
-
-    def loss_now() -> Tensor:
-        w = base_fit()
-        if lora_rank:
-            w = w + s * (lora["up"] @ lora["down"])
-        return (w - w1).pow(2).sum() / norm
-
-    def snapshot() -> dict[str, Tensor]:
-        tensors = _tensors_of(params, scale)
-        if lora_rank:
-            tensors["tlora_r.up"], tensors["tlora_r.down"] = lora["up"].clone(), lora["down"].clone()
-        return tensors
-
-    if lora_rank:
-        solve_lora()
-    trainable = list(params.values())
-    best = (float(loss_now().detach()), snapshot())
-    if trainable and iters > 0:
-        opt = torch.optim.Adam(trainable, lr=1e-2)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
-        for i in range(1, iters + 1):
-            opt.zero_grad(set_to_none=True)
-            loss_now().backward()
-            opt.step()
-            sched.step()
-            if lora_rank and (i % 10 == 0 or i == iters):
-                solve_lora()
-            if i % 5 == 0 or i == iters:  # best-iterate check every few steps (a snapshot copies every tensor)
-                value = float(loss_now().detach())
-                if math.isfinite(value) and value < best[0]:
-                    best = (value, snapshot())
-    return ModuleAdapter(best[1], weight_shape=w0.shape)
 
 
 # family -> [(config label, transform, residual)]

@@ -1,4 +1,5 @@
-"""Command line: `python -m tlora plan ...`, `python -m tlora inspect FILE`, `python -m tlora native`.
+"""Command line: `python -m tlora plan ...`, `python -m tlora inspect FILE`, `python -m tlora native`,
+`python -m tlora export-lora / fit / merge` (tlora/convert_cli.py).
 
 Errors (bad arguments, unusable files) print one line on stderr and exit with status 2.
 """
@@ -14,6 +15,7 @@ import torch
 
 from . import __version__
 from . import arch as arch_mod
+from . import convert_cli
 from . import shapes as shapes_mod
 from .errors import TLoRAError
 from .format import load, summarize
@@ -45,7 +47,7 @@ def _size(n: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `python -m tlora`."""
-    parser = _Parser(prog="tlora", description="TLoRA adapters: plan sizes, inspect files.")
+    parser = _Parser(prog="tlora", description="TLoRA adapters: plan sizes, inspect files, convert to and from LoRAs.")
     parser.add_argument("--version", action="version", version=f"tlora {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("plan", help="parameter count and file size of an adapter before training")
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON object")
     n = sub.add_parser("native", help="whether the compiled CPU kernels are in use (builds them if needed)")
     n.add_argument("--json", action="store_true", help="print one JSON object")
+    convert_cli.add_parsers(sub)
     return parser
 
 
@@ -180,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_inspect(args)
         if args.command == "native":
             return _cmd_native(args)
+        if args.command in convert_cli.COMMANDS:
+            return convert_cli.COMMANDS[args.command](args)
         parser.print_usage(sys.stderr)
         return 2
     except _CliError as exc:
