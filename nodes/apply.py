@@ -17,8 +17,10 @@ import comfy.lora
 import comfy.utils
 
 from ..tlora.adapter import ModuleAdapter
+from ..tlora.claim import MISSING, OVERLAP, refusal
 from ..tlora.errors import TLoRAError, TLoRAShapeError
 from ..tlora.format import load_file, read_metadata
+from . import activation
 from .comfy_adapter import TLoRAWeightAdapter
 
 TEXT_ENCODER_PREFIXES = ("text_encoders.", "lora_te", "text_encoder")
@@ -146,30 +148,6 @@ def match(adapters: Mapping[str, ModuleAdapter], key_map: Mapping[str, object], 
     return patches, problems
 
 
-MISSING = "no such module in this model"
-OVERLAP = "patches the same rows of"
-
-
-def _summary(label: str, total: int, problems: Mapping[str, str], metadata: Mapping[str, str],
-             target: str) -> str:
-    """One line: how many modules did not match, grouped by why, with examples of each."""
-    missing = [p for p, why in problems.items() if why.startswith(MISSING)]
-    twice = [p for p, why in problems.items() if why.startswith(OVERLAP)]
-    misfit = [p for p in problems if p not in missing and p not in twice]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} not in this {target}, e.g. {missing[0]}")
-    if twice:
-        parts.append(f"{len(twice)} given twice, e.g. {twice[0]} {problems[twice[0]]} (TLoRA patches of one "
-                     f"weight do not commute: give each weight once)")
-    if misfit:
-        parts.append(f"{len(misfit)} with other shapes, e.g. {misfit[0]}: {problems[misfit[0]]}")
-    made_for = metadata.get("modelspec.architecture", "unknown")
-    hint = "" if made_for.startswith("unknown") else f" The file was made for {made_for}."
-    return (f"TLoRA {label!r} does not fit this {target}: {len(problems)} of {total} modules did "
-            f"not match ({'; '.join(parts)}).{hint} Nothing was applied.")
-
-
 def plan_patches(adapters: Mapping[str, ModuleAdapter], metadata: Mapping[str, str], label: str,
                  model=None, clip=None) -> tuple[dict, dict]:
     """(model patches, clip patches) for a file, or TLoRAApplyError naming what did not fit."""
@@ -187,7 +165,7 @@ def plan_patches(adapters: Mapping[str, ModuleAdapter], metadata: Mapping[str, s
         problems[prefix] = MISSING
     if problems:
         target = "model" if clip is None else "model and CLIP"
-        raise TLoRAApplyError(_summary(label, len(adapters), problems, metadata, target))
+        raise TLoRAApplyError(refusal(label, len(adapters), problems, target, metadata.get("modelspec.architecture")))
     if not model_patches and not clip_patches:
         raise TLoRAApplyError(f"TLoRA {label!r} has no module for this model")
     return model_patches, clip_patches
@@ -251,7 +229,7 @@ def block_multiplier(weights: Mapping[str, float], overrides: list[tuple[str, fl
 
 
 def add_weighted(patcher, patches: Mapping, strength: float, multiplier: Callable[[str], float] | None = None):
-    """Clone `patcher` and add patches at `strength` (times a per-key multiplier)."""
+    """Clone `patcher` and add patches at `strength` (times a per-key multiplier): merged by the host."""
     clone = patcher.clone()
     if multiplier is None:
         clone.add_patches(dict(patches), strength)
@@ -265,15 +243,53 @@ def add_weighted(patcher, patches: Mapping, strength: float, multiplier: Callabl
     return clone
 
 
+def check_mode(mode: str) -> str:
+    """The loader's mode, or a one-line error."""
+    if mode not in activation.MODES:
+        raise TLoRAError(f"mode {mode!r}: expected one of {', '.join(activation.MODES)}")
+    return mode
+
+
+def apply_model_patches(patcher, patches: Mapping, strength: float, multiplier: Callable[[str], float] | None,
+                        mode: str, label: str):
+    """A clone with `patches` applied: activation-side where `mode` says so (see activation.py), merged elsewhere.
+
+    TLoRA patches always can run activation-side; a LoRA patch can when it is a plain B A (no
+    LoCon mid, no DoRA); others are merged by the host, unless their layer already runs adapters
+    activation-side (then the file is refused: the chain's order would be lost).
+    """
+    merged, beside = {}, {}
+    for key, patch in patches.items():
+        if not activation.wants_activation(patcher, key, mode):
+            merged[key] = patch
+            continue
+        weight_key = key if isinstance(key, str) else key[0]
+        adapter = patch.module_adapter() if isinstance(patch, TLoRAWeightAdapter) else \
+            activation.lora_as_adapter(patch, weight_key)
+        if adapter is not None:
+            beside[key] = adapter
+        elif activation.carries_chain(patcher, key):
+            raise TLoRAApplyError(f"adapter {label!r}: {weight_key} is a {type(patch).__name__} patch, which cannot "
+                                  f"run activation-side, and its layer already runs adapters activation-side (they "
+                                  f"would no longer apply in the chain's order); load it before them. Nothing was "
+                                  f"applied.")
+        else:  # a norm's diff, LoHa, LoKr, DoRA...: merged by the host (into quantized weights its own way)
+            merged[key] = patch
+    out = add_weighted(patcher, merged, strength, multiplier) if merged else patcher
+    return activation.add(out, beside, strength, multiplier) if beside else out
+
+
 def apply_file(path: str, label: str, model=None, clip=None, strength_model: float = 1.0,
-               strength_clip: float = 1.0, multiplier: Callable[[str], float] | None = None):
-    """(model, clip) with the TLoRA file applied; inputs are not modified."""
+               strength_clip: float = 1.0, multiplier: Callable[[str], float] | None = None, mode: str = "auto"):
+    """(model, clip) with the TLoRA file applied; inputs are not modified. The CLIP is always merged."""
+    check_mode(mode)
     adapters, metadata = load_cached(path, label)
     use_model = model if (model is not None and strength_model != 0) else None
     use_clip = clip if (clip is not None and strength_clip != 0) else None
     # Match against everything given (so a wrong file is refused even at strength 0).
     model_patches, clip_patches = plan_patches(adapters, metadata, label, model, clip)
-    new_model = add_weighted(model, model_patches, strength_model, multiplier) if use_model is not None else model
+    new_model = model if use_model is None else \
+        apply_model_patches(model, model_patches, strength_model, multiplier, mode, label)
     new_clip = add_weighted(clip, clip_patches, strength_clip) if use_clip is not None else clip
     return new_model, new_clip
 
@@ -291,10 +307,13 @@ def is_tlora_file(path: str) -> bool:
         return path.lower().endswith(".safetensors")
 
 
-def apply_other_file(path: str, label: str, model, strength: float, multiplier: Callable[[str], float]):
-    """Any adapter ComfyUI itself understands (LoRA, LoHa, LoKr, ...), block-weighted."""
+def apply_other_file(path: str, label: str, model, strength: float, multiplier: Callable[[str], float],
+                     mode: str = "merged"):
+    """Any adapter ComfyUI itself understands (LoRA, LoHa, LoKr, ...), block-weighted; plain LoRAs activation-side
+    where `mode` says so (`apply_model_patches`)."""
+    check_mode(mode)
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     patches = comfy.lora.load_lora(lora, model_key_map(model))
     if not patches:
         raise TLoRAApplyError(f"adapter {label!r} has no module ComfyUI can apply to this model")
-    return add_weighted(model, patches, strength, multiplier)
+    return apply_model_patches(model, patches, strength, multiplier, mode, label)

@@ -1,30 +1,30 @@
 """TLoRA as a ComfyUI weight adapter, inference and training side by side (as ComfyUI's
 comfy/weight_adapter/lora.py keeps LoraDiff beside LoRAAdapter), over the core's functions.
 
-* `TLoRAWeightAdapter`: the stock LoRA loaders, hook LoRAs and our own loader all patch
-  weights through it. Contract followed (0.3.75 and newer): constructor (loaded_keys,
-  weights) with every tensor inside `weights`; `load` claims only keys ending in our own
-  suffixes; `calculate_weight` updates `weight` in place, upcasting internally;
-  `bypass_forward` computes the activation-side form org_forward(x + m (T x - x)) + m s Delta x.
+* `TLoRAWeightAdapter`: the stock LoRA loaders, hook LoRAs and our own merged loaders patch
+  weights through it. Contract followed (0.3.75 and newer): constructor (loaded_keys, weights)
+  with every tensor inside `weights`; `load` claims keys through the core (`tlora.claim`);
+  `calculate_weight` updates `weight` in place from a float32 merge, rounding once into the
+  weight's dtype (fp8 stochastically, as the host rounds its own LoRAs); `bypass_forward` runs
+  the core's run-time layer around the host's forward (`comfy_bypass`).
 * `TLoRATrainDiff`: the trainable weight-side form that ComfyUI's built-in TrainLoraNode
-  uses when its `algorithm` is TLoRA (`adapter_maps["TLoRA"]`).
+  uses when its `algorithm` is TLoRA (`adapter_maps["TLoRA"]`), and its bypass mode.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
-
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
-from ..tlora import format as tformat
-from ..tlora.adapter import SUFFIX_PATTERN, ModuleAdapter
+from ..tlora.adapter import R_DOWN, R_IN, R_OUT, R_UP, SCALE, T_CORE, T_DIAG, ModuleAdapter
+from ..tlora.claim import claim
 from ..tlora.errors import TLoRAError
 from ..tlora.functional import weight as wside
+from ..tlora.spec import DEFAULT_TRANSFORM
+from . import comfy_bypass
 
 try:  # The host's registry; absent on hosts without comfy.weight_adapter.
     import comfy.weight_adapter as _registry
@@ -37,8 +37,16 @@ except ImportError:  # pragma: no cover - very old hosts
 log = logging.getLogger("ComfyUI-TLoRA")
 # TrainLoraNode's algorithm list shows this (a name of its own, not T-LoRA's "tlora").
 TRAIN_ALGORITHM = "TLoRA (transformed)"
-# Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
-_PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r.in.0", "tlora_r.up", "tlora_r.down")
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def write_back(weight: Tensor, merged: Tensor, key: str) -> None:
+    """weight <- merged (float32), rounded once into weight's dtype as the host rounds a LoRA (fp8: stochastically)."""
+    if weight.dtype in FP8_DTYPES:
+        import comfy.float  # noqa: PLC0415
+        import comfy.utils  # noqa: PLC0415
+        merged = comfy.float.stochastic_rounding(merged, weight.dtype, seed=comfy.utils.string_to_seed(key))
+    weight.copy_(merged.to(weight.dtype))
 
 
 class TLoRAWeightAdapter(WeightAdapterBase):
@@ -64,27 +72,16 @@ class TLoRAWeightAdapter(WeightAdapterBase):
 
     @classmethod
     def load(cls, x: str, lora: dict, alpha=None, dora_scale=None, loaded_keys=None) -> Optional["TLoRAWeightAdapter"]:
-        """Claim the keys `x.tlora_*` of a file (the registry's entry point); None if absent."""
-        prefix = x + "."
-        # ComfyUI offers every key-map entry (thousands) to every adapter class: answer the
-        # common "not mine" with a few dict lookups instead of a scan of the whole file.
-        if not any(prefix + probe in lora for probe in _PROBES):
+        """Claim the keys `x.tlora_*` of a file (the registry's entry point); None if absent.
+
+        A broken module fails the stock loader's prompt with the reason, as our loaders do: skipping
+        it (the registry's habit) would apply the rest of the file and say so only in the server log.
+        (A module that does not fit its weight shows only at patch time: see calculate_weight.)
+        """
+        found = claim(x, lora)
+        if found is None:
             return None
-        mine = {k[len(prefix):]: v for k, v in lora.items()
-                if k.startswith(prefix) and SUFFIX_PATTERN.match(k[len(prefix):])}
-        try:  # the host keeps one patch per weight: another name or adapter kind for it would lose a half
-            tformat.check_one_adapter_per_weight(x, lora)
-        except TLoRAError as err:
-            raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
-        try:
-            adapter = ModuleAdapter(mine, name=x)
-        except TLoRAError as err:
-            # A broken module fails the stock loader's prompt with the reason, as our loaders do:
-            # skipping it (the registry's habit) applied the rest of the file and said so only in
-            # the server log. (A module that does not fit its weight shows only at patch time:
-            # see calculate_weight.)
-            raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
-        keys = {prefix + s for s in mine}
+        adapter, keys = found
         if loaded_keys is not None:
             loaded_keys.update(keys)
         return cls.from_module_adapter(adapter, keys)
@@ -102,6 +99,22 @@ class TLoRAWeightAdapter(WeightAdapterBase):
             self._adapter = cached
         return cached
 
+    def float_adapter(self, device: torch.device) -> ModuleAdapter:
+        """The adapter in the dtypes the file was validated with, on `device`.
+
+        The host's copy in `weights` where it kept those dtypes (0.33 moves patches to the device
+        itself); the file's own tensors where a host cast them to a layer's storage dtype (0.12.1's
+        bypass: fp8 cores on an fp8 checkpoint; 0.33's: fp16/bf16), moved once and kept.
+        """
+        current = self.module_adapter()
+        source = getattr(self.weights[0], "source", None)
+        if source is None or all(v.dtype == source.tensors[k].dtype for k, v in current.tensors.items()):
+            return current
+        kept = self.__dict__.get("_float_copy")
+        if kept is None or kept[0] != device:
+            self._float_copy = kept = (device, source.to(device))
+        return kept[1]
+
     def calculate_shape(self, key):
         """The patched weight's shape: TLoRA never changes it (None, as the host's base class answers)."""
         return None
@@ -109,7 +122,7 @@ class TLoRAWeightAdapter(WeightAdapterBase):
     # ----- training (ComfyUI's built-in TrainLoraNode) ----------------------------------
     @classmethod
     def create_train(cls, weight, rank=8, alpha=1.0):
-        """A fresh trainable TLoRA for TrainLoraNode: trm:2 transform + tr:<rank> residual, weight-side."""
+        """A fresh trainable TLoRA for TrainLoraNode: the default transform + tr:<rank> residual, weight-side."""
         return TLoRATrainDiff.create(weight, rank=rank, alpha=alpha)
 
     def to_train(self):
@@ -119,7 +132,7 @@ class TLoRAWeightAdapter(WeightAdapterBase):
     # ----- patching -----------------------------------------------------------------
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        """weight += function(strength * (W T + s Delta - W)), computed in float32 in factored form.
+        """weight += function(strength * (W T + s Delta - W)): merged in float32 (factored), rounded once.
 
         A module that does not fit its weight (possible only through the stock loaders, which
         do not check shapes) is logged and skipped, as ComfyUI's own adapters do, so that
@@ -127,78 +140,71 @@ class TLoRAWeightAdapter(WeightAdapterBase):
         """
         if strength == 0:
             return weight
-        adapter = self.module_adapter()
+        adapter = self.float_adapter(weight.device)
         try:
             diff = adapter.weight_diff(weight, strength)  # strength folded into the merge: no extra pass
         except TLoRAError as err:
             log.error("TLoRA: not applied to %s: %s", key, err)
             return weight
-        weight += function(diff.to(weight.dtype))
+        if weight.dtype in (torch.float32, torch.float64):
+            weight += function(diff.to(weight.dtype))
+        else:  # fp16/bf16/fp8: one rounding of the float32 sum, not one of the difference and one of the sum
+            write_back(weight, weight.to(diff.dtype) + function(diff), key)
         return weight
 
     def bypass_forward(self, org_forward, x, *args, **kwargs):
-        """Activation-side form for hosts that run adapters in bypass mode (0.12's LoraLoaderBypass)."""
-        adapter = self.module_adapter()
-        key = (x.device, _layer_geometry(self, adapter, x))
-        cached = self.__dict__.get("_bypass")
-        if cached is None or cached[0] != key or cached[1].adapter_source is not adapter:
-            module = _bypass_module(adapter.to(x.device), key[1], trainable=False)
-            module.adapter_source = adapter
-            self._bypass = cached = (key, module)
-        return _run_bypass(cached[1], float(getattr(self, "multiplier", 1.0)), org_forward, x, *args, **kwargs)
+        """Activation-side form for the host's bypass mode (Load LoRA (Bypass)): the run-time layer, float32 cores."""
+        return comfy_bypass.run(self, self.float_adapter(x.device), org_forward, x, *args, **kwargs)
 
 
 class TLoRATrainDiff(WeightAdapterTrainBase):
     """Trainable weight-side TLoRA for TrainLoraNode: __call__(W0) = W0 T + s Delta.
 
-    Parameter names are the file's suffixes (`tlora_t.0`, `tlora_r.out.0`, `tlora_scale`...),
-    so TrainLoraNode's `{module}.{param}` state dict is a valid TLoRA file as it stands.
+    Parameters are registered under the file's suffixes (`tlora_t.0`, `tlora_r.out.0`,
+    `tlora_scale`...), so TrainLoraNode's `{module}.{param}` state dict is a valid TLoRA file.
     """
 
     def __init__(self, tensors: Mapping[str, Tensor]):
         super().__init__()
         adapter = ModuleAdapter(dict(tensors))
         self.transform_kind, self.residual_kind = adapter.transform.kind, adapter.residual.kind
-        self.__dict__["_facts"] = _Facts(adapter.name, adapter.out_features, adapter.in_channels, adapter.fan_in)
-        self.tlora_t = nn.ParameterDict()
-        self.tlora_r = nn.Module()
+        self.__dict__["_facts"] = adapter  # shapes and kinds for bypass mode (never re-validated per forward)
+        self._counts = (len(adapter.transform_cores), len(adapter.out_cores), len(adapter.in_cores))
         for key, value in adapter.tensors.items():
-            param = nn.Parameter(value.detach().float().clone(), requires_grad=key != "tlora_scale")
-            parts = key.split(".")
-            if parts[0] == "tlora_t":
-                self.tlora_t[parts[1]] = param
-            elif parts[0] == "tlora_r" and parts[1] in ("out", "in"):
-                if not hasattr(self.tlora_r, parts[1]):
-                    self.tlora_r.add_module(parts[1], nn.ParameterDict())
-                getattr(self.tlora_r, parts[1])[parts[2]] = param
-            elif parts[0] == "tlora_r":
-                self.tlora_r.register_parameter(parts[1], param)
-            else:
-                self.tlora_scale = param  # kept as a (frozen) parameter so TrainLoraNode saves it
+            param = nn.Parameter(value.detach().float().clone(), requires_grad=key != SCALE)
+            *path, leaf = key.split(".")
+            holder = self
+            for part in path:  # nested modules make the state dict's keys the file's suffixes
+                if part not in holder._modules:
+                    holder.add_module(part, nn.Module())
+                holder = holder._modules[part]
+            holder.register_parameter(leaf, param)
 
     @classmethod
-    def create(cls, weight: Tensor, rank: int = 8, alpha: float = 1.0, transform: str = "trm:2") -> "TLoRATrainDiff":
+    def create(cls, weight: Tensor, rank: int = 8, alpha: float = 1.0,
+               transform: str = DEFAULT_TRANSFORM) -> "TLoRATrainDiff":
         """Fresh adapter for a weight: TRM transform + tensor-ring residual of TrainLoraNode's rank."""
         adapter = ModuleAdapter.create(tuple(weight.shape), transform, f"tr:{int(rank)}", "paper", alpha=float(alpha))
         return cls({k: v.to(weight.device) for k, v in adapter.tensors.items()})
 
-    def _cores(self, group: nn.ParameterDict) -> list[Tensor]:
-        return [group[str(d)].float() for d in range(len(group))]
+    def _get(self, suffix: str) -> Tensor:
+        return self.get_parameter(suffix).float()
 
     def __call__(self, w: Tensor) -> Tensor:
+        n_t, n_out, n_in = self._counts
         w32 = w.float()
         out = w32
         if self.transform_kind == "diag":
-            out = wside.transformed(w32, diag=self.tlora_t["diag"].float())
+            out = wside.transformed(w32, diag=self._get(T_DIAG))
         elif self.transform_kind != "none":
-            out = wside.transformed(w32, self._cores(self.tlora_t))
+            out = wside.transformed(w32, [self._get(T_CORE.format(d)) for d in range(n_t)])
         if self.residual_kind == "tr":
-            parts = (self._cores(self.tlora_r.out), self._cores(getattr(self.tlora_r, "in")))
+            parts = ([self._get(R_OUT.format(d)) for d in range(n_out)], [self._get(R_IN.format(d)) for d in range(n_in)])
         else:
-            parts = (self.tlora_r.up.float(), self.tlora_r.down.float()) if self.residual_kind == "lora" else ()
+            parts = (self._get(R_UP), self._get(R_DOWN)) if self.residual_kind == "lora" else ()
         delta = wside.residual(self.residual_kind, w32.shape, parts)
         if delta is not None:
-            out = out + self.tlora_scale.float() * delta
+            out = out + self._get(SCALE) * delta
         return out.to(w.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -206,24 +212,13 @@ class TLoRATrainDiff(WeightAdapterTrainBase):
         return dict(self.named_parameters())
 
     def bypass_forward(self, org_forward, x, *args, **kwargs):
-        """Bypass-mode training (TrainLoraNode with bypass_mode): the activation-side form on these parameters.
+        """Bypass-mode training (TrainLoraNode with bypass_mode): the run-time layer on these very parameters.
 
         The host's default g(f(x) + h(x)) cannot express a transform of the input, so the whole
         forward is ours: org_forward(x + m (T x - x)) + m s Delta x, gradients into this module.
         """
-        key = (x.device, _layer_geometry(self, self.__dict__["_facts"], x))
-        cached = self.__dict__.get("_bypass")
-        if cached is None or cached[0] != key:
-            module = _bypass_module(ModuleAdapter({k: v.detach() for k, v in self.tensors().items()}), key[1],
-                                    trainable=True)
-            for suffix, param in self.tensors().items():  # share, never copy: the optimizer steps these
-                if suffix != "tlora_scale":
-                    module.adapter_params[suffix.replace(".", "__")] = param
-            module.scale = self.tlora_scale.detach().float().to(x.device)
-            module._identity_versions = None  # the shared tensors' version counters are not the copies'
-            # Not a submodule: TrainLoraNode saves this module's state dict as the file.
-            self.__dict__["_bypass"] = cached = (key, module)
-        return _run_bypass(cached[1], float(getattr(self, "multiplier", 1.0)), org_forward, x, *args, **kwargs)
+        return comfy_bypass.run(self, self.__dict__["_facts"], org_forward, x, *args, trainable=True,
+                                share=self.tensors(), **kwargs)
 
     def passive_memory_usage(self) -> int:
         """Bytes held by the adapter's tensors."""
@@ -233,10 +228,11 @@ class TLoRATrainDiff(WeightAdapterTrainBase):
 class _Suffixes(Sequence):
     """`weights[0]` of a patch: the tensors' suffix names, with the validated adapter they belong to.
 
-    Deliberately not a tuple: ComfyUI (0.33) rebuilds a patch as `type(p)(p.loaded_keys, w)`
-    each time it moves the weights, copying tuples item by item but passing other objects
-    through, so the rebuilt patch still finds the adapter its tensors were copied from and
-    skips re-validating them (`ModuleAdapter.like`).
+    Deliberately not a tuple: ComfyUI rebuilds a patch as `type(p)(p.loaded_keys, w)` each time it
+    moves the weights (0.33) and casts a bypass adapter's tensors to the layer's dtype (0.12.1: fp8),
+    copying tuples item by item but passing other objects through, so the rebuilt patch still finds
+    the adapter its tensors came from: it skips re-validating them (`ModuleAdapter.like`) and merges
+    and bypasses with the file's own float32 tensors.
     """
 
     __slots__ = ("names", "source")
@@ -255,74 +251,6 @@ class _Suffixes(Sequence):
 
     def __repr__(self) -> str:
         return f"_Suffixes{self.names!r}"
-
-
-@dataclass(frozen=True)
-class _Facts:
-    """The shape facts of an adapter that bypass mode needs (kept to avoid re-validating every forward)."""
-
-    name: str
-    out_features: int
-    in_channels: int
-    fan_in: int
-
-
-class _ShapeOnlyLayer(torch.nn.Module):
-    """Stands in for the host layer so TLoRAModule can run in bypass mode: its shape and conv settings only."""
-
-    def __init__(self, out_features: int, in_channels: int, kernel: tuple[int, ...], conv: Mapping):
-        super().__init__()
-        self.weight = torch.empty(out_features, in_channels, *kernel, device="meta")
-        self.stride, self.padding = conv.get("stride", 1), conv.get("padding", 0)
-        self.dilation, self.groups = conv.get("dilation", 1), conv.get("groups", 1)
-
-
-def _layer_geometry(owner, adapter: ModuleAdapter | _Facts, x: Tensor) -> tuple:
-    """(out, in, kernel, conv settings) of the layer being bypassed, from what the host set on the adapter.
-
-    0.12's BypassForwardHook sets is_conv, kernel_size and kw_dict (stride, padding, dilation,
-    groups); without them (older hosts) a square kernel with stride 1 and no padding is assumed.
-    """
-    is_conv = bool(owner.__dict__.get("is_conv", x.dim() == 4))
-    in_channels = int(x.shape[1] if is_conv else x.shape[-1])
-    if adapter.in_channels and adapter.in_channels != in_channels:
-        raise TLoRAError(f"{adapter.name}: the adapter transforms {adapter.in_channels} input channels, the "
-                         f"layer gets {in_channels}")
-    out_features = adapter.out_features or owner.__dict__.get("out_channels") or in_channels
-    if not is_conv:
-        return out_features, in_channels, (), ()
-    # A transform-only adapter does not know the kernel (fan_in): the host's word is taken then.
-    taps = adapter.fan_in // in_channels if adapter.fan_in else None
-    kernel = tuple(int(k) for k in (owner.__dict__.get("kernel_size") or ()))
-    if not kernel:
-        side = int(round((taps or 1) ** 0.5))
-        kernel = (side, side)
-    if len(kernel) != 2 or (taps is not None and kernel[0] * kernel[1] != taps):
-        raise TLoRAError(f"{adapter.name}: bypass mode on a {len(kernel)}-D conv with kernel {kernel} does not "
-                         f"fit an adapter made for {taps} kernel taps")
-    conv = dict(owner.__dict__.get("kw_dict") or {})
-    if int(conv.get("groups", 1)) != 1:
-        raise TLoRAError(f"{adapter.name}: grouped convolutions are not supported in bypass mode")
-    settings = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(conv.items()))
-    return out_features, in_channels, kernel, settings
-
-
-def _bypass_module(adapter: ModuleAdapter, geometry: tuple, trainable: bool):
-    """A TLoRAModule over a stand-in of the bypassed layer (its own forward is never called)."""
-    from ..tlora.module import TLoRAModule  # noqa: PLC0415
-
-    out_features, in_channels, kernel, settings = geometry
-    return TLoRAModule(_ShapeOnlyLayer(out_features, in_channels, kernel, dict(settings)), adapter,
-                       trainable=trainable)
-
-
-def _run_bypass(module, multiplier: float, org_forward, x: Tensor, *args, **kwargs) -> Tensor:
-    """org_forward(x + m (T x - x)) + m s Delta x: the activation-side TLoRA around the host's own forward."""
-    module.strength = multiplier
-    out = org_forward(module.transformed_input(x), *args, **kwargs)
-    if module.residual_kind != "none" and multiplier != 0:
-        out = out + multiplier * module.residual_output(x).to(out.dtype)
-    return out
 
 
 def _is_ours(cls: type) -> bool:
@@ -350,6 +278,12 @@ def register() -> bool:
     except Exception as err:  # e.g. a registry that became immutable
         log.warning("TLoRA: could not register with ComfyUI's adapter registry (%s)", err)
         return False
+    try:  # 0.12+: the host's bypass loader would drop sliced keys of our files without a word
+        import comfy.lora  # noqa: PLC0415
+        import comfy.sd  # noqa: PLC0415
+        comfy_bypass.guard_bypass_loader(comfy.sd, comfy.lora)
+    except Exception as err:  # never break registration over the guard
+        log.warning("TLoRA: could not guard the bypass LoRA loader (%s)", err)
     return True
 
 

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..tlora.errors import TLoRAError
 from ..tlora.fileio import parse_json
 from . import apply
-from .display import short_metadata, short_value
+from .display import short_config, short_metadata, short_value
 
 CATEGORY = "loaders/TLoRA"
 
@@ -43,6 +43,16 @@ def _strength(name: str, tooltip: str) -> io.Float.Input:
     return io.Float.Input(name, default=1.0, min=-100.0, max=100.0, step=0.01, tooltip=tooltip)
 
 
+def _mode() -> io.Combo.Input:
+    """How the diffusion model gets the adapter (appended last: saved workflows keep widget values by position)."""
+    return io.Combo.Input(
+        "mode", options=list(apply.activation.MODES), default="auto", optional=True,
+        tooltip="merged: into the weights (fastest sampling on float models). activation: around each layer's "
+                "own forward, weights never touched (quantized fp8/int8/nvfp4/GGUF models; a strength change "
+                "costs nothing). auto: activation where a weight is quantized or not a plain float tensor, merged "
+                "elsewhere. The text encoder is always merged.")
+
+
 class TLoRALoader(io.ComfyNode):
     """Apply a TLoRA file to a model and its text encoder."""
 
@@ -55,7 +65,7 @@ class TLoRALoader(io.ComfyNode):
             inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
                     io.Combo.Input("adapter_name", options=lora_names()),
                     _strength("strength_model", "Strength on the diffusion model."),
-                    _strength("strength_clip", "Strength on the text encoder.")],
+                    _strength("strength_clip", "Strength on the text encoder."), _mode()],
             outputs=[io.Model.Output(), io.Clip.Output()])
 
     @classmethod
@@ -64,10 +74,10 @@ class TLoRALoader(io.ComfyNode):
         return file_fingerprint(adapter_name)
 
     @classmethod
-    def execute(cls, model, clip, adapter_name, strength_model, strength_clip) -> io.NodeOutput:
+    def execute(cls, model, clip, adapter_name, strength_model, strength_clip, mode="auto") -> io.NodeOutput:
         apply.check_strengths(strength_model=strength_model, strength_clip=strength_clip)
         new_model, new_clip = apply.apply_file(resolve(adapter_name), adapter_name, model, clip,
-                                               strength_model, strength_clip)
+                                               strength_model, strength_clip, mode=mode)
         return io.NodeOutput(new_model, new_clip)
 
 
@@ -80,7 +90,7 @@ class TLoRALoaderModelOnly(io.ComfyNode):
             node_id="TLoRALoaderModelOnly", display_name="Load TLoRA (model only)", category=CATEGORY,
             description="Applies a TLoRA adapter to the diffusion model only.",
             inputs=[io.Model.Input("model"), io.Combo.Input("adapter_name", options=lora_names()),
-                    _strength("strength_model", "Strength on the diffusion model.")],
+                    _strength("strength_model", "Strength on the diffusion model."), _mode()],
             outputs=[io.Model.Output()])
 
     @classmethod
@@ -89,9 +99,9 @@ class TLoRALoaderModelOnly(io.ComfyNode):
         return file_fingerprint(adapter_name)
 
     @classmethod
-    def execute(cls, model, adapter_name, strength_model) -> io.NodeOutput:
+    def execute(cls, model, adapter_name, strength_model, mode="auto") -> io.NodeOutput:
         apply.check_strengths(strength_model=strength_model)
-        new_model, _ = apply.apply_file(resolve(adapter_name), adapter_name, model, None, strength_model)
+        new_model, _ = apply.apply_file(resolve(adapter_name), adapter_name, model, None, strength_model, mode=mode)
         return io.NodeOutput(new_model)
 
 
@@ -111,7 +121,7 @@ class TLoRABlockWeights(io.ComfyNode):
                     io.Float.Input("output_blocks", default=1.0, min=-10.0, max=10.0, step=0.05),
                     io.Float.Input("other", default=1.0, min=-10.0, max=10.0, step=0.05,
                                    tooltip="Weights outside the three block groups (time embedding, out)."),
-                    io.String.Input("overrides", default="", multiline=True, optional=True)],
+                    io.String.Input("overrides", default="", multiline=True, optional=True), _mode()],
             outputs=[io.Model.Output()])
 
     @classmethod
@@ -121,7 +131,7 @@ class TLoRABlockWeights(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter_name, strength_model, input_blocks, middle_block, output_blocks,
-                other, overrides="") -> io.NodeOutput:
+                other, overrides="", mode="auto") -> io.NodeOutput:
         apply.check_strengths(strength_model=strength_model, input_blocks=input_blocks, middle_block=middle_block,
                               output_blocks=output_blocks, other=other)
         parsed = apply.parse_block_overrides(overrides)
@@ -132,9 +142,10 @@ class TLoRABlockWeights(io.ComfyNode):
         if strength_model == 0:
             return io.NodeOutput(model)
         if apply.is_tlora_file(path):
-            new_model, _ = apply.apply_file(path, adapter_name, model, None, strength_model, multiplier=multiplier)
+            new_model, _ = apply.apply_file(path, adapter_name, model, None, strength_model, multiplier=multiplier,
+                                            mode=mode)
         else:
-            new_model = apply.apply_other_file(path, adapter_name, model, strength_model, multiplier)
+            new_model = apply.apply_other_file(path, adapter_name, model, strength_model, multiplier, mode=mode)
         return io.NodeOutput(new_model)
 
 
@@ -153,8 +164,9 @@ def describe(adapter_name: str) -> dict:
     training = short_metadata({k: v for k, v in metadata.items() if k.startswith(("tlora.train.", "ss_"))})
     return {"name": adapter_name, "file_bytes": os.path.getsize(path), "modules": len(adapters),
             "params": sum(a.num_params() for a in adapters.values()), "kinds": kinds,
-            "architecture": metadata.get("modelspec.architecture", "unknown"),
-            "title": short_value(metadata.get("modelspec.title", "")), "config": config, "training": training}
+            "architecture": short_value(metadata.get("modelspec.architecture", "unknown"), 80),
+            "title": short_value(metadata.get("modelspec.title", "")), "config": short_config(config),
+            "training": training}
 
 
 def describe_text(info: dict) -> str:

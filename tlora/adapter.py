@@ -18,17 +18,22 @@ from . import shapes as shapes_mod
 from .errors import TLoRAFormatError, TLoRAShapeError
 from .functional import tr, trm
 from .functional import weight as wside
-from .spec import Kind, default_scale, parse_residual, parse_transform
+from .spec import DEFAULT_RESIDUAL, DEFAULT_TRANSFORM, Kind, default_scale, parse_residual, parse_transform
 
-T_CORE = "tlora_t.{}"
-T_DIAG = "tlora_t.diag"
-R_OUT = "tlora_r.out.{}"
-R_IN = "tlora_r.in.{}"
-R_UP = "tlora_r.up"
-R_DOWN = "tlora_r.down"
+# The file's tensor names (docs/FORMAT.md), the one place they are spelled: a module `m` stores
+# `m.<suffix>`. Transform tensors start with T_PART, residual ones with R_PART.
+T_PART, R_PART = "tlora_t.", "tlora_r."
+T_CORE = T_PART + "{}"
+T_DIAG = T_PART + "diag"
+R_OUT = R_PART + "out.{}"
+R_IN = R_PART + "in.{}"
+R_UP = R_PART + "up"
+R_DOWN = R_PART + "down"
 SCALE = "tlora_scale"
+# Suffixes at least one of which every TLoRA module has (its scale, or the first tensor of a part).
+PROBES = (SCALE, T_CORE.format(0), T_DIAG, R_OUT.format(0), R_IN.format(0), R_UP, R_DOWN)
 
-SUFFIX_PATTERN = re.compile(r"^(tlora_t\.(\d+|diag)|tlora_r\.(out|in)\.\d+|tlora_r\.(up|down)|tlora_scale)$")
+SUFFIX_PATTERN = re.compile(rf"^({re.escape(T_PART)}(\d+|diag)|{re.escape(R_PART)}((out|in)\.\d+|up|down)|{SCALE})$")
 # A transform on a dimension whose factors still include one wider than this would be a
 # huge dense core (large primes): such dimensions get the `diag` transform instead.
 MAX_TRANSFORM_FACTOR = 256
@@ -102,8 +107,8 @@ class ModuleAdapter:
 
     # ----- construction -------------------------------------------------------------
     @classmethod
-    def create(cls, weight_shape: Sequence[int], transform: str | Kind = "trm:2",
-               residual: str | Kind = "tr:6", shapes: str = "paper", alpha: float = 1.0,
+    def create(cls, weight_shape: Sequence[int], transform: str | Kind = DEFAULT_TRANSFORM,
+               residual: str | Kind = DEFAULT_RESIDUAL, shapes: str = "paper", alpha: float = 1.0,
                generator: torch.Generator | None = None, name: str = "<module>",
                dtype: torch.dtype = torch.float32) -> "ModuleAdapter":
         """A fresh adapter for a weight: identity transform, zero residual (tensors as `layout` says)."""

@@ -15,11 +15,11 @@ import torch
 
 from . import arch as arch_mod
 from . import shapes as shapes_mod
-from .adapter import R_IN, R_OUT, T_CORE, T_DIAG, layout
+from .adapter import R_IN, R_OUT, R_PART, T_CORE, T_DIAG, T_PART, layout
 from .errors import TLoRAError
 from .format import metadata_from_summary
 from .functional import tr, trm
-from .spec import Kind, parse_residual, parse_transform
+from .spec import DEFAULT_RESIDUAL, DEFAULT_TRANSFORM, Kind, parse_residual, parse_transform
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -37,7 +37,7 @@ def _header_bytes(entries: Mapping[str, tuple[int, ...]], metadata: Mapping[str,
     return n + (-n) % 8
 
 
-def plan(arch: str | None = "sd15", transform: str | Kind = "trm:2", residual: str | Kind = "tr:6",
+def plan(arch: str | None = "sd15", transform: str | Kind = DEFAULT_TRANSFORM, residual: str | Kind = DEFAULT_RESIDUAL,
          targets: str | Mapping[str, Sequence[int]] = "attn", shapes: str = "paper",
          text_encoder: bool = False, with_convs: bool = False, alpha: float = 1.0,
          dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -63,13 +63,13 @@ def plan(arch: str | None = "sd15", transform: str | Kind = "trm:2", residual: s
                "params_by_kind": {}, "transform_kinds": {}, "residual_kinds": {}}
     for name, shape in table.items():
         t_kind, r_kind, tensors = layout(shape, t_req, r_req, shapes)
-        t_params = sum(math.prod(s) for k, s in tensors.items() if k.startswith("tlora_t."))
-        r_params = sum(math.prod(s) for k, s in tensors.items() if k.startswith("tlora_r."))
+        t_params = sum(math.prod(s) for k, s in tensors.items() if k.startswith(T_PART))
+        r_params = sum(math.prod(s) for k, s in tensors.items() if k.startswith(R_PART))
         if t_kind.kind == "trm":
-            factors = [tensors[T_CORE.format(d)][0] for d in range(sum(k.startswith("tlora_t.") for k in tensors))]
+            factors = [tensors[T_CORE.format(d)][0] for d in range(sum(k.startswith(T_PART) for k in tensors))]
             assert t_params == trm.num_params(factors, t_kind.rank)
-        out_f = [s[0] for k, s in sorted(tensors.items()) if k.startswith("tlora_r.out.")]
-        in_f = [s[0] for k, s in sorted(tensors.items()) if k.startswith("tlora_r.in.")]
+        out_f = [s[0] for k, s in sorted(tensors.items()) if k.startswith(R_OUT.format(""))]
+        in_f = [s[0] for k, s in sorted(tensors.items()) if k.startswith(R_IN.format(""))]
         if r_kind.kind == "tr":
             assert r_params == tr.num_params(out_f, in_f, r_kind.rank)
         summary["modules"] += 1
@@ -84,7 +84,7 @@ def plan(arch: str | None = "sd15", transform: str | Kind = "trm:2", residual: s
         per_module.append({
             "name": name, "shape": list(shape), "transform": str(t_kind), "residual": str(r_kind),
             "transform_factors": ([tensors[T_DIAG][0]] if t_kind.kind == "diag" else
-                                  [s[0] for k, s in tensors.items() if k.startswith("tlora_t.")]),
+                                  [s[0] for k, s in tensors.items() if k.startswith(T_PART)]),
             "residual_out_factors": [tensors[R_OUT.format(d)][0] for d in range(len(out_f))],
             "residual_in_factors": [tensors[R_IN.format(d)][0] for d in range(len(in_f))],
             "params": t_params + r_params})

@@ -131,6 +131,7 @@ class Entry(nn.Module):
                              .to(torch.float32).reshape(()).clone(), persistent=False)
         self.register_buffer("rows", rows_t, persistent=False)
         self.register_buffer("pick", pick_t, persistent=False)
+        self._moved: dict[torch.device, Entry] = {}
         # While these version counters are unchanged the transform is its exact identity start:
         # the input is then kept bit for bit (the factored form's ring sums would round it).
         self._identity_versions = (self._t_versions() if self._n_t and adapter.transform_is_identity
@@ -182,9 +183,22 @@ class Entry(nn.Module):
 
     def with_strength(self, strength: float) -> "Entry":
         """The same adapter (tensors shared, not copied) at another strength: what a host's strength change costs."""
-        clone = copy.copy(self)
+        clone = copy.copy(self)  # shares the parameter dicts and the `_moved` cache below
         clone.strength = float(strength)
         return clone
+
+    def on(self, device: torch.device) -> "Entry":
+        """This entry with its tensors on `device`: moved once per device, shared by every strength of it."""
+        if self.scale.device == device:
+            return self
+        moved = self._moved.get(device)
+        if moved is None:
+            alone = self.with_strength(self.strength)
+            alone._moved = {}  # not the copies on other devices
+            moved = copy.deepcopy(alone).to(device)
+            moved._moved = self._moved
+            self._moved[device] = moved
+        return moved.with_strength(self.strength)
 
     # ----- maths ----------------------------------------------------------------------
     def _needs_grad(self, x: Tensor) -> bool:
@@ -228,7 +242,7 @@ class Entry(nn.Module):
         if factors is None:
             return None
         up, down = factors
-        up = up * self.scale.to(x.dtype)
+        up = up * self.scale.to(device=x.device, dtype=x.dtype)
         if not geometry.is_conv:
             return (x @ down) @ up.transpose(0, 1)
         kernel = down.transpose(0, 1).reshape(down.shape[1], geometry.in_channels, *geometry.kernel)

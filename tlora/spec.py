@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from .errors import TLoRAError
 
 TRANSFORM_KINDS = ("none", "diag", "trm")
+# The paper's TLoRA(2,6): what every host creates when asked for no particular kind.
+DEFAULT_TRANSFORM = "trm:2"
+DEFAULT_RESIDUAL = "tr:6"
 RESIDUAL_KINDS = ("none", "lora", "tr")
 
 

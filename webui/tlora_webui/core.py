@@ -18,7 +18,8 @@ if _ROOT not in sys.path:
 
 from tlora import arch as tarch  # noqa: E402
 from tlora import format as tformat  # noqa: E402
-from tlora.adapter import SUFFIX_PATTERN, ModuleAdapter  # noqa: E402
+from tlora.adapter import ModuleAdapter  # noqa: E402
+from tlora.claim import broken, claim, module_prefixes  # noqa: E402
 from tlora.errors import TLoRAError, TLoRAShapeError  # noqa: E402
 
 __all__ = ["ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_file", "check_fits", "claim",
@@ -26,28 +27,7 @@ __all__ = ["ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "chec
 
 # Forge's patch type and reForge's adapter name; not "tlora", which is T-LoRA (LyCORIS).
 PATCH_TYPE = "transformed_lora"
-# Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
-PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r.in.0", "tlora_r.up", "tlora_r.down")
-
-
-def has_module(prefix: str, tensors: Mapping) -> bool:
-    """Whether `tensors` holds a TLoRA module under this prefix (a few lookups, no scan)."""
-    return any(f"{prefix}.{probe}" in tensors for probe in PROBES)
-
-
-def claim(prefix: str, tensors: Mapping) -> tuple[ModuleAdapter, set[str]] | None:
-    """The validated adapter of module `prefix` and the keys it used; None when absent; TLoRAError if broken."""
-    if not has_module(prefix, tensors):
-        return None
-    head = prefix + "."
-    mine = {k[len(head):]: v for k, v in tensors.items()
-            if k.startswith(head) and SUFFIX_PATTERN.match(k[len(head):])}
-    try:
-        tformat.check_one_adapter_per_weight(prefix, tensors)
-        adapter = ModuleAdapter(mine, name=prefix)
-    except TLoRAError as err:
-        raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
-    return adapter, {head + s for s in mine}
+has_module = tformat.has_tlora_module  # whether a module has TLoRA keys: a few lookups, no scan
 
 
 def check_file(path: str, keys: Collection[str]) -> None:
@@ -59,10 +39,10 @@ def check_file(path: str, keys: Collection[str]) -> None:
     try:
         tformat.check_version(os.path.basename(path), tformat.read_metadata(path))
         keys = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
-        for prefix in sorted({k[:k.rfind(".tlora_")] for k in keys if tformat.is_tlora_key(k)}):
+        for prefix in module_prefixes(keys):
             tformat.check_one_adapter_per_weight(prefix, keys)
     except TLoRAError as err:
-        raise TLoRAError(f"broken TLoRA file: {err}; nothing of it was applied") from None
+        raise broken(err) from None
 
 
 def check_fits(adapter: ModuleAdapter, shape) -> None:
