@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .convert_node import NODES as CONVERT_NODES
 from .loader_nodes import NODES as LOADER_NODES
 from .train_node import NODES as TRAIN_NODES
 
@@ -11,7 +12,7 @@ class TLoRAExtension(ComfyExtension):
     """The pack's node list for ComfyUI's V3 loader."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(LOADER_NODES) + list(TRAIN_NODES)
+        return list(LOADER_NODES) + list(TRAIN_NODES) + list(CONVERT_NODES)
 
 
 async def comfy_entrypoint() -> TLoRAExtension:

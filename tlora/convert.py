@@ -321,14 +321,17 @@ def lora_metadata(result: Result, inputs: Sequence[Input], base_label: str, arch
 
 
 def write_result(result: Result, path: str | os.PathLike, inputs: Sequence[Input], base_label: str,
-                 arch: str | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """Write a conversion atomically: a kohya LoRA (tlora/lorafile.py) or a TLoRA file (tlora/format.py)."""
+                 arch: str | None = None, dtype: torch.dtype = torch.float32, replace: bool = True) -> None:
+    """Write a conversion atomically: a kohya LoRA (tlora/lorafile.py) or a TLoRA file (tlora/format.py).
+
+    replace=False never replaces an existing file (FileExistsError).
+    """
     from .format import save_file
     from .lorafile import lora_state_dict, save_lora
     title = os.path.splitext(os.path.basename(os.fspath(path)))[0]
     if isinstance(result.target, LoRATarget):
         save_lora(path, lora_state_dict(result.lora, result.shapes, dtype),
-                  lora_metadata(result, inputs, base_label, arch, title))
+                  lora_metadata(result, inputs, base_label, arch, title), replace)
         return
     summary = result.summary()
     config = dict(result.target.describe(), title=title)
@@ -339,4 +342,23 @@ def write_result(result: Result, path: str | os.PathLike, inputs: Sequence[Input
                 "tlora.fit.error": {k: summary[k] for k in ("rel_error", "output_error", "params", "modules")},
                 "tlora.fit.module_errors": {m.name: [round(m.rel_error, 8), round(m.output_error, 8)]
                                             for m in result.modules}}
-    save_file(result.adapters, path, metadata=metadata, config=config, dtype=dtype)
+    save_file(result.adapters, path, metadata=metadata, config=config, dtype=dtype, replace=replace)
+
+
+def report_text(result: Result, out: str, every_module: bool = False) -> str:
+    """The report as lines: a table of every module when asked, then the totals."""
+    s = result.summary()
+    lines = []
+    if every_module and result.modules:
+        width = max(len(m.name) for m in result.modules)
+        lines.append(f"  {'module'.ljust(width)}  rank      params  rel.error  output diff")
+        lines += [f"  {m.name.ljust(width)}  {m.rank:4d}  {m.params:10,d}  {m.rel_error:9.2e}  {m.output_error:11.2e}"
+                  for m in result.modules]
+    ranks = s["ranks"]
+    rank_text = (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}..{ranks[-1]}") if ranks else "-"
+    lines.append(f"wrote {out}: {s['modules']} modules, {s['params']:,} parameters, {rank_text}"
+                 + (f"; {s['dropped']} dropped (rank 0 meets the target)" if s["dropped"] else "")
+                 + (f"; {s['unchanged']} weights unchanged by the inputs, skipped" if s["unchanged"] else ""))
+    lines.append(f"relative error {s['rel_error']:.3e} (Frobenius, all modules), output difference "
+                 f"{s['output_error']:.3e} on a sample batch; {s['seconds']:.1f} s")
+    return "\n".join(lines)

@@ -17,7 +17,7 @@ import torch
 from . import arch as arch_mod
 from . import shapes as shapes_mod
 from .basefile import open_checkpoint
-from .convert import Input, LoRATarget, Result, TLoRATarget, convert, read_input, write_result
+from .convert import Input, LoRATarget, TLoRATarget, convert, read_input, report_text, write_result
 from .errors import TLoRAError
 from .fit import DEFAULT_ITERS
 
@@ -120,24 +120,6 @@ def _stem(path: str) -> str:
     return os.path.splitext(path)[0]
 
 
-def _report_text(out: str, result: Result, every_module: bool) -> str:
-    s = result.summary()
-    lines = []
-    if every_module:
-        width = max(len(m.name) for m in result.modules)
-        lines.append(f"  {'module'.ljust(width)}  rank      params  rel.error  output diff")
-        lines += [f"  {m.name.ljust(width)}  {m.rank:4d}  {m.params:10,d}  {m.rel_error:9.2e}  {m.output_error:11.2e}"
-                  for m in result.modules]
-    ranks = s["ranks"]
-    rank_text = (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}..{ranks[-1]}") if ranks else "-"
-    lines.append(f"wrote {out}: {s['modules']} modules, {s['params']:,} parameters, {rank_text}"
-                 + (f"; {s['dropped']} dropped (rank 0 meets the target)" if s["dropped"] else "")
-                 + (f"; {s['unchanged']} weights unchanged by the inputs, skipped" if s["unchanged"] else ""))
-    lines.append(f"relative error {s['rel_error']:.3e} (Frobenius, all modules), output difference "
-                 f"{s['output_error']:.3e} on a sample batch; {s['seconds']:.1f} s")
-    return "\n".join(lines)
-
-
 def _run(args: argparse.Namespace, inputs: list[Input], out: str, target: LoRATarget | TLoRATarget,
          groups: tuple[str, ...] = ("attn",)) -> int:
     base = open_checkpoint(args.base, arch=args.arch)
@@ -147,7 +129,7 @@ def _run(args: argparse.Namespace, inputs: list[Input], out: str, target: LoRATa
     if args.json:
         print(json.dumps({"output": out, **result.summary(), "module_reports": [m.row() for m in result.modules]}))
     else:
-        print(_report_text(out, result, args.modules))
+        print(report_text(result, out, args.modules))
     return 0
 
 

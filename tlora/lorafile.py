@@ -110,7 +110,11 @@ def lora_state_dict(modules: Mapping[str, tuple[Tensor, Tensor]], shapes: Mappin
     return out
 
 
-def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:
-    """Write a LoRA state dict with string metadata (non-strings as JSON), atomically (tlora/fileio.py)."""
+def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any],
+              replace: bool = True) -> None:
+    """Write a LoRA state dict with string metadata (non-strings as JSON), atomically (tlora/fileio.py).
+
+    replace=False never replaces an existing file (FileExistsError).
+    """
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
-    atomic_write(os.fspath(path), _st_save(dict(tensors), metadata=meta))
+    atomic_write(os.fspath(path), _st_save(dict(tensors), metadata=meta), replace=replace)
