@@ -16,12 +16,18 @@ vae, latents, unet, export. A finished build is recognised by its manifest and r
 
 What the weights depend on (measured: each of these changes them in the last bits, and training
 amplifies that into a different model): the config (seed, steps...), torch's intra-op thread count
-(reductions split by thread), the CPU kernel level (AVX-512 and AVX2 kernels round differently)
-and the torch/MKL/oneDNN build. So the build pins what it can: one intra-op thread unless
-`threads` says otherwise (part of the cache key; TLORA_TORCH_THREADS is not read here), and
-AVX2 kernels (`PINNED_NUMERICS`, set by tools/build_default_model.py before torch loads).
-With those, the tensors are bit-identical on any x86-64 CPU with AVX2 for one torch build; the
-manifest and the checkpoint's metadata record the numerics used and a digest of the tensors.
+(reductions split by thread), the CPU kernel level (AVX-512 and AVX2 kernels round differently),
+MKL's code path, and which convolution library runs: oneDNN and NNPACK are both in a default
+torch's CPU path and choose kernels by the machine (oneDNN by cache sizes and cores under its ISA
+cap, NNPACK by its own CPU detection), with no switch that pins their arithmetic. So the build
+pins what it can: one intra-op thread unless `threads` says otherwise (part of the cache key;
+TLORA_TORCH_THREADS is not read here); AVX2 kernels for ATen and MKL in its strict reproducible
+mode (`PINNED_NUMERICS`, set by tools/build_default_model.py before torch loads); and no oneDNN
+or NNPACK (`pin_libraries`): every convolution is ATen's own (im2col + MKL's GEMM). What is left:
+the torch build (its bundled MKL), an x86-64 CPU with AVX2, and the C library's sin/cos in the
+procedural renders. The manifest and the checkpoint's metadata record the numerics, library
+versions and a digest of every stage (data, text, VAE, latents, UNet), so two builds can be
+compared stage by stage.
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = ROOT / ".cache" / "default_model"
 DEFAULT_NAME = "tlora-proving-sd15.safetensors"
 TINY_NAME = "tlora-proving-sd15-tiny.safetensors"
-FORMAT_VERSION = 2  # 2: AVX2-pinned kernels and the thread count in the config
+FORMAT_VERSION = 3  # 2: AVX2-pinned kernels and the thread count in the config; 3: no oneDNN/NNPACK
 LATENT_SCALE = 0.18215  # SD1.5 latent format's scale factor (comfy.latent_formats.SD15)
 THUMB_GAIN = 3.0        # latent channels 0-2 ~ (8x8 mean colour - 0.5) * gain (unit-ish spread)
 SAVE_EVERY_S = 60.0     # a training stage writes its resume checkpoint at least this often
@@ -495,11 +501,21 @@ def default_path(tiny: bool = False, cache_dir: Optional[Path] = None) -> Path:
     return Path(cache_dir or CACHE_DIR) / (TINY_NAME if tiny else DEFAULT_NAME)
 
 
-def numerics() -> dict:
-    """What this process computes with: torch build, CPU kernel level, threads, the pinning variables."""
+def pin_libraries() -> None:
+    """Convolutions by ATen itself (im2col + MKL GEMM): oneDNN and NNPACK pick kernels by the machine."""
     torch = _torch()
+    torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
+
+
+def numerics() -> dict:
+    """What this process computes with: torch build, CPU kernel level, threads, libraries, the pinning variables."""
+    torch = _torch()
+    from PIL import __version__ as pillow
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "onednn": bool(torch.backends.mkldnn.enabled), "nnpack": bool(torch._C._get_nnpack_enabled()),
+            "numpy": np.__version__, "pillow": pillow, "libc": "-".join(platform.libc_ver()),
             **{k: os.environ.get(k, "") for k in PINNED_NUMERICS}}
 
 
@@ -510,6 +526,16 @@ def tensor_digest(sd: dict) -> str:
         t = sd[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(_torch().uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_digest(cfg: BuildConfig, specs: list, work: Path) -> str:
+    """sha256 of what the procedural world made: the captions, the VAE's image pool, the pretraining renders."""
+    h = hashlib.sha256(json.dumps([s.caption for s in specs]).encode())
+    h.update(np.load(work / "vae_images.npy").tobytes())
+    images, index = proc.pretraining_images(specs, cfg.per_caption, cfg.seed)  # re-rendered: a few seconds
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(index).tobytes())
     return h.hexdigest()
 
 
@@ -546,6 +572,7 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
         return dest
     torch = _torch()
     torch.set_num_threads(cfg.threads)
+    pin_libraries()
     used = numerics()
     if used["cpu_capability"] != "AVX2":
         log(f"default model: CPU kernels are {used['cpu_capability']}, not the pinned AVX2 (torch was imported "
@@ -585,6 +612,10 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
     unet_sd = train_unet(cfg, work, latents, index, conds[:-1], conds[-1:], progress)
     timings["unet"] = time.perf_counter() - t0
 
+    # Stage by stage, so two builds can be compared where they first differ.
+    stages = {"data": _data_digest(cfg, specs, work), "text": tensor_digest({"conds": conds}),
+              "vae": tensor_digest(vae_sd), "latents": tensor_digest({"latents": latents, "index": index}),
+              "unet": tensor_digest(unet_sd)}
     t0 = time.perf_counter()
     sd = assemble(cfg, unet_sd, vae_sd, clip_sd)
     check_detection(sd)
@@ -593,6 +624,7 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
     meta = {"tlora.proving.format_version": str(FORMAT_VERSION), "tlora.proving.key": cfg.key(),
             "tlora.proving.config": json.dumps(dataclasses.asdict(cfg)),
             "tlora.proving.numerics": json.dumps(used), "tlora.proving.tensor_sha256": digest,
+            "tlora.proving.stage_sha256": json.dumps(stages),
             "modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "TLoRA proving-ground SD1.5"}
     dest.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save_tensors(sd, dest, meta)
@@ -600,7 +632,7 @@ def make_default_model(out: Optional[os.PathLike] = None, *, tiny: bool = False,
     timings["total_this_run"] = time.perf_counter() - t_all
     manifest = {"key": cfg.key(), "config": dataclasses.asdict(cfg), "file": dest.name,
                 "bytes": dest.stat().st_size, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-                "numerics": used, "tensor_sha256": digest, "vae": vae_report,
+                "numerics": used, "tensor_sha256": digest, "stage_sha256": stages, "vae": vae_report,
                 "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     manifest_path(dest).write_text(json.dumps(manifest, indent=1))
     log(f"default model: {dest} ({dest.stat().st_size / 2 ** 20:.0f} MiB) in "

@@ -6,8 +6,8 @@
 
 Stock ComfyUI's CheckpointLoaderSimple detects the result as SD1.5 (320-channel shallow UNet,
 TAESD VAE, CLIP-L text encoder). Deterministic from the seed and the thread count (default 1) on
-any x86-64 CPU with AVX2 for one torch build (kernels are pinned to AVX2 before torch loads; see
-proving/default_model.py); cached in .cache/default_model/
+any x86-64 CPU with AVX2 for one torch build (ATen and MKL pinned to AVX2 before torch loads, no
+oneDNN or NNPACK; what is left is listed in proving/default_model.py); cached in .cache/default_model/
 (work files resume an interrupted build; a finished build returns at once). `--minutes` scales
 the training length for that many minutes on the reference machine (2 shared CPU cores); the
 steps, not the clock, decide the model. `--tiny` is a ~1 minute smoke build (not a usable model).
