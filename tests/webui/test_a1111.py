@@ -265,3 +265,16 @@ def test_modules_that_match_no_layer_are_refused_not_skipped(host, tmp_path):
                "diffusion_model.elsewhere": refs.trained_module((8, 16), "trm:2", "tr:3", 2)}
     path = refs.write_tlora(str(tmp_path / "partly.safetensors"), modules)
     _refused(host, layers, path, "1 of 2 modules match no layer of this model (e.g. lora_unet_elsewhere)")
+
+
+def test_a_header_nested_too_deeply_is_one_line_not_a_recursion_error(host, tmp_path):
+    """The webui reads every listed file's header for its cards; json's RecursionError was printed with a traceback."""
+    import struct
+    header = b'{"__metadata__": {"a": "b"}, "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    host.errors.shown.clear()
+    host.network.NetworkOnDisk("deep", str(path))
+    assert len(host.errors.shown) == 1, host.errors.shown
+    assert "deep.safetensors: its safetensors header is JSON nested too deeply" in host.errors.shown[0]
+    assert "ecursion" not in host.errors.shown[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import safetensors
 import torch
@@ -72,12 +73,41 @@ def _all_matched(net, keys: set, name: str):
     return net
 
 
+def _guard_metadata_reader(sd_models) -> None:
+    """A header nested too deeply for json is named in one line before the webui's reader prints a RecursionError.
+
+    The webui reads every listed file's header for its cards; its reader catches the RecursionError
+    itself and prints it with a traceback. Checked first with the core's guarded parser, such a file
+    is reported by the card code as one line ("reading lora <file>: ...") and left out.
+    """
+    original = sd_models.read_metadata_from_safetensors
+    if getattr(original, "_tlora_guard", False):
+        return
+
+    @functools.wraps(original)
+    def read_metadata_from_safetensors(filename):
+        with open(filename, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            raw = handle.read(length) if 2 < length <= core.tformat.MAX_HEADER_BYTES else b"{}"
+        try:
+            core.tformat.parse_json(raw)
+        except ValueError as err:
+            if "nested too deeply" in str(err):
+                raise ValueError(f"{os.path.basename(str(filename))}: its safetensors header is {err}; the file "
+                                 f"was left out") from None
+        return original(filename)
+
+    read_metadata_from_safetensors._tlora_guard = True
+    sd_models.read_metadata_from_safetensors = read_metadata_from_safetensors
+
+
 def install(networks, network, sd_models) -> None:
     """Append our module type and wrap networks.load_network to give TLoRA files kohya names."""
     if any(type(t).__name__ == "ModuleTypeTLoRA" for t in networks.module_types):
         return
     module_type, _ = module_type_classes(network)
     networks.module_types.append(module_type())
+    _guard_metadata_reader(sd_models)
     original = networks.load_network
 
     @functools.wraps(original)
