@@ -16,6 +16,7 @@ from .format import SUFFIX_MARK, check_one_adapter_per_weight, has_tlora_module
 # Why a module did not fit (the start of a `refusal` problem; the rest is free text).
 MISSING = "no such module in this model"
 OVERLAP = "patches the same rows of"
+UNFIT = "cannot carry a TLoRA"  # the name reaches a layer of another kind (or inside another adapter's layer)
 
 
 def broken(err: Exception) -> TLoRAError:
@@ -51,13 +52,16 @@ def refusal(label: str, total: int, problems: Mapping[str, str], target: str, ma
     """One line: how many of a file's modules did not fit this target, grouped by why, an example of each."""
     missing = [p for p, why in problems.items() if why.startswith(MISSING)]
     twice = [p for p, why in problems.items() if why.startswith(OVERLAP)]
-    misfit = [p for p in problems if p not in missing and p not in twice]
+    unfit = [p for p, why in problems.items() if why.startswith(UNFIT)]
+    misfit = [p for p in problems if p not in missing and p not in twice and p not in unfit]
     parts = []
     if missing:
         parts.append(f"{len(missing)} not in this {target}, e.g. {missing[0]}")
     if twice:
         parts.append(f"{len(twice)} given twice, e.g. {twice[0]} {problems[twice[0]]} (TLoRA patches of one "
                      f"weight do not commute: give each weight once)")
+    if unfit:
+        parts.append(f"{len(unfit)} naming no adaptable layer, e.g. {unfit[0]}: {problems[unfit[0]][len(UNFIT) + 2:]}")
     if misfit:
         parts.append(f"{len(misfit)} with other shapes, e.g. {misfit[0]}: {problems[misfit[0]]}")
     hint = "" if not made_for or made_for.startswith("unknown") else f" The file was made for {made_for}."

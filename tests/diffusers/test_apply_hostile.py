@@ -1,4 +1,4 @@
-"""trainer/diffusers/apply.py against hostile files and calls (issue 28 items 5 and 6, and in-memory state dicts).
+"""trainer/diffusers/inference/ against hostile files and calls (issue 28 items 5 and 6, and in-memory state dicts).
 
 A real tiny diffusers SD1.5 pipeline; references are the model's own weights before anything was
 applied (bit for bit) and the float64 dense reference of tests/host/tlora_refs.py.
@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from comfyui_tlora.tlora import ModuleAdapter  # noqa: E402
-from comfyui_tlora.trainer.diffusers import apply as A  # noqa: E402
+from comfyui_tlora.trainer.diffusers import inference as A  # noqa: E402
 from tests.host import tlora_refs as R  # noqa: E402
 
 

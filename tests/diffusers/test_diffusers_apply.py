@@ -1,4 +1,4 @@
-"""TLoRA files applied to real diffusers models (trainer/diffusers/apply.py) and the one name mapping.
+"""TLoRA files applied to real diffusers models (trainer/diffusers/inference/) and the one name mapping.
 
 References are independent of the code under test: ComfyUI's own key maps and patched weights
 (the same checkpoint, saved by ComfyUI's classes, loaded in both hosts: diffusers through its
@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 
 from comfyui_tlora.tlora import arch  # noqa: E402
 from comfyui_tlora.tlora import diffusers_names as N  # noqa: E402
-from comfyui_tlora.trainer.diffusers import apply as A  # noqa: E402
+from comfyui_tlora.trainer.diffusers import inference as A  # noqa: E402
 from tests.diffusers import diffusers_refs as D  # noqa: E402
 from tests.host import tlora_refs as R  # noqa: E402
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from comfyui_tlora.tlora import arch as tarch
 from comfyui_tlora.tlora import format as tformat
-from comfyui_tlora.trainer.diffusers.apply import unet_config
+from comfyui_tlora.trainer.diffusers.inference import unet_config
 from comfyui_tlora.trainer.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ from ...tlora import diffusers_names as dnames
 from ...tlora import format as tformat
 from ...tlora.errors import TLoRAError
 from ...tlora.fileio import parse_json
-from .apply import arch_of, resolve_path
+from .inference import arch_of, resolve_path
 from ..data import Cond
 from ..schedule import Schedule
 from ..settings import TrainingError
