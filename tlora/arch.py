@@ -65,6 +65,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .arch_families import ChromaConfig, ErnieImageConfig, Flux2Config, WanConfig, ZImageConfig
+
 UNET_PREFIX = "diffusion_model."
 TE_PREFIX = "text_encoders."
 PRESETS = ("attn", "attn-ff", "all-linear")
@@ -296,7 +298,8 @@ class Arch:
     """A base architecture: its denoiser's table, text encoders and its modelspec architecture id."""
 
     name: str
-    denoiser: UNetConfig | FluxConfig | MMDiTConfig | QwenImageConfig
+    denoiser: (UNetConfig | FluxConfig | MMDiTConfig | QwenImageConfig | Flux2Config | ChromaConfig | ZImageConfig
+               | WanConfig | ErnieImageConfig)
     text_encoders: tuple[TextEncoderConfig, ...]
     modelspec: str  # modelspec.architecture of the base; TLoRA files append "/tlora"
     host_model: str  # the class name in ComfyUI's supported_models (a ModelPatcher's model_config)
@@ -338,6 +341,17 @@ ARCHS: dict[str, Arch] = {
     "sd35-large": Arch("sd35-large", MMDiTConfig(38), (_CLIP_L, _CLIP_G), "stable-diffusion-v3.5-large", "SD3", "sd3"),
     # Qwen-Image (supported_models.QwenImage, 60 blocks; its text encoder is an LLM, not tabled).
     "qwen-image": Arch("qwen-image", QwenImageConfig(), (), "qwen-image", "QwenImage", "qwen_image"),
+    # The late-2026 families (tlora/arch_families.py); their text encoders are LLMs (not tabled).
+    "flux2-dev": Arch("flux2-dev", Flux2Config(), (), "flux-2-dev", "Flux2", "flux2"),
+    "flux2-klein-4b": Arch("flux2-klein-4b", Flux2Config(3072, 5, 20, 7680, guidance=False), (),
+                           "flux-2-klein-4b", "Flux2", "flux2_klein_4b"),
+    "flux2-klein-9b": Arch("flux2-klein-9b", Flux2Config(4096, 8, 24, 12288, guidance=False), (),
+                           "flux-2-klein-9b", "Flux2", "flux2_klein_9b"),
+    "chroma": Arch("chroma", ChromaConfig(), (), "chroma", "Chroma", "chroma"),
+    "z-image": Arch("z-image", ZImageConfig(), (), "z-image", "ZImage", "zimage"),
+    "wan22-5b": Arch("wan22-5b", WanConfig(3072, 14336, 30, 48, 48), (), "wan-2.2-ti2v-5b", "WAN22_T2V", "wan2.2_5b"),
+    "wan22-14b": Arch("wan22-14b", WanConfig(), (), "wan-2.2-t2v-a14b", "WAN21_T2V", "wan2.2_14b"),
+    "ernie-image": Arch("ernie-image", ErnieImageConfig(), (), "ernie-image", "ErnieImage", "ernie_image"),
 }
 
 

@@ -40,12 +40,16 @@ import re
 from functools import lru_cache
 
 from . import arch as arch_mod
+from . import arch_families as families
 
 Piece = tuple[int, int]
 Target = tuple[str, tuple[Piece, ...] | None]  # (diffusers path, row pieces of the generic weight or None)
 
 DENOISER_COMPONENT = {"sd15": "unet", "sdxl": "unet", "flux": "transformer", "sd3": "transformer",
-                      "sd35-medium": "transformer", "sd35-large": "transformer", "qwen-image": "transformer"}
+                      "sd35-medium": "transformer", "sd35-large": "transformer", "qwen-image": "transformer",
+                      "flux2-dev": "transformer", "flux2-klein-4b": "transformer", "flux2-klein-9b": "transformer",
+                      "chroma": "transformer", "z-image": "transformer", "wan22-5b": "transformer",
+                      "wan22-14b": "transformer", "ernie-image": "transformer"}
 # CLIP encoders as a diffusers pipeline names its components (T5 / Qwen2.5-VL are not tabled).
 TEXT_ENCODER_COMPONENT = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 SWAPPED = "diffusers stores its shift/scale halves swapped (swap_scale_shift): not a contiguous slice"
@@ -183,6 +187,93 @@ def _mmdit_targets(cfg: arch_mod.MMDiTConfig, path: str) -> list[Target]:
     return [(f"{b}.{block[rest]}", None)]
 
 
+def _flux2_targets(cfg: families.Flux2Config, path: str) -> list[Target]:
+    """Flux.2 (diffusers Flux2Transformer2DModel): q/k/v slices of the double blocks' qkv; the single blocks'
+    fused linear1/linear2 are whole diffusers weights (attn.to_qkv_mlp_proj, attn.to_out)."""
+    h = cfg.hidden
+    basic = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+             "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+             "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+             "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+             "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+             "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+             "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+             "single_stream_modulation.lin": "single_stream_modulation.linear"}
+    if path in basic:
+        return [(basic[path], None)]
+    if path == "final_layer.adaLN_modulation.1":
+        return [("norm_out.linear", ((h, h), (0, h)))]
+    qkv = lambda names: [(n, ((i * h, h),)) for i, n in enumerate(names)]  # noqa: E731
+    m = re.fullmatch(r"double_blocks\.(\d+)\.(.+)", path)
+    if m:
+        b, rest = f"transformer_blocks.{m.group(1)}", m.group(2)
+        if rest == "img_attn.qkv":
+            return qkv([f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"])
+        if rest == "txt_attn.qkv":
+            return qkv([f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"])
+        block = {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+                 "img_mlp.0": "ff.linear_in", "img_mlp.2": "ff.linear_out",
+                 "txt_mlp.0": "ff_context.linear_in", "txt_mlp.2": "ff_context.linear_out"}
+        return [(f"{b}.{block[rest]}", None)]
+    m = re.fullmatch(r"single_blocks\.(\d+)\.(linear1|linear2)", path)
+    if m:
+        sub = "attn.to_qkv_mlp_proj" if m.group(2) == "linear1" else "attn.to_out"
+        return [(f"single_transformer_blocks.{m.group(1)}.{sub}", None)]
+    raise ValueError(f"not a Flux.2 module: {path}")
+
+
+def _chroma_targets(cfg: families.ChromaConfig, path: str) -> list[Target]:
+    """Chroma (diffusers ChromaTransformer2DModel): Flux.1's slices without modulations, the guidance MLP."""
+    h = cfg.hidden
+    basic = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+             "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+             "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj"}
+    if path in basic:
+        return [(basic[path], None)]
+    m = re.fullmatch(r"distilled_guidance_layer\.layers\.(\d+)\.(in_layer|out_layer)", path)
+    if m:
+        return [(f"distilled_guidance_layer.layers.{m.group(1)}.linear_{1 if m.group(2) == 'in_layer' else 2}",
+                 None)]
+    flux = arch_mod.FluxConfig(h, cfg.depth, cfg.depth_single, 4.0, cfg.in_channels, cfg.context, 768, False)
+    return _flux_targets(flux, path)
+
+
+def _zimage_targets(cfg: families.ZImageConfig, path: str) -> list[Target]:
+    """Z-Image (diffusers ZImageTransformer2DModel, ComfyUI's z_image_to_diffusers): to_q/k/v slices of qkv."""
+    d = cfg.dim
+    basic = {"x_embedder": "all_x_embedder.2-1", "final_layer.linear": "all_final_layer.2-1.linear",
+             "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1"}
+    if path in basic:
+        return [(basic[path], None)]
+    m = re.fullmatch(r"((?:layers|noise_refiner|context_refiner)\.\d+)\.attention\.(qkv|out)", path)
+    if m:
+        if m.group(2) == "out":
+            return [(f"{m.group(1)}.attention.to_out.0", None)]
+        return [(f"{m.group(1)}.attention.to_{p}", ((i * d, d),)) for i, p in enumerate("qkv")]
+    return [(path, None)]  # feed_forward.w1/2/3, adaLN_modulation.0, t_embedder, cap_embedder: same names
+
+
+_WAN = {"text_embedding.0": "condition_embedder.text_embedder.linear_1",
+        "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+        "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+        "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+        "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out"}
+
+
+def _wan_targets(path: str) -> list[Target]:
+    """Wan (diffusers WanTransformer3DModel): self/cross attention as attn1/attn2, q/k/v/o as to_q/../to_out.0."""
+    if path in _WAN:
+        return [(_WAN[path], None)]
+    m = re.fullmatch(r"blocks\.(\d+)\.(self_attn|cross_attn|ffn)\.(.+)", path)
+    if m is None:
+        raise ValueError(f"not a Wan module: {path}")
+    b, part, rest = f"blocks.{m.group(1)}", m.group(2), m.group(3)
+    if part == "ffn":
+        return [(f"{b}.ffn.{'net.0.proj' if rest == '0' else 'net.2'}", None)]
+    attn = "attn1" if part == "self_attn" else "attn2"
+    return [(f"{b}.{attn}.{ {'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'o': 'to_out.0'}[rest]}", None)]
+
+
 def _targets(a: arch_mod.Arch, generic: str) -> list[Target]:
     if generic.startswith(arch_mod.TE_PREFIX):
         name, sep, rest = generic[len(arch_mod.TE_PREFIX):].partition(".transformer.")
@@ -198,7 +289,15 @@ def _targets(a: arch_mod.Arch, generic: str) -> list[Target]:
         found = _flux_targets(cfg, path)
     elif isinstance(cfg, arch_mod.MMDiTConfig):
         found = _mmdit_targets(cfg, path)
-    else:  # Qwen-Image: ComfyUI uses the diffusers names
+    elif isinstance(cfg, families.Flux2Config):
+        found = _flux2_targets(cfg, path)
+    elif isinstance(cfg, families.ChromaConfig):
+        found = _chroma_targets(cfg, path)
+    elif isinstance(cfg, families.ZImageConfig):
+        found = _zimage_targets(cfg, path)
+    elif isinstance(cfg, families.WanConfig):
+        found = _wan_targets(path)
+    else:  # Qwen-Image, ERNIE-Image: ComfyUI uses the diffusers names
         found = [(path, None)]
     return [(f"{component}.{p}", pieces) for p, pieces in found]
 

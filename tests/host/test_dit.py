@@ -11,24 +11,40 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness import comfy_host as ch
 from tests.host import tlora_refs as R
+from tlora import arch
 from tests.host.tlora_refs import stock_model_only, tlora_model_only
 
 STRENGTHS = (1.0, 0.0, 0.5, -1.0)
 FAMILIES = ("flux", "sd3", "qwen-image")
 
 
-@pytest.mark.parametrize("arch_name", ["flux", "sd3", "sd35-medium", "sd35-large", "qwen-image"])
+NEW_TABLES = ("flux2-dev", "flux2-klein-4b", "flux2-klein-9b", "chroma", "z-image", "wan22-5b", "wan22-14b",
+              "ernie-image")
+
+
+@pytest.mark.parametrize("arch_name", ["flux", "sd3", "sd35-medium", "sd35-large", "qwen-image", *NEW_TABLES])
 def test_table_is_the_host_model(tm, arch_name):
-    """Every Linear of the released model, with its shape and in the host's order, and nothing else."""
+    """Every Linear of the released model, with its shape and in the host's order, and nothing else;
+    the table's groups are the roles the live-model rules give (tlora.arch.role_of)."""
+    from harness import tiny_families as tf
     from tlora import arch
-    live = {n: tuple(m.weight.shape) for n, m in tm.dit_on_meta(arch_name).named_modules()
-            if isinstance(m, torch.nn.Linear)}
-    table = [(name.removeprefix(arch.UNET_PREFIX), shape) for name, shape, _ in arch.ARCHS[arch_name].denoiser_modules()]
+    if arch_name in NEW_TABLES:
+        cls_name = tf.FULL_CONFIGS[arch_name][0]
+        import comfy.supported_models as sm
+        if not hasattr(sm, cls_name):
+            pytest.skip(f"{ch.host_label()} has no {cls_name} model class")
+        dm = tf.family_on_meta(arch_name)
+    else:
+        dm = tm.dit_on_meta(arch_name)
+    live = {n: tuple(m.weight.shape) for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear)}
+    rows = arch.ARCHS[arch_name].denoiser_modules()
+    table = [(name.removeprefix(arch.UNET_PREFIX), shape) for name, shape, _ in rows]
     assert table == list(live.items())
-    for name, _, group in arch.ARCHS[arch_name].denoiser_modules():  # the live-model rules agree with the table
+    for name, _, group in rows:  # the live-model rules agree with the table
         path = name.removeprefix(arch.UNET_PREFIX)
-        assert [g for g in ("attn", "ff", "proj", "mod", "embed") if arch.path_in_groups(path, (g,))] == [group], path
+        assert arch.role_of(path) == group, path
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -139,3 +155,34 @@ def test_a_weight_given_whole_and_as_a_slice_is_refused(tm, loras_dir):
         "transformer.transformer_blocks.0.attn.to_q": R.random_adapter((h, h), seed=2)})
     with pytest.raises(TLoRAError, match=r"double_blocks\.0\.img_attn\.qkv.*to_q|to_q.*double_blocks\.0\.img_attn\.qkv"):
         tlora_model_only(t.patcher, "overlap_flux.safetensors", 1.0)
+
+
+@pytest.mark.parametrize("arch_name", ["flux2-dev", "flux2-klein-4b", "chroma", "z-image"])
+def test_diffusers_names_agree_with_the_hosts_key_map(tm, arch_name):
+    """Where ComfyUI's own diffusers map (flux_to_diffusers, z_image_to_diffusers) names a weight, ours does too."""
+    import comfy.utils
+    from harness import tiny_families as tf
+    from tlora import diffusers_names as N
+    cls_name, make = tf.FULL_CONFIGS[arch_name]
+    import comfy.supported_models as sm
+    if not hasattr(sm, cls_name):
+        pytest.skip(f"{ch.host_label()} has no {cls_name} model class")
+    config = make()
+    theirs = (comfy.utils.z_image_to_diffusers(config) if arch_name == "z-image"
+              else comfy.utils.flux_to_diffusers(config))
+    ours = N.diffusers_sources(arch_name)
+    checked = 0
+    for key, target in theirs.items():
+        path = "transformer." + key.removesuffix(".weight")
+        if not key.endswith(".weight") or path not in ours:
+            continue
+        generic, pieces = ours[path]
+        if isinstance(target, str):
+            assert generic == arch.UNET_PREFIX + target.removesuffix(".weight") and pieces is None, path
+        elif target[1] is None:  # a row permutation (swap_scale_shift)
+            assert generic == arch.UNET_PREFIX + target[0].removesuffix(".weight") and len(pieces) == 2, path
+        else:
+            assert generic == arch.UNET_PREFIX + target[0].removesuffix(".weight"), path
+            assert pieces == ((target[1][1], target[1][2]),), path
+        checked += 1
+    assert checked > 10
