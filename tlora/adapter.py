@@ -34,6 +34,10 @@ SCALE = "tlora_scale"
 PROBES = (SCALE, T_CORE.format(0), T_DIAG, R_OUT.format(0), R_IN.format(0), R_UP, R_DOWN)
 
 SUFFIX_PATTERN = re.compile(rf"^({re.escape(T_PART)}(\d+|diag)|{re.escape(R_PART)}((out|in)\.\d+|up|down)|{SCALE})$")
+# Largest adapter entry accepted. Training moves entries by about the learning rate per step and
+# keeps only adapters whose outputs are finite (trainer/guard.py); a file with entries of 1e30 (finite
+# in float32) only ever gave NaN or black images, in every loader.
+MAX_ABS_VALUE = 1e6
 # A transform on a dimension whose factors still include one wider than this would be a
 # huge dense core (large primes): such dimensions get the `diag` transform instead.
 MAX_TRANSFORM_FACTOR = 256
@@ -173,8 +177,12 @@ class ModuleAdapter:
             if value.numel() == 0:
                 # A rank-0 LoRA or a 0-wide core would load as a silent no-op.
                 raise self._fail(f"tensor {key!r} is empty (shape {tuple(value.shape)})")
-            if not bool(torch.isfinite(value).all()):
+            largest = float(value.detach().abs().max())  # NaN when any entry is NaN
+            if not math.isfinite(largest):
                 raise self._fail(f"tensor {key!r} has NaN or infinite values")
+            if largest > MAX_ABS_VALUE:
+                raise self._fail(f"tensor {key!r} has values up to {largest:.3g}; adapter entries beyond "
+                                 f"{MAX_ABS_VALUE:.0e} make any model's weights overflow")
         # Transform.
         self.transform_cores = _numbered(t, T_CORE, self.name)
         self.diag = t.get(T_DIAG)

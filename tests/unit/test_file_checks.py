@@ -55,3 +55,14 @@ def test_a_fifo_as_adapter_path_is_refused_not_waited_on(tmp_path):
     save_file({GENERIC: ModuleAdapter.create((8, 8), "trm:2", "lora:2")}, str(tmp_path / "ok.safetensors"))
     assert set(load(str(tmp_path / "ok.safetensors")).adapters) == {GENERIC}
     assert torch.is_tensor(load(str(tmp_path / "ok.safetensors")).adapters[GENERIC].tensors["tlora_scale"])
+
+
+@pytest.mark.parametrize("suffix", ["tlora_t.0", "tlora_r.up", "tlora_scale"])
+def test_finite_but_absurd_values_are_refused_by_every_reader(suffix):
+    """1e30 is finite in float32: such files passed the checks and gave NaN or black images in every loader."""
+    tensors = dict(ModuleAdapter.create((8, 8), "trm:2", "lora:2").tensors)
+    tensors[suffix] = torch.full_like(tensors[suffix], 1e30)
+    with pytest.raises(TLoRAFormatError, match=f"tensor '{suffix}' has values up to 1e\\+30"):
+        ModuleAdapter(tensors, name="m")
+    tensors[suffix] = torch.full_like(tensors[suffix], 0.5e6)  # large, but below the bound
+    ModuleAdapter(tensors, name="m")
