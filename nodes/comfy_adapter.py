@@ -106,10 +106,10 @@ class TLoRAWeightAdapter(WeightAdapterBase):
         itself); the file's own tensors where a host cast them to a layer's storage dtype (0.12.1's
         bypass: fp8 cores on an fp8 checkpoint; 0.33's: fp16/bf16), moved once and kept.
         """
-        current = self.module_adapter()
-        source = getattr(self.weights[0], "source", None)
-        if source is None or all(v.dtype == source.tensors[k].dtype for k, v in current.tensors.items()):
-            return current
+        names, tensors = self.weights[0], self.weights[1:]
+        source = getattr(names, "source", None)
+        if source is None or all(getattr(t, "dtype", None) == source.tensors[n].dtype for n, t in zip(names, tensors)):
+            return self.module_adapter()
         kept = self.__dict__.get("_float_copy")
         if kept is None or kept[0] != device:
             self._float_copy = kept = (device, source.to(device))
