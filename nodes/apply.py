@@ -217,15 +217,32 @@ def check_overrides_exist(overrides: list[tuple[str, float]], weight_keys) -> No
                              f"(e.g. input_blocks.4, middle_block.1, output_blocks.2)")
 
 
+def _in_block(key: str, prefix: str) -> bool:
+    path = key.removeprefix("diffusion_model.")
+    return path == prefix or path.startswith(prefix.rstrip(".") + ".")
+
+
 def block_multiplier(weights: Mapping[str, float], overrides: list[tuple[str, float]]) -> Callable[[str], float]:
-    """Multiplier of each weight key from block multipliers and prefix overrides."""
+    """Multiplier of each weight key from block multipliers and prefix overrides (kept as `.overrides`)."""
     def multiplier(key: str) -> float:
-        path = key.removeprefix("diffusion_model.")
         for prefix, value in overrides:
-            if path == prefix or path.startswith(prefix.rstrip(".") + "."):
+            if _in_block(key, prefix):
                 return value
         return weights.get(block_of(key), 1.0)
+    multiplier.overrides = list(overrides)  # type: ignore[attr-defined]
     return multiplier
+
+
+def check_overrides_used(multiplier: Callable[[str], float] | None, patches: Mapping, label: str) -> None:
+    """Every override must reach a weight the file patches: one naming a block without adapter modules would
+    change nothing, silently."""
+    keys = [k if isinstance(k, str) else k[0] for k in patches]
+    for prefix, _ in getattr(multiplier, "overrides", ()):
+        if not any(_in_block(k, prefix) for k in keys):
+            blocks = sorted({".".join(k.removeprefix("diffusion_model.").split(".")[:2]) for k in keys})
+            raise TLoRAApplyError(f"adapter {label!r}: block weight {prefix!r} names a block it has no module in "
+                                  f"(its modules are in {', '.join(blocks[:8])}{', ...' if len(blocks) > 8 else ''}); "
+                                  f"nothing was applied")
 
 
 def add_weighted(patcher, patches: Mapping, strength: float, multiplier: Callable[[str], float] | None = None):
@@ -258,6 +275,7 @@ def apply_model_patches(patcher, patches: Mapping, strength: float, multiplier: 
     LoCon mid, no DoRA); others are merged by the host, unless their layer already runs adapters
     activation-side (then the file is refused: the chain's order would be lost).
     """
+    check_overrides_used(multiplier, patches, label)
     merged, beside = {}, {}
     for key, patch in patches.items():
         if not activation.wants_activation(patcher, key, mode):

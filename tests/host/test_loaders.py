@@ -482,3 +482,28 @@ def test_info_node_cuts_huge_metadata(sd15, loras_dir):
     text = out.result[0]
     assert len(text) < 20_000 and "x" * 400 + "…" in text and "tlora.train.steps" in text
     assert len(str(out.ui)) < 40_000
+
+
+def test_an_override_of_a_block_without_adapter_modules_is_refused(sd15, loras_dir):
+    """`output_blocks.3=0` on a file that only adapts input blocks changed nothing, without a word (issue 28)."""
+    m, base, _ = sd15
+    shapes = {k: v for k, v in unet_shapes(m.model, convs=False).items() if k.startswith("diffusion_model.input_blocks")}
+    R.write_tlora(loras_dir / "inputs_only.safetensors", R.random_adapters(shapes, seed=24))
+    with pytest.raises(Exception, match=r"block weight 'output_blocks.3' names a block it has no module in "
+                                        r"\(its modules are in input_blocks"):
+        loader("TLoRABlockWeights").execute(model=m.patcher, adapter_name="inputs_only.safetensors",
+                                            strength_model=1.0, overrides="output_blocks.3=0", **BLOCKS)
+    used = loader("TLoRABlockWeights").execute(model=m.patcher, adapter_name="inputs_only.safetensors",
+                                               strength_model=1.0, overrides="input_blocks.1=0", **BLOCKS).result[0]
+    assert used is not m.patcher
+
+
+def test_info_node_cuts_many_keys_a_huge_architecture_and_config(sd15, loras_dir):
+    """1,000 extra keys, a 1 MB modelspec.architecture and a 1 MB tlora.config entry (issue 28's metadata class)."""
+    m, _, _ = sd15
+    adapters = R.random_adapters(unet_shapes(m.model, convs=False), seed=25)
+    R.write_tlora(loras_dir / "many_meta.safetensors", adapters, config={"junk": "c" * 2 ** 20},
+                  metadata={"modelspec.architecture": "a" * 2 ** 20, "tlora.train.steps": "5",
+                            **{f"ss_junk_{i:04d}": "j" * 1000 for i in range(1000)}})
+    text = loader("TLoRAInfo").execute(adapter_name="many_meta.safetensors").result[0]
+    assert len(text) < 40_000 and "tlora.train.steps: 5" in text and "more metadata entries not shown" in text
