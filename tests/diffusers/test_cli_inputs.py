@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from comfyui_tlora.tlora import format as tformat
@@ -157,3 +158,20 @@ def test_sigterm_saves_a_partial_file_as_ctrl_c_does(work: Path) -> None:
     meta = _meta(out / "t.safetensors")
     assert meta["tlora.train.partial"] == "true" and meta["tlora.train.stopped"] == "cancelled"
     tformat.load(str(out / "t.safetensors"))
+
+
+def test_the_command_lines_folder_reader_applies_exif_and_keeps_16_bit_grey(tmp_path: Path) -> None:
+    """It read a 16-bit mid-grey PNG as white and ignored EXIF orientation (ComfyUI's LoadImage applies it)."""
+    import numpy as np
+    from comfyui_tlora.trainer.diffusers.data import read_folder
+    halves = np.zeros((8, 16, 3), np.uint8)
+    halves[:, :8], halves[:, 8:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(halves).save(tmp_path / "a_rot.jpg", exif=exif.tobytes(), quality=100, subsampling=0)
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "b_grey16.png")
+    images, captions, names = read_folder(str(tmp_path))
+    assert names == ["a_rot.jpg", "b_grey16.png"]
+    rot, grey = images
+    assert tuple(rot.shape) == (16, 8, 3) and rot[:6, :, 0].mean() > 0.9 and rot[-6:, :, 2].mean() > 0.9
+    assert torch.equal(grey, torch.full_like(grey, 128 / 255))  # float32 128/255, as LoadImage divides
