@@ -70,6 +70,18 @@ class WeightBase:
         for generic in self.shapes:
             for alias in kohya_forms(generic):
                 self.aliases.setdefault(alias, Located(generic))
+        # A UNet's diffusers paths and kohya's names of them; SD1.x/2.x LoRAs use those (sd-scripts, every
+        # host's loader; diffusers' SD1 loader reads no other), SDXL ones the ldm names above.
+        self.kohya_names: dict[str, str] = {}
+        unet = unet_config(self.shapes)
+        if unet is not None:
+            sdxl = f"{arch_mod.UNET_PREFIX}label_emb.0.0" in self.shapes
+            for generic, ((path, _),) in names.diffusers_rows(arch_mod.Arch("unet", unet, (), "", "", "")).items():
+                kohya = "lora_unet_" + path.removeprefix("unet.").replace(".", "_")
+                self.aliases.setdefault(path, Located(generic))
+                self.aliases.setdefault(kohya, Located(generic))
+                if not sdxl:
+                    self.kohya_names[generic] = kohya
         self.aliases.update(aliases or {})
 
     def locate(self, prefix: str) -> Located:
@@ -97,8 +109,8 @@ class WeightBase:
         return value.detach().to("cpu", torch.float64)
 
     def kohya(self, generic: str) -> str:
-        """The kohya name loaders map to this weight (tlora/arch.py's rule)."""
-        return arch_mod.kohya_name(generic, self.kohya_arch)
+        """The kohya name LoRA files give this weight: diffusers-layout for SD1.x/2.x UNets, else tlora/arch.py's."""
+        return self.kohya_names.get(generic) or arch_mod.kohya_name(generic, self.kohya_arch)
 
     def modules(self, groups: Iterable[str]) -> dict[str, tuple[int, ...]]:
         """{generic: shape} of the Linear/Conv weights in these module groups (tlora/arch.py's rules)."""
@@ -160,6 +172,49 @@ def _open_clip(key: str, shape: tuple, out: dict) -> None:
             out[f"{layer}.self_attn.{proj}"] = (key, (i * width, width), (width, shape[1]))
     else:
         out[f"{layer}.{_OPEN_CLIP_NAMES[m.group(2)]}"] = (key, None, shape)
+
+
+def _count(shapes: Mapping[str, tuple], pattern: str) -> int:
+    return len({m.group(1) for k in shapes for m in [re.match(pattern, k)] if m})
+
+
+def unet_config(shapes: Mapping[str, tuple]) -> arch_mod.UNetConfig | None:
+    """The UNetConfig of an SD-style UNet read off its generic weight shapes (any size), None if it is not one.
+
+    Levels and res blocks from where the downsampler convs (`input_blocks.N.0.op`) sit, widths from
+    the res blocks' convs, transformer depths by counting blocks; kept only if its table is the weights'.
+    """
+    p = re.escape(arch_mod.UNET_PREFIX)
+    u = arch_mod.UNET_PREFIX
+    first = shapes.get(f"{u}input_blocks.1.0.in_layers.2")
+    if first is None or len(first) != 4:
+        return None
+    mc, res, mults, depths, count = first[1], [], [], [], 0
+    for i in (b for b in _blocks(shapes, rf"{p}input_blocks\.(\d+)\.") if b):  # block 0 is conv_in
+        if f"{u}input_blocks.{i}.0.op" in shapes:
+            res.append(count)
+            count = 0
+            continue
+        out = shapes.get(f"{u}input_blocks.{i}.0.out_layers.3")
+        if out is None:
+            return None
+        count += 1
+        if count == 1:
+            mults.append(out[0] // mc)
+        depths.append(_count(shapes, rf"{p}input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
+    res.append(count)
+    outs = _blocks(shapes, rf"{p}output_blocks\.(\d+)\.")
+    depth_out = [_count(shapes, rf"{p}output_blocks\.{j}\.1\.transformer_blocks\.(\d+)\.") for j in reversed(outs)]
+    to_k = next((v for k, v in shapes.items() if k.endswith(".attn2.to_k")), (0, mc))
+    proj = next((v for k, v in shapes.items() if k.endswith(".proj_in")), (mc, mc))
+    cfg = arch_mod.UNetConfig(mc, tuple(mults), tuple(res), tuple(depths),
+                              _count(shapes, rf"{p}middle_block\.1\.transformer_blocks\.(\d+)\."), tuple(depth_out),
+                              to_k[1], len(proj) == 2)
+    try:
+        table = arch_mod.unet_modules(cfg)
+    except (IndexError, ValueError, ZeroDivisionError):
+        return None
+    return cfg if all(shapes.get(name) == shape for name, shape, _ in table) else None
 
 
 def _blocks(shapes: Mapping[str, tuple], pattern: str) -> list[int]:
