@@ -291,6 +291,18 @@ def twin(family: str, fmt: str, seed: int = 0) -> Twin:
     return Twin(family, fmt, patcher, reference, original, quantized, float_model.cond, independent)
 
 
+def forward(patcher: Any, x: Any, t: Any, conds: dict) -> Any:
+    """One apply_model with the patcher loaded as for sampling (object and weight patches in place), unloaded after."""
+    torch = _torch()
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        with torch.no_grad():
+            return patcher.model.apply_model(x, t, **conds).float().clone()
+    finally:
+        comfy_host.free_models()
+
+
 def stored(model: Any) -> dict:
     """The raw bytes of every stored tensor of a model (quantized ones included), for byte-identity checks."""
     torch = _torch()

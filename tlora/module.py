@@ -40,37 +40,11 @@ class TLoRAModule(AdapterLayer):
         return self.entries[0]
 
     # The single entry's state, as the trainer and tests address it.
-    @property
-    def strength(self) -> float:
-        return self.entry.strength
-
-    @strength.setter
-    def strength(self, value: float) -> None:
-        self.entry.strength = float(value)
-
-    @property
-    def form(self) -> str:
-        return self.entry.form
-
-    @form.setter
-    def form(self, value: str) -> None:
-        self.entry.form = value
-
-    @property
-    def last_form(self) -> str | None:
-        return self.entry.last_form
-
-    @property
-    def adapter_params(self) -> nn.ParameterDict:
-        return self.entry.adapter_params
-
-    @property
-    def scale(self) -> Tensor:
-        return self.entry.scale
-
-    @scale.setter
-    def scale(self, value: Tensor) -> None:
-        self.entry.scale = value
+    strength = property(lambda self: self.entry.strength, lambda self, v: setattr(self.entry, "strength", float(v)))
+    form = property(lambda self: self.entry.form, lambda self, v: setattr(self.entry, "form", v))
+    scale = property(lambda self: self.entry.scale, lambda self, v: setattr(self.entry, "scale", v))
+    last_form = property(lambda self: self.entry.last_form)
+    adapter_params = property(lambda self: self.entry.adapter_params)
 
     @property
     def is_conv(self) -> bool:

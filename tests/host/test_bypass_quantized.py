@@ -22,16 +22,6 @@ def bypass_model_only(model, name: str, strength: float):
     return ch.node_class("LoraLoaderBypassModelOnly")().load_lora_model_only(model, name, strength)[0]
 
 
-def forward(patcher, twin, x, t, conds) -> torch.Tensor:
-    import comfy.model_management as mm
-    mm.load_models_gpu([patcher], force_full_load=True)
-    try:
-        with torch.no_grad():
-            return patcher.model.apply_model(x, t, **conds).float().clone()
-    finally:
-        ch.free_models()
-
-
 def test_bypass_on_an_fp8_checkpoint_keeps_float32_cores(tm, loras_dir):
     from harness import quantized as q
     twin = q.twin("sd15", "fp8", seed=0)
@@ -42,7 +32,7 @@ def test_bypass_on_an_fp8_checkpoint_keeps_float32_cores(tm, loras_dir):
     x, t = twin.latent(), twin.timestep()
     conds = twin.conditioning(x)
     stored = q.stored(twin.patcher.model)
-    got = forward(bypass_model_only(twin.patcher, "bypass_fp8.safetensors", 0.8), twin, x, t, conds)
+    got = q.forward(bypass_model_only(twin.patcher, "bypass_fp8.safetensors", 0.8), x, t, conds)
 
     def reference(cast=None) -> torch.Tensor:
         saved = {k: v.clone() for k, v in sd.items()}
@@ -55,7 +45,7 @@ def test_bypass_on_an_fp8_checkpoint_keeps_float32_cores(tm, loras_dir):
             return twin.reference_output(x, t, conds)
         finally:
             twin.reference.load_state_dict(saved)
-    base = forward(twin.patcher, twin, x, t, conds)
+    base = q.forward(twin.patcher, x, t, conds)
     ref, ref_fp8_cores = reference(), reference(torch.float8_e4m3fn)
     base_err = float((base.double() - twin.reference_output(x, t, conds)).abs().max())
     tol = 3 * base_err + 1e-5 * float(ref.abs().max())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from harness import comfy_host as ch
+from harness.quantized import forward as q_forward
 from tests.host import tlora_refs as R
 
 pytestmark = pytest.mark.skipif(ch.host_version() < (0, 33), reason="quantized twins use ComfyUI 0.33's ops")
@@ -67,7 +68,7 @@ def get_twin(q, family: str, fmt: str):
     tag = f"{family}_{fmt}"
     x, t = twin.latent(), twin.timestep()
     conds = twin.conditioning(x)
-    base = forward(twin.patcher, x, t, conds)
+    base = q_forward(twin.patcher, x, t, conds)
     ref_base = twin.reference_output(x, t, conds)
     original = twin.reference_output(x, t, conds, model=twin.original)
     info = dict(twin=twin, key_map=key_map, adapters=adapters, lora=lora, tag=tag, x=x, t=t, conds=conds, base=base,
@@ -82,17 +83,6 @@ def write_files(info) -> None:
     """The twin's TLoRA and LoRA files in the loras folder (each test's `loras_dir` removes what it made)."""
     R.write_tlora(ch.models_dir("loras") / f"q_{info['tag']}.safetensors", info["adapters"])
     R.write_lora(ch.models_dir("loras") / f"q_{info['tag']}_lora.safetensors", info["lora"], style="kohya")
-
-
-def forward(patcher, x, t, conds) -> torch.Tensor:
-    """One apply_model with the patcher loaded as for sampling (object patches, weight patches in place)."""
-    import comfy.model_management as mm
-    mm.load_models_gpu([patcher], force_full_load=True)
-    try:
-        with torch.no_grad():
-            return patcher.model.apply_model(x, t, **conds).float().clone()
-    finally:
-        ch.free_models()
 
 
 def reference(info, strength: float, lora_strength: float = LORA_STRENGTH) -> torch.Tensor:
@@ -147,8 +137,8 @@ def test_activation_side_equals_the_dense_reference_and_merged(q, loras_dir, fam
     tol_merged = tol_act if fmt.startswith("gguf") else 3 * info["quant_err"] + tol_act
     for strength in STRENGTHS:
         ref = reference(info, strength)
-        act = forward(chain(info, strength, "activation"), info["x"], info["t"], info["conds"])
-        merged = forward(chain(info, strength, "merged"), info["x"], info["t"], info["conds"])
+        act = q_forward(chain(info, strength, "activation"), info["x"], info["t"], info["conds"])
+        merged = q_forward(chain(info, strength, "merged"), info["x"], info["t"], info["conds"])
         assert error(act, info["base"]) > 5 * tol_act, "the adapters must change the output"
         assert error(act, ref) <= tol_act, (strength, error(act, ref), tol_act)
         assert error(merged, ref) <= tol_merged, (strength, error(merged, ref), tol_merged)
@@ -165,8 +155,8 @@ def test_strength_zero_is_the_base_bit_for_bit(q, loras_dir, family, fmt):
     lora_only = R.loader("TLoRABlockWeights").execute(
         model=info["twin"].patcher, adapter_name=f"q_{info['tag']}_lora.safetensors", strength_model=LORA_STRENGTH,
         input_blocks=1.0, middle_block=1.0, output_blocks=1.0, other=1.0, overrides="", mode="activation").result[0]
-    assert torch.equal(forward(chain(info, 0.0, "activation"), x, t, conds), forward(lora_only, x, t, conds))
-    assert torch.equal(forward(chain(info, 0.0, "activation", lora_strength=0.0), x, t, conds), info["base"])
+    assert torch.equal(q_forward(chain(info, 0.0, "activation"), x, t, conds), q_forward(lora_only, x, t, conds))
+    assert torch.equal(q_forward(chain(info, 0.0, "activation", lora_strength=0.0), x, t, conds), info["base"])
     assert_stored_unchanged(q, info, "after strength 0")
 
 
@@ -182,7 +172,7 @@ def test_auto_runs_quantized_weights_activation_side_and_float_ones_merged(q, lo
     assert all(f.removesuffix(".forward").removeprefix("diffusion_model.") in linears for f in forwards)
     ref = reference(info, 1.0)
     tol = 3 * info["base_err"] + 1e-5 * info["scale"]
-    assert error(forward(patched, info["x"], info["t"], info["conds"]), ref) <= tol
+    assert error(q_forward(patched, info["x"], info["t"], info["conds"]), ref) <= tol
     assert_stored_unchanged(q, info, "after auto")
 
 
@@ -202,7 +192,7 @@ def test_a_strength_change_recomputes_nothing(q, loras_dir):
                 assert a.strength == 2 * b.strength
                 assert all(p is r for p, r in zip(a.parameters(), b.parameters()))
     tol = 3 * info["base_err"] + 1e-5 * info["scale"]
-    assert error(forward(half, info["x"], info["t"], info["conds"]), reference(info, 0.5, lora_strength=0.0)) <= tol
+    assert error(q_forward(half, info["x"], info["t"], info["conds"]), reference(info, 0.5, lora_strength=0.0)) <= tol
 
 
 def test_gguf_twins_decode_as_the_gguf_package_does(q):
