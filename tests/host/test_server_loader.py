@@ -149,7 +149,7 @@ def _check_value(node: dict, name: str, kind, opts: dict, value) -> None:
     where = f"node {node['id']} ({node['type']}).{name} = {value!r}"
     if isinstance(kind, list) or kind == "COMBO":
         options = kind if isinstance(kind, list) else opts.get("options", [])
-        if name in ("ckpt_name", "adapter_name", "lora_name", "unet_name", "clip_name1", "clip_name2",
+        if name in ("ckpt_name", "adapter_name", "lora_name", "unet_name", "clip_name", "clip_name1", "clip_name2",
                     "vae_name"):  # the user's files
             assert isinstance(value, str) and value.endswith(".safetensors"), where
         elif name in ("folder", "image"):  # the user's input folder: the demo fills it at run time
