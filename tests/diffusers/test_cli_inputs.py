@@ -175,3 +175,22 @@ def test_the_command_lines_folder_reader_applies_exif_and_keeps_16_bit_grey(tmp_
     rot, grey = images
     assert tuple(rot.shape) == (16, 8, 3) and rot[:6, :, 0].mean() > 0.9 and rot[-6:, :, 2].mean() > 0.9
     assert torch.equal(grey, torch.full_like(grey, 128 / 255))  # float32 128/255, as LoadImage divides
+
+
+def test_sigterm_to_the_accelerate_launcher_saves_a_partial_file(work: Path) -> None:
+    """What `docker stop` or a scheduler does: the launcher alone gets SIGTERM and forwards it to its workers."""
+    out = work / "out_term2"
+    proc = _popen(work, ["--output-dir", str(out), "--output-name", "t2", "--steps", "100000", "--save-every", "2",
+                         *COMMON], processes=2)
+    try:
+        _wait_for(out / "t2.safetensors", proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    meta = _meta(out / "t2.safetensors")
+    assert meta["tlora.train.stopped"] == "cancelled", (meta.get("tlora.train.stopped"), err[-2000:])
+    assert meta["tlora.train.partial"] == "true" and meta["tlora.train.processes"] == "2"
+    tformat.load(str(out / "t2.safetensors"))
