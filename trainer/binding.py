@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..tlora import arch as tarch
 from ..tlora.adapter import ModuleAdapter
 from ..tlora.module import TLoRAModule
+from ..tlora.runtime import geometry_of
 from .data import Cond, Denoiser, TrainData
 from .distributed import Distributed
 from .runs import StepReport
@@ -101,12 +102,13 @@ def create_adapters(root: nn.Module, paths: Sequence[str], transform: str = "trm
     Their size is estimated from the layout first: ranks that would not fit in memory are
     refused before any tensor is made.
     """
-    check_adapter_size([tuple(root.get_submodule(p).weight.shape) for p in paths], transform, residual, shapes)
+    # The layer's logical shape (the core's Geometry): a quantized layer's stored weight may be packed (GGUF).
+    layer_shapes = {p: geometry_of(root.get_submodule(p)).weight_shape for p in paths}
+    check_adapter_size(list(layer_shapes.values()), transform, residual, shapes)
     generator = torch.Generator().manual_seed(int(seed))
     out = {}
     for path in paths:
-        weight = root.get_submodule(path).weight
-        out[path] = ModuleAdapter.create(tuple(weight.shape), transform, residual, shapes,
+        out[path] = ModuleAdapter.create(layer_shapes[path], transform, residual, shapes,
                                          generator=generator, name=prefix + path)
     return out
 

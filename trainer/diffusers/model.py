@@ -75,6 +75,8 @@ def load_pipeline(model: str, config: str | None = None) -> Any:
     if not os.path.isfile(model):
         raise TrainingError(f"model {model!r} is neither a diffusers folder nor a checkpoint file")
     refuse_adapter_file(model)
+    if model.lower().endswith(".gguf"):
+        return _gguf_pipeline(model, config)
     if not config:
         raise TrainingError(f"{os.path.basename(model)} is a single-file checkpoint: give --config, a local "
                             f"diffusers folder (model_index.json and configs) describing it (offline: nothing "
@@ -97,6 +99,34 @@ def load_pipeline(model: str, config: str | None = None) -> Any:
     except Exception as err:  # a checkpoint of another family than the config raises shape errors of many kinds
         raise TrainingError(f"cannot load {os.path.basename(model)} with the config in {config} (is it that "
                             f"model's config?): {_first_line(err)}") from None
+
+
+def _gguf_pipeline(model: str, config: str | None) -> Any:
+    """The pipeline of --config with its denoiser read from a GGUF file by diffusers' GGUF loading.
+
+    Its GGUFLinear layers keep the file's blocks and dequantize at every call; training wraps them as
+    they are (only the adapter is float32). The rest of the pipeline comes from the folder.
+    """
+    import diffusers
+    if not config or not os.path.isdir(config):
+        raise TrainingError(f"{os.path.basename(model)} is a GGUF denoiser: give --config, the local diffusers "
+                            f"folder of its pipeline (the text encoders, VAE and the denoiser's config come from it)")
+    component = next((c for c in ("transformer", "unet") if os.path.isfile(os.path.join(config, c, "config.json"))),
+                     None)
+    if component is None:
+        raise TrainingError(f"--config {config} has no transformer/ or unet/ config for the GGUF denoiser")
+    with open(os.path.join(config, component, "config.json"), encoding="utf-8") as f:
+        cls = getattr(diffusers, str(parse_json(f.read()).get("_class_name", "")), None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise TrainingError(f"--config {config}: its {component} cannot be read from a single GGUF file")
+    try:
+        quantized = diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32)
+        denoiser = cls.from_single_file(model, config=config, subfolder=component, local_files_only=True,
+                                        quantization_config=quantized)
+        return diffusers.DiffusionPipeline.from_pretrained(config, **{component: denoiser}, local_files_only=True)
+    except Exception as err:  # a file of another model than the config raises shape errors of many kinds
+        raise TrainingError(f"cannot load {os.path.basename(model)} as the {component} of {config}: "
+                            f"{_first_line(err)}") from None
 
 
 def _first_line(err: BaseException) -> str:

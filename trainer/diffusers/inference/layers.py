@@ -102,7 +102,8 @@ class TLoRALinear(_TLoRALayer, nn.Linear):
     def __init__(self, base: nn.Module, adapter: ModuleAdapter, rows: Tensor | None = None, name: str = "tlora",
                  strength: float = 1.0, form: str = "auto"):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = int(base.weight.shape[1]), int(base.weight.shape[0])
+        geometry = geometry_of(_innermost(base))
+        self.in_features, self.out_features = geometry.in_channels, geometry.out_features
         self._setup(base, adapter, rows, name, strength, form)
 
     forward = _TLoRALayer.forward

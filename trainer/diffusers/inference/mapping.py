@@ -20,6 +20,7 @@ from ....tlora.adapter import ModuleAdapter
 from ....tlora.claim import MISSING, OVERLAP, UNFIT, refusal
 from ....tlora.errors import TLoRAError, TLoRAShapeError
 from ....tlora.format import TLoRAFile, is_tlora_key, load as load_file, split_key
+from ....tlora.runtime import geometry_of
 from .layers import WRAPPERS, _innermost, _is_peft_layer, resolve_path
 
 TRANSFORMER_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel")
@@ -278,7 +279,7 @@ def _plan(adapters: Mapping[str, ModuleAdapter], roots: Mapping[str, nn.Module],
             if not isinstance(plain, (nn.Linear, nn.Conv2d)) or isinstance(plain, nn.ConvTranspose2d):
                 problems[prefix] = f"{UNFIT}: {path} is a {type(plain).__name__}, not a Linear or Conv2d"
                 break
-            shape = tuple(plain.weight.shape)
+            shape = geometry_of(plain).weight_shape  # the logical shape (GGUF layers store packed blocks)
             if pieces is not None:
                 if sum(c for _, c in pieces) != shape[0]:
                     problems[prefix] = f"{path} has {shape[0]} rows, the mapping gives it {sum(c for _, c in pieces)}"
