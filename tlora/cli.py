@@ -20,6 +20,7 @@ from . import shapes as shapes_mod
 from .errors import TLoRAError
 from .format import load, summarize
 from .planner import plan
+from .spec import DEFAULT_RESIDUAL, DEFAULT_TRANSFORM
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("plan", help="parameter count and file size of an adapter before training")
     p.add_argument("--arch", choices=sorted(arch_mod.ARCHS), default="sd15")
-    p.add_argument("--transform", default="trm:2", help="none | diag | trm:R (default trm:2)")
-    p.add_argument("--residual", default="tr:6", help="none | lora:r | tr:R (default tr:6)")
+    p.add_argument("--transform", default=DEFAULT_TRANSFORM, help=f"none | diag | trm:R (default {DEFAULT_TRANSFORM})")
+    p.add_argument("--residual", default=DEFAULT_RESIDUAL, help=f"none | lora:r | tr:R (default {DEFAULT_RESIDUAL})")
     p.add_argument("--targets", choices=arch_mod.PRESETS, default="attn")
     p.add_argument("--shapes", choices=shapes_mod.SHAPE_PRESETS, default="paper")
     p.add_argument("--text-encoder", action="store_true", help="also adapt the text encoder(s)")

@@ -17,6 +17,7 @@ from ..tlora import arch as tarch
 from ..tlora.adapter import ModuleAdapter
 from ..tlora.module import TLoRAModule
 from ..tlora.runtime import geometry_of
+from ..tlora.spec import DEFAULT_RESIDUAL, DEFAULT_TRANSFORM
 from .data import Cond, Denoiser, TrainData
 from .distributed import Distributed
 from .runs import StepReport
@@ -95,8 +96,9 @@ def select_targets(root: nn.Module, preset: str = "attn", with_convs: bool = Fal
     return paths
 
 
-def create_adapters(root: nn.Module, paths: Sequence[str], transform: str = "trm:2", residual: str = "tr:6",
-                    shapes: str = "paper", seed: int = 0, prefix: str = "") -> dict[str, ModuleAdapter]:
+def create_adapters(root: nn.Module, paths: Sequence[str], transform: str = DEFAULT_TRANSFORM,
+                    residual: str = DEFAULT_RESIDUAL, shapes: str = "paper", seed: int = 0,
+                    prefix: str = "") -> dict[str, ModuleAdapter]:
     """Fresh adapters (identity transform, zero residual) for each path, seeded.
 
     Their size is estimated from the layout first: ranks that would not fit in memory are

@@ -21,7 +21,7 @@ from ..tlora.arch import PRESETS as TARGET_PRESETS
 from ..tlora.functional.trm import FORMS as TRANSFORM_FORMS
 from ..tlora.errors import TLoRAError
 from ..tlora.shapes import SHAPE_PRESETS
-from ..tlora.spec import Kind, parse_residual, parse_transform
+from ..tlora.spec import DEFAULT_RESIDUAL, DEFAULT_TRANSFORM, Kind, parse_residual, parse_transform
 
 LOSSES = ("mse", "dco")
 LR_SCHEDULES = ("constant", "cosine")
@@ -97,9 +97,9 @@ class TrainSettings:
     output_name: str = _setting(
         "tlora_subject", "File name in the loras folder (no folders). An existing file is never overwritten: "
         "_2, _3... are added, unless resuming it.", required=True)
-    transform: str = _setting("trm:2", f"none | diag | trm:R (tensor-ring matrix, R 1-{MAX_RANKS['trm']}).",
+    transform: str = _setting(DEFAULT_TRANSFORM, f"none | diag | trm:R (tensor-ring matrix, R 1-{MAX_RANKS['trm']}).",
                               required=True, config="transform")
-    residual: str = _setting("tr:6", f"none | lora:r (r 1-{MAX_RANKS['lora']}) | tr:R (tensor ring, R "
+    residual: str = _setting(DEFAULT_RESIDUAL, f"none | lora:r (r 1-{MAX_RANKS['lora']}) | tr:R (tensor ring, R "
                                      f"1-{MAX_RANKS['tr']}).", required=True, config="residual")
     targets: str = _setting(
         "attn", "attn: to_q/k/v/out of every attention (the paper's set).", options=TARGET_PRESETS,
