@@ -104,6 +104,24 @@ def _wan(channels: int) -> dict:
             "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, "in_dim": channels, "text_dim": CONTEXT}
 
 
+def _host_params(config: dict) -> dict:
+    """The config without the keys this host's Flux/Chroma params do not know (0.3.75 predates txt_ids_dims...)."""
+    import dataclasses as dc
+    try:
+        if config.get("image_model") in ("flux", "flux2"):
+            from comfy.ldm.flux.model import FluxParams as params
+        elif config.get("image_model") == "chroma":
+            from comfy.ldm.chroma.model import ChromaParams as params
+        else:
+            return config
+    except ImportError:
+        return config
+    known = {f.name for f in dc.fields(params)} if dc.is_dataclass(params) else None
+    if known is None:
+        return config
+    return {k: v for k, v in config.items() if k in known or k == "image_model"}
+
+
 def all_names() -> list[str]:
     """Every family with a twin: the tiny_models ones, then these."""
     return list(DIT_TWINS) + list(FAMILIES)
@@ -133,7 +151,7 @@ def tiny_family(name: str, seed: int = 0) -> Any:
     if reason:
         raise comfy_host.HostError(reason)
     fam = FAMILIES[name]
-    cfg, model, patcher = tm._build(fam.host_class, fam.config(), seed, head_channels=None)
+    cfg, model, patcher = tm._build(fam.host_class, _host_params(fam.config()), seed, head_channels=None)
     return tm.TinyModel(patcher, model, cfg, CONTEXT, POOLED, seed)
 
 
@@ -195,7 +213,7 @@ def family_on_meta(arch_name: str) -> Any:
     cls_name, make = FULL_CONFIGS[arch_name]
     if not hasattr(sm, cls_name):
         raise comfy_host.HostError(f"{comfy_host.host_label()} has no {cls_name} model class")
-    return getattr(sm, cls_name)(make()).get_model({}, device=torch.device("meta")).diffusion_model
+    return getattr(sm, cls_name)(_host_params(make())).get_model({}, device=torch.device("meta")).diffusion_model
 
 
 def tiny_wan_vae(seed: int = 0, dim: int = 8) -> Any:

@@ -16,7 +16,7 @@ from ..tlora.errors import TLoRAError
 from ..trainer import settings as S
 from ..trainer.chart import loss_curve
 from ..trainer.comfy import run as comfy_run
-from ..trainer.comfy.data import split_images
+from ..trainer.comfy.data import split_clips, split_images
 from ..trainer.data import split_captions
 from ..trainer.outputs import sanitize_output_name
 from ..trainer.runs import TrainResult
@@ -112,6 +112,11 @@ class TLoRATrain(io.ComfyNode):
                 io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
                 io.Image.Input("images", tooltip="Training images: an IMAGE batch or an image dataset loader."),
                 *setting_inputs(),
+                # Last, so saved workflows keep their links and widget values in place.
+                io.Image.Input("clips", optional=True,
+                               tooltip="Video models (Wan...): short clips to train on beside the stills, each "
+                                       "IMAGE batch one clip of consecutive frames (as VAE Encode takes a video), "
+                                       "captioned by the instance prompt."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained TLoRA applied."),
@@ -132,17 +137,20 @@ class TLoRATrain(io.ComfyNode):
         return uuid.uuid4().hex
 
     @classmethod
-    def execute(cls, model, clip, vae, images, captions=None, class_images=None, **values) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, images, captions=None, class_images=None, clips=None,
+                **values) -> io.NodeOutput:
         model, clip, vae = _first(model), _first(clip), _first(vae)
         images = split_images(images)
         class_images = split_images(class_images)
+        clip_list = split_clips(clips)
         settings = settings_from_inputs(values)
         # Refuse a hostile name before any work is done.
         sanitize_output_name(settings.output_name)
         caption_list = split_captions(captions, len(images))
         result, file_name, arch = comfy_run.train(
             model, clip, vae, images, caption_list, settings, class_images,
-            node_id=cls.hidden.unique_id if cls.hidden else None, prompt=cls.hidden.prompt if cls.hidden else None)
+            node_id=cls.hidden.unique_id if cls.hidden else None, prompt=cls.hidden.prompt if cls.hidden else None,
+            clips=clip_list)
         payload = adapter_payload(result, file_name, arch)
         new_model, new_clip = apply_payload(payload, model, clip, 1.0, 1.0)
         curve = loss_curve(result.history, title=f"{file_name}: {settings.loss} loss")

@@ -43,7 +43,8 @@ def test_schedule_is_the_models_flow_with_its_shift(flow_model):
     ms = m.model.model_sampling
     assert schedule.prediction == "flow"
     assert torch.equal(schedule.noise, ms.sigmas.double())
-    assert torch.allclose(schedule.timesteps, ms.timestep(ms.sigmas).float())
+    # The denoiser gets the sigma; the host turns it into what the network is told (sigma x its multiplier).
+    assert torch.equal(schedule.timesteps, ms.sigmas.float())
     x0, noise = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
     idx = torch.tensor([len(schedule) // 3])
     s = float(ms.sigmas[idx])
@@ -110,16 +111,6 @@ def test_a_few_steps_lower_the_loss_and_both_loaders_apply_the_file(flow_model, 
         for prefix, adapter in adapters.items():
             key = f"{prefix}.weight"
             R.assert_close64(got[key], R.ref_patched(base[key], adapter.tensors, 1.0), f"{family} {key}")
-
-
-def test_unsupported_flow_family_is_refused_by_name(tm):
-    """A flow model the binding does not know (AuraFlow, built by the host) gets a one-line refusal naming it."""
-    import comfy.supported_models as sm
-    cfg = sm.AuraFlow({"max_seq": 16, "cond_seq_dim": 32, "n_double_layers": 1, "n_layers": 1, "dim": 64,
-                       "n_heads": 2, "in_channels": 4, "out_channels": 4, "patch_size": 2})
-    model = cfg.get_model({}, device=torch.device("meta"))
-    with pytest.raises(Exception, match=r"does not support AuraFlow models yet.*supported: .*Flux\.1 dev"):
-        R.pack("trainer.comfy.model").schedule_for(model)
 
 
 def test_gradient_checkpointing_of_transformer_blocks_changes_nothing(flow_model):

@@ -1,4 +1,10 @@
-"""ComfyUI's model as the engine needs it: schedule, denoiser, trainable weights, targets, architecture."""
+"""ComfyUI's model as the engine needs it: denoiser, trainable weights, blocks, refusals, architecture.
+
+Nothing here names a family: the schedule comes from the model's sampling object as patched
+(trainer/comfy/schedule.py), the denoiser is the host's own `apply_model`, the blocks are found by
+structure and the targets by role (tlora/arch.py `role_of`). A model the engine cannot train is
+refused by what it lacks (`refuse_untrainable`), before any encoding.
+"""
 from __future__ import annotations
 
 import importlib
@@ -8,83 +14,89 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import comfy.model_sampling as cms
-
 from ...tlora import arch as tarch
 from ...tlora.errors import TLoRAError
 from ..binding import AdapterGroup, adapter_group
 from ..data import Cond, Denoiser, collate_conds
-from ..schedule import Schedule
 from ..settings import TrainSettings
-from .data import Encoder, Prepared, vae_downscale
+from .data import CONST_PREFIX, Encoder, Prepared, latent_dimensions, vae_downscale
+from .host_autograd import Restore as _Restore
+from .host_autograd import autograd_safe_norms, differentiable_kernels  # noqa: F401  (run.py imports them here)
+from .schedule import sampling_of, schedule_for  # noqa: F401  (the binding's schedule, re-exported)
 
 
-# Flow-matching families whose denoiser call, conditioning and latents the binding handles (ComfyUI's
-# supported_models class names; Flux2, Chroma, AuraFlow, HiDream, Lumina2/Z-Image, Wan... are refused by name).
-FLOW_FAMILIES = {"Flux": "Flux.1 dev", "FluxSchnell": "Flux.1 schnell", "FluxInpaint": "Flux.1 fill",
-                 "SD3": "SD3/SD3.5", "QwenImage": "Qwen-Image"}
+class _RawOutput(nn.Module):
+    """A sampling object whose network input and output pass through unchanged (the rest delegates).
+
+    The engine's schedule already gives the network's input (a x0 + b noise) and takes its raw
+    output as the target's space; the host's `timestep`, `process_timestep`, conditioning casts,
+    latent (un)packing and wrappers in between are the host's own.
+    """
+
+    def __init__(self, sampling: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "_sampling", sampling)
+
+    def calculate_input(self, sigma: Tensor, x: Tensor) -> Tensor:
+        return x
+
+    def calculate_denoised(self, sigma: Tensor, output: Tensor, x: Tensor) -> Tensor:
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_sampling"), name)
 
 
-def schedule_for(base_model: Any) -> Schedule:
-    """The training schedule of a ComfyUI BaseModel, read from its model_sampling."""
-    ms = base_model.model_sampling
-    family = type(base_model.model_config).__name__
-    discrete = isinstance(ms, cms.ModelSamplingDiscrete) and type(ms).timestep is cms.ModelSamplingDiscrete.timestep
-    if discrete and not isinstance(ms, (cms.EDM, cms.X0, getattr(cms, "IMG_TO_IMG", cms.X0))):
-        if isinstance(ms, cms.V_PREDICTION):
-            return Schedule.from_sigmas(ms.sigmas, "v")
-        if isinstance(ms, cms.EPS):
-            return Schedule.from_sigmas(ms.sigmas, "eps")
-    if isinstance(ms, cms.CONST) and family in FLOW_FAMILIES:
-        # The model's own sigmas carry its shift (SD3: 3.0, Flux: its exponential shift); timestep(sigma)
-        # is what BaseModel passes the diffusion model (sigma x 1000 for SD3, sigma for Flux).
-        multiplier = float(ms.timestep(torch.tensor(1.0)))
-        return Schedule.flow(ms.sigmas, multiplier)
-    supported = "SD1.x, SD2.x, SDXL (eps and v-prediction) and " + ", ".join(sorted(set(FLOW_FAMILIES.values())))
-    raise TLoRAError(f"TLoRA training does not support {family} models yet (it samples with "
-                     f"{type(ms).__mro__[1].__name__}); supported: {supported}")
+def _host_value(key: str, value: Tensor) -> Any:
+    """A cached conditioning value as the host's conds hand it: constants back to their Python value."""
+    return value.reshape(-1)[0].item() if key.startswith(CONST_PREFIX) else value
 
 
-def make_denoiser(base_model: Any) -> Denoiser:
-    """The diffusion model's raw output (eps, v or the flow velocity) for x_t at timestep t."""
-    diffusion_model = base_model.diffusion_model
-    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+def make_denoiser(model: Any) -> Denoiser:
+    """The diffusion model's raw output for the network input x_t at noise level sigma, through `apply_model`.
 
-    def denoise(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        x = x_t
-        if "c_concat" in cond:
-            x = torch.cat([x, cond["c_concat"].to(x)], 1)
-        extra = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()
-                 if k not in ("c_crossattn", "c_concat")}
-        context = cond.get("c_crossattn")
-        # The same call BaseModel._apply_model makes, minus its eps->x0 conversion: the loss
-        # is taken on the model's own target.
-        t = base_model.process_timestep(t.float(), x=x_t, **extra)
-        out = diffusion_model(x.to(dtype), t, context=None if context is None else context.to(dtype),
-                              control=None, transformer_options={}, **extra)
+    `model` is the ModelPatcher (its sampling object as patched, its transformer options) or a bare
+    BaseModel. The call is BaseModel.apply_model's with the sampling's input scaling and output
+    conversion left out (the schedule carries them): conditioning casts, process_timestep, packed
+    latents, APPLY_MODEL wrappers and transformer patches are the host's.
+    """
+    sampling, base, _ = sampling_of(model)
+    raw = _RawOutput(sampling)
+    options = getattr(model, "model_options", None) or {}
+    base_options = dict(options.get("transformer_options", {}))
+
+    def denoise(x_t: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        kwargs = {k.removeprefix(CONST_PREFIX): _host_value(k, v) for k, v in cond.items()
+                  if k not in ("c_crossattn", "c_concat")}
+        transformer_options = dict(base_options, sigmas=sigma, cond_or_uncond=[0])
+        previous = base.model_sampling
+        base.model_sampling = raw
+        try:
+            out = base.apply_model(x_t, sigma, c_concat=cond.get("c_concat"), c_crossattn=cond.get("c_crossattn"),
+                                   control=None, transformer_options=transformer_options, **kwargs)
+        finally:
+            base.model_sampling = previous
         return out.float()
     return denoise
 
 
-def _rope1(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotary embedding as ComfyUI's flux/math.py computes it without comfy_kitchen (differentiable)."""
-    pairs = x.to(dtype=freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
-    out = freqs_cis[..., 0] * pairs[..., 0] + freqs_cis[..., 1] * pairs[..., 1]
-    return out.reshape(*x.shape).type_as(x)
+def refuse_untrainable(model: Any) -> None:
+    """One line naming what the engine lacks for this model (before any encoding); nothing if it trains.
 
-
-def _rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
-    return _rope1(xq, freqs_cis), _rope1(xk, freqs_cis)
-
-
-class _Restore:
-    """Puts a module attribute back (the `.remove()` handle the run keeps with its hooks)."""
-
-    def __init__(self, module: Any, name: str, value: Any) -> None:
-        self.module, self.name, self.value = module, name, value
-
-    def remove(self) -> None:
-        setattr(self.module, self.name, self.value)
+    The schedule is checked by `schedule_for`; here: a denoiser with linear layers to adapt and
+    latents the engine makes from images (image- or video-shaped; audio and 3-D shapes are not).
+    """
+    _, base, _ = sampling_of(model)
+    family = type(getattr(base, "model_config", base)).__name__
+    root = getattr(base, "diffusion_model", None)
+    if not isinstance(root, nn.Module) or not any(isinstance(m, nn.Linear) for m in root.modules()):
+        raise TLoRAError(f"Train TLoRA cannot train {family} models: no diffusion model with linear layers to "
+                         f"adapt was found")
+    dims = latent_dimensions(base)
+    if dims not in (2, 3):
+        kind = "audio-shaped (1-D)" if dims == 1 else f"{dims}-D"
+        raise TLoRAError(f"Train TLoRA cannot train {family} models: their latents are {kind} "
+                         f"({type(base.latent_format).__name__}); it trains on image and video latents")
 
 
 def host_training_mode() -> list[_Restore]:
@@ -104,26 +116,8 @@ def host_training_mode() -> list[_Restore]:
 
 
 def differentiable_rope() -> list[_Restore]:
-    """While training, rotary embeddings in torch where the host uses comfy_kitchen's kernels.
-
-    ComfyUI 0.12 runs Flux's and Qwen-Image's RoPE through comfy_kitchen ops that have no
-    backward ("no autograd formula was registered"); the same maths in torch trains. The
-    returned handles restore the host's functions. Newer hosts wrap those kernels in functions
-    of their own that follow `host_training_mode`'s flag: nothing is swapped there.
-    """
-    handles = []
-    for module_name, names in (("comfy.ldm.flux.math", ("apply_rope", "apply_rope1")),
-                               ("comfy.ldm.qwen_image.model", ("apply_rope1",))):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # pragma: no cover
-            continue
-        for name in names:
-            current = getattr(module, name, None)
-            if current is not None and getattr(current, "__module__", "").startswith("comfy_kitchen"):
-                handles.append(_Restore(module, name, current))
-                setattr(module, name, _rope if name == "apply_rope" else _rope1)
-    return handles
+    """The host kernels without a backward swapped for their torch maths (kept name; see host_autograd)."""
+    return differentiable_kernels()
 
 
 def make_trainable(module: nn.Module) -> int:
@@ -161,18 +155,31 @@ def arch_of(base_model: Any, clip: Any = None) -> str | None:
 
 
 def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
-    """The transformer blocks gradient checkpointing wraps (UNet, Flux, MMDiT and Qwen-Image blocks)."""
-    kinds = []
-    for module_name, class_names in (("comfy.ldm.modules.attention", ("BasicTransformerBlock",)),
-                                     ("comfy.ldm.flux.layers", ("DoubleStreamBlock", "SingleStreamBlock")),
-                                     ("comfy.ldm.modules.diffusionmodules.mmdit", ("JointBlock",)),
-                                     ("comfy.ldm.qwen_image.model", ("QwenImageTransformerBlock",))):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # pragma: no cover (a host without that family)
+    """The repeated blocks gradient checkpointing wraps, found by structure (no class named).
+
+    A block is an item of a ModuleList whose items are all of one class and each holds an
+    attention weight (by role); lists inside a chosen block are left to it (HiDream's experts).
+    UNets: their transformer blocks; DiTs: their double/single-stream, joint, refiner and
+    text-fusion blocks.
+    """
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for name, module in root.named_modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList) or not len(module):
             continue
-        kinds += [getattr(module, c) for c in class_names if hasattr(module, c)]
-    return [m for m in root.modules() if isinstance(m, tuple(kinds))]
+        items = list(module)
+        if len({type(item) for item in items}) != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        if all(_holds_attention(item, f"{prefix}{i}") for i, item in enumerate(items)):
+            blocks.extend(items)
+            inside.update(id(m) for item in items for m in item.modules())
+    return blocks
+
+
+def _holds_attention(block: nn.Module, path: str) -> bool:
+    """Whether a block has a weight whose role is attention."""
+    return any(isinstance(m, nn.Linear) and tarch.role_of(f"{path}.{n}") == "attn" for n, m in block.named_modules())
 
 
 def text_group(clip: Any, settings: TrainSettings) -> AdapterGroup:
@@ -181,18 +188,6 @@ def text_group(clip: Any, settings: TrainSettings) -> AdapterGroup:
     root = clip.cond_stage_model
     make_trainable(root)
     return adapter_group(root, tarch.TE_PREFIX, settings, text_encoder=True, seed_offset=1)
-
-
-def autograd_safe_norms(root: nn.Module) -> list[Any]:
-    """Feed every LayerNorm a copy of its input; returns the hook handles to remove afterwards.
-
-    ComfyUI's CLIP layers add their residuals in place (`x += attn(norm(x))`), which
-    overwrites the tensor the norm saved for backward. With a copy, the norm keeps its
-    own input and the in-place add touches a tensor nothing saved: gradients flow.
-    """
-    def clone_input(module: nn.Module, args: tuple) -> tuple:
-        return (args[0].clone(), *args[1:]) if args and isinstance(args[0], Tensor) else args
-    return [m.register_forward_pre_hook(clone_input) for m in root.modules() if isinstance(m, nn.LayerNorm)]
 
 
 def text_encode(base: Any, clip: Any, prepared: Prepared, vae: Any, device: torch.device) -> Callable:

@@ -15,14 +15,16 @@ import folder_paths
 
 from ...tlora import arch as tarch
 from ...tlora.errors import TLoRAError
+from ...tlora.module import TLoRAModule
 from .. import outputs
 from ..binding import Binding, adapter_group
 from ..loop import Trainer
 from ..runs import RUNS, RunRegistry, TrainResult
 from ..settings import TrainSettings
 from .data import prepare_data
-from .model import (arch_of, autograd_safe_norms, checkpoint_blocks, differentiable_rope, host_training_mode,
-                    make_denoiser, make_trainable, schedule_for, text_encode, text_group)
+from .host_autograd import base_weights_visible
+from .model import (arch_of, autograd_safe_norms, checkpoint_blocks, differentiable_kernels, host_training_mode,
+                    make_denoiser, make_trainable, refuse_untrainable, schedule_for, text_encode, text_group)
 from .progress import ComfyProgress, current_prompt_id, report_end, send_event
 
 
@@ -83,7 +85,7 @@ def base_model_name(model: Any, prompt: Mapping[str, Any] | None = None, node_id
 
 def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: Sequence[str],
           settings: TrainSettings, class_images: Sequence[Tensor] = (), node_id: str | None = None,
-          run_id: str | None = None, prompt: Mapping[str, Any] | None = None,
+          run_id: str | None = None, prompt: Mapping[str, Any] | None = None, clips: Sequence[Tensor] = (),
           ) -> tuple[TrainResult, str, str | None]:
     """Train on a ComfyUI model; returns (result, saved file name, arch). Cancel saves a partial file.
 
@@ -100,7 +102,7 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
     try:
         with torch.inference_mode(False):
             trainer, arch = _trainer(model, clip, vae, images, captions, settings, class_images, node_id, run_id,
-                                     prompt, path, RUNS, run_info, hooks)
+                                     prompt, path, RUNS, run_info, hooks, clips)
             result = trainer.run()
     except BaseException as err:
         report_end(err, RUNS, run_id, run_info, settings)
@@ -117,17 +119,20 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
 def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: Sequence[str],
              settings: TrainSettings, class_images: Sequence[Tensor], node_id: str | None, run_id: str,
              prompt: Mapping[str, Any] | None, path: str, registry: RunRegistry, run_info: Mapping[str, Any],
-             hooks: list[Any]) -> tuple[Trainer, str | None]:
+             hooks: list[Any], clips: Sequence[Tensor] = ()) -> tuple[Trainer, str | None]:
     """The engine's Trainer for this ComfyUI run (text-encoder hooks go into `hooks` for the caller to remove)."""
     base = model.model
     device = mm.get_torch_device()
-    schedule = schedule_for(base)  # refuses an unsupported model before any encoding
+    # What the engine lacks for this model, and its schedule as the sampler will use it (the patcher's
+    # model_sampling, ModelSampling* patches included): refused in one line before any encoding.
+    refuse_untrainable(model)
+    schedule = schedule_for(model)
     # Weights on the device with any upstream patches (stacked LoRAs) applied, then made
     # usable by autograd; the adapters wrap these live layers.
     mm.load_models_gpu([model], force_full_load=True)
     prepared = prepare_data(base, clip, vae, images, captions, settings.instance_prompt, settings.resolution,
                             settings.aspect_buckets, settings.class_prompt, settings.num_class_images,
-                            class_images, settings.sample_prompt, settings.sample_every, device)
+                            class_images, settings.sample_prompt, settings.sample_every, device, clips)
     mm.load_models_gpu([model], force_full_load=True)  # the VAE/CLIP may have displaced it
     make_trainable(base.diffusion_model)
     root = base.diffusion_model
@@ -141,7 +146,11 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
     def decode(latent: Tensor) -> Tensor:
         # Called by the engine under no_grad with the model's own modules in place (host_view).
         with torch.inference_mode(False), torch.no_grad():
-            pixels = vae.decode(base.process_latent_out(latent.float()))
+            latent = base.process_latent_out(latent.float())
+            if latent.dim() == 5 and getattr(vae, "latent_dim", 2) != 3:  # an image VAE on video latents
+                latent = latent[:, :, 0]
+            pixels = vae.decode(latent)
+            pixels = pixels.reshape(-1, *pixels.shape[-3:])  # a video VAE's (clips, frames, H, W, C)
             mm.load_models_gpu([model], force_full_load=True)  # back on the device after the VAE
             # If the VAE displaced the model, reloading may have brought back inference-mode
             # weights (e.g. restored from ComfyUI's backups): autograd must be able to save them.
@@ -149,7 +158,7 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
         return pixels[0, ..., :3].detach().float().cpu().clone()
 
     binding = Binding(
-        groups, make_denoiser(base), schedule, prepared.data, device=device, encode=encode,
+        groups, make_denoiser(model), schedule, prepared.data, device=device, encode=encode,
         decode=decode if settings.sample_every else None, checkpoint_modules=checkpoint_blocks(root),
         interrupt_types=(mm.InterruptProcessingException,),
         interrupt_check=mm.throw_exception_if_processing_interrupted,
@@ -160,7 +169,9 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
     hooks.extend(host_training_mode())
     if settings.train_text_encoder:
         hooks.extend(autograd_safe_norms(clip.cond_stage_model))
-    if schedule.prediction == "flow":  # DiT blocks add residuals in place onto what their norms saved
-        hooks.extend(autograd_safe_norms(root))
-        hooks.extend(differentiable_rope())
+    # Blocks that add residuals in place onto what their norms saved, kernels without a backward:
+    # found on the live host for any family (trainer/comfy/host_autograd.py).
+    hooks.extend(autograd_safe_norms(root))
+    hooks.extend(differentiable_kernels())
+    hooks.extend(base_weights_visible(TLoRAModule))
     return Trainer(binding, settings, output_path=path, run_id=run_id, registry=registry, run_info=run_info), arch
