@@ -158,13 +158,16 @@ class TLoRATrain(io.ComfyNode):
 
 
 def apply_payload(payload: dict[str, Any], model, clip, strength_model: float, strength_clip: float):
-    """(model, clip) with a TLORA_ADAPTER applied through ComfyUI's patcher (merged, no overhead)."""
+    """(model, clip) with a TLORA_ADAPTER applied through ComfyUI's patcher: merged on float weights (no
+    overhead), activation-side on quantized ones (`auto`, as our loaders: the stored weights stay as they are)."""
     adapters = payload["adapters"]
     has_te = any(k.startswith(tarch.TE_PREFIX) for k in adapters)
     use_clip = clip if has_te else None
     model_patches, clip_patches = apply.plan_patches(adapters, payload.get("metadata", {}),
                                                      payload.get("file_name", "trained adapter"), model, use_clip)
-    new_model = apply.add_weighted(model, model_patches, strength_model) if strength_model != 0 else model
+    label = payload.get("file_name", "trained adapter")
+    new_model = model if strength_model == 0 else \
+        apply.apply_model_patches(model, model_patches, strength_model, None, "auto", label)
     new_clip = clip
     if clip_patches and strength_clip != 0:
         new_clip = apply.add_weighted(clip, clip_patches, strength_clip)
