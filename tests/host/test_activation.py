@@ -108,3 +108,18 @@ def test_an_unknown_mode_is_refused(sd15, loras_dir):
     R.write_tlora(loras_dir / "act_mode.safetensors", R.random_adapters(shapes, seed=9))
     with pytest.raises(Exception, match="mode 'bypass': expected one of auto, merged, activation"):
         tlora(m.patcher, "act_mode.safetensors", 1.0, "bypass")
+
+
+@pytest.mark.skipif(ch.host_version() < (0, 33), reason="clone(force_deepcopy=...) reloads through cached_patcher_init")
+def test_a_clone_over_a_new_model_runs_its_own_layers(sd15, loras_dir):
+    """TrainLoraNode's deep clone and the dynamic-VRAM delegate load a fresh model: our object patches follow it."""
+    m, shapes = sd15
+    R.write_tlora(loras_dir / "act_clone.safetensors", R.random_adapters(shapes, seed=11))
+    patched = tlora(m.patcher, "act_clone.safetensors", 0.7, "activation")
+    fresh = patched.clone(force_deepcopy=True)
+    assert fresh.model is not patched.model
+    layer_forwards = [(k, v) for k, v in fresh.object_patches.items() if k.endswith(".forward")]
+    import comfy.utils
+    assert layer_forwards and all(v.module is comfy.utils.get_attr(fresh.model, k.removesuffix(".forward"))
+                                  for k, v in layer_forwards)
+    assert_close(forward(fresh, m), forward(patched, m), "deep clone")
