@@ -193,3 +193,69 @@ def write_images(folder: str | os.PathLike, count: int = 3, size: int = 64, capt
             with open(os.path.join(folder, f"img{i}.txt"), "w", encoding="utf-8") as f:
                 f.write(f"a photo of sks square number {i}")
     return str(folder)
+
+
+# --------------------------------------------------------------------------- newer flow families
+QWEN_TOKENIZER_DIR = ROOT / ".host" / "ComfyUI" / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+def qwen_tokenizer() -> Any:
+    """Qwen2.5's tokenizer (vocabulary, merges, chat template) from the files ComfyUI ships (Qwen3's is the same BPE)."""
+    from transformers import Qwen2TokenizerFast
+    if not QWEN_TOKENIZER_DIR.is_dir():
+        raise FileNotFoundError(f"{QWEN_TOKENIZER_DIR} is missing: run `make bootstrap` (it installs ComfyUI)")
+    return Qwen2TokenizerFast.from_pretrained(str(QWEN_TOKENIZER_DIR), local_files_only=True)
+
+
+def _qwen3(hidden: int, seed: int) -> Any:
+    from transformers import Qwen3Config, Qwen3Model
+    return _seeded(seed, lambda: Qwen3Model(Qwen3Config(
+        vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024)))
+
+
+# Z-Image's layout at toy widths (one layer, one noise and one context refiner), a Qwen3-shaped encoder.
+ZIMAGE_TINY = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=1,
+                   n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12],
+                   axes_lens=[64, 64, 64])
+
+
+def zimage(seed: int = 0) -> Any:
+    """A tiny ZImagePipeline (Flux-style 16-channel VAE, Qwen3-shaped text encoder, flow matching at shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**dict(VAE_TINY, latent_channels=16), shift_factor=0.1159,
+                                                    scaling_factor=0.3611, use_quant_conv=False,
+                                                    use_post_quant_conv=False)),
+        text_encoder=_qwen3(ZIMAGE_TINY["cap_feat_dim"], seed + 2), tokenizer=qwen_tokenizer(),
+        transformer=_seeded(seed, lambda: ZImageTransformer2DModel(**ZIMAGE_TINY)))
+
+
+# Wan 2.1/2.2's layout at toy widths: one block, 2 heads of 32, a umT5-shaped encoder, a 16-channel video VAE.
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+                text_dim=32, freq_dim=256, ffn_dim=128, num_layers=1)
+
+
+def wan(seed: int = 0) -> Any:
+    """A tiny WanPipeline (AutoencoderKLWan, umT5-shaped encoder with T5's tokenizer, flow matching at shift 3)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    te = UMT5Config(vocab_size=32128, d_model=WAN_TINY["text_dim"], d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                    feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    return WanPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_seeded(seed + 2, lambda: UMT5EncoderModel(te)),
+        transformer=_seeded(seed, lambda: WanTransformer3DModel(**WAN_TINY)),
+        vae=_seeded(seed + 1, lambda: AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                       temperal_downsample=[False, True, True])),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def save_zimage(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny Z-Image pipeline folder."""
+    return save(zimage(seed), folder)
+
+
+def save_wan(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny Wan pipeline folder."""
+    return save(wan(seed), folder)

@@ -183,3 +183,26 @@ class ErnieImageConfig:
         rows += [(f"{P}final_norm.linear", (2 * h, h), "mod"),
                  (f"{P}final_linear", (self.patch * self.patch * self.out_channels, h), "embed")]
         return rows
+
+
+def from_diffusers(class_name: str, c: dict) -> tuple[str, object] | None:
+    """(family, table config) of a diffusers transformer from its class name and config (any size), else None."""
+    heads = int(c.get("num_attention_heads", 0) or 0) * int(c.get("attention_head_dim", 0) or 0)
+    if class_name == "Flux2Transformer2DModel":
+        return "flux2", Flux2Config(heads, c["num_layers"], c["num_single_layers"], c["joint_attention_dim"],
+                                    bool(c.get("guidance_embeds", True)), c.get("in_channels", 128),
+                                    float(c.get("mlp_ratio", 3.0)))
+    if class_name == "ChromaTransformer2DModel":
+        return "chroma", ChromaConfig(heads, c["num_layers"], c["num_single_layers"], c["joint_attention_dim"],
+                                      c.get("in_channels", 64), c["approximator_num_channels"],
+                                      c["approximator_hidden_dim"], c["approximator_layers"])
+    if class_name == "ZImageTransformer2DModel":
+        return "z-image", ZImageConfig(c["dim"], c["n_layers"], c["n_refiner_layers"], c["cap_feat_dim"],
+                                       c.get("in_channels", 16), tuple(c.get("all_patch_size", (2,)))[0])
+    if class_name == "WanTransformer3DModel":
+        return "wan", WanConfig(heads, c["ffn_dim"], c["num_layers"], c["in_channels"], c["out_channels"],
+                                c["text_dim"], c.get("freq_dim", 256))
+    if class_name == "ErnieImageTransformer2DModel":
+        return "ernie-image", ErnieImageConfig(c["hidden_size"], c["num_layers"], c["ffn_hidden_size"],
+                                               c["text_in_dim"], c.get("out_channels", 128), c.get("patch_size", 1))
+    return None

@@ -60,3 +60,61 @@ def test_mapping_names_the_released_diffusers_modules(name):
             covered.add(sub)
         assert rows == shapes[generic][0], f"{name}: {generic} rows"
     assert covered == set(linears), f"{name}: diffusers Linears without a generic weight {set(linears) - covered}"
+
+
+SMALL = {  # small configs of each family (the conversions rename and split; sizes only need to be consistent)
+    "flux2-dev": lambda F: F.Flux2Config(hidden=64, depth=2, depth_single=2, context=32, guidance=True),
+    # diffusers' Chroma conversion splits at the released width (3072): one block of each kind at that width.
+    "chroma": lambda F: F.ChromaConfig(hidden=3072, depth=1, depth_single=1, context=32, approx_hidden=32,
+                                       approx_layers=2),
+    "z-image": lambda F: F.ZImageConfig(dim=64, layers=2, refiner_layers=2, context=32),
+    "wan22-14b": lambda F: F.WanConfig(dim=64, ffn=128, layers=2, in_dim=16, out_dim=16, text_dim=32),
+    "ernie-image": lambda F: F.ErnieImageConfig(hidden=64, layers=2, ffn=128, text_in=32),
+}
+CONVERSIONS = {"flux2-dev": "convert_flux2_transformer_checkpoint_to_diffusers",
+               "chroma": "convert_chroma_transformer_checkpoint_to_diffusers",
+               "z-image": "convert_z_image_transformer_checkpoint_to_diffusers",
+               "wan22-14b": "convert_wan_transformer_to_diffusers",
+               "ernie-image": "convert_ernie_image_transformer_checkpoint_to_diffusers"}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_mapping_is_diffusers_own_single_file_conversion(name):
+    """diffusers' own conversion of an original checkpoint (ComfyUI's generic names) puts every row where ours says.
+
+    Each generic weight is filled with (its index, its row) codes; after diffusers' conversion each diffusers
+    weight's rows are read back: the source weight and the row order must be our mapping's pieces (slices of
+    fused q/k/v, the swapped final modulation).
+    """
+    from diffusers.loaders import single_file_utils as S
+    from tlora import arch_families as F
+    table = arch.Arch(name, SMALL[name](F), (), "", "", "")
+    rows = table.denoiser_modules()
+    checkpoint = {}
+    for i, (path, shape, _) in enumerate(rows):
+        key = path.removeprefix(arch.UNET_PREFIX)
+        code = i * 100000 + torch.arange(shape[0], dtype=torch.float64)
+        checkpoint[f"{key}.weight"] = code[:, None].expand(*shape)  # a view: Chroma's rows are 3072 wide
+        checkpoint[f"{key}.bias"] = code.clone()
+    convert = getattr(S, CONVERSIONS[name])
+    for _ in range(64):  # the conversions also read norms and pads no adapter touches: give them placeholders
+        try:
+            converted = convert(dict(checkpoint))
+            break
+        except KeyError as err:
+            checkpoint[err.args[0]] = torch.zeros(1, dtype=torch.float64)
+    ours = N.diffusers_sources(table)
+    checked = 0
+    for key, value in converted.items():
+        path = "transformer." + key.removesuffix(".weight")
+        if not key.endswith(".weight") or value.dim() != 2 or path not in ours:
+            continue
+        generic, pieces = ours[path]
+        codes = value[:, 0].round().long()
+        assert bool((value == value[:, :1]).all()), path  # whole rows moved, never mixed
+        assert set((codes // 100000).tolist()) == {[r[0] for r in rows].index(generic)}, path
+        want = torch.arange(value.shape[0]) if pieces is None else \
+            torch.cat([torch.arange(o, o + n) for o, n in pieces])
+        assert torch.equal(codes % 100000, want), path
+        checked += 1
+    assert checked == len(ours), f"{name}: {len(ours) - checked} of our diffusers paths not in the conversion"

@@ -1,7 +1,8 @@
 """The diffusers side of a run: the pipeline, its family, schedule, denoiser and text encoding.
 
 Families trained here: the UNet pipelines (SD1.5 and SD2-style `StableDiffusionPipeline`,
-`StableDiffusionXLPipeline`), `FluxPipeline` and `StableDiffusion3Pipeline` (SD3/SD3.5, flow matching);
+`StableDiffusionXLPipeline`), `FluxPipeline` and `StableDiffusion3Pipeline` (SD3/SD3.5, flow matching),
+and the newer flow pipelines `ZImagePipeline`, `WanPipeline`, `QwenImagePipeline` (flow_families.py);
 others are refused by name.
 Module names in the file are ComfyUI's generic ones where a diffusers module is one whole generic
 weight (`tlora.diffusers_names` owns the mapping; apply.py's `arch_of` reads the live model's
@@ -25,6 +26,7 @@ from ...tlora import diffusers_names as dnames
 from ...tlora import format as tformat
 from ...tlora.errors import TLoRAError
 from ...tlora.fileio import parse_json
+from . import flow_families as flows
 from .inference import arch_of, resolve_path
 from ..data import Cond
 from ..schedule import Schedule
@@ -32,8 +34,8 @@ from ..settings import TrainingError
 
 # Pipeline classes this binding trains -> their kind (how conditioning, schedule and the model call go).
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-             "StableDiffusion3Pipeline": "sd3"}
-TRANSFORMER_KINDS = ("flux", "sd3")
+             "StableDiffusion3Pipeline": "sd3", **flows.PIPELINES}
+TRANSFORMER_KINDS = ("flux", "sd3", *flows.PIPELINES.values())
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 FLUX_GUIDANCE = 3.5  # the distilled guidance Flux.1-dev trains at (diffusers' and our ComfyUI binding's choice)
 
@@ -139,7 +141,7 @@ def family(pipe: Any) -> str:
     name = type(pipe).__name__
     if name not in PIPELINES:
         raise TrainingError(f"{name} is not trained by this command yet: it trains {', '.join(PIPELINES)} "
-                            f"(Qwen-Image trains in ComfyUI's node)")
+                            f"(ComfyUI's Train TLoRA node trains any model ComfyUI samples)")
     return PIPELINES[name]
 
 
@@ -158,10 +160,16 @@ def flow_sigmas(config: Any, image_tokens: int, steps: int = 1000) -> Tensor:
 
 def schedule_for(scheduler: Any, image_tokens: int = 1024, kind: str = "sd") -> Schedule:
     """The training schedule from the pipeline's scheduler (DDPM betas + prediction type, or flow matching)."""
-    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
-        # Flux's pipeline hands its transformer timestep / 1000 (sigma); SD3's the timestep (sigma x 1000).
-        multiplier = 1.0 if kind == "flux" else float(scheduler.config.get("num_train_timesteps", 1000))
-        return Schedule.flow(flow_sigmas(scheduler.config, image_tokens), multiplier=multiplier)
+    flow = scheduler.config.get("prediction_type") == "flow_prediction" or scheduler.config.get("use_flow_sigmas")
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" or flow:
+        # Flux's pipeline hands its transformer timestep / 1000 (sigma); SD3's the timestep (sigma x 1000); the
+        # newer pipelines' denoisers (flow_families.py) take the sigma and scale it as their pipeline does.
+        multiplier = 1.0 if kind == "flux" or kind in flows.PIPELINES.values() else \
+            float(scheduler.config.get("num_train_timesteps", 1000))
+        config = dict(scheduler.config)
+        if "flow_shift" in config and "shift" not in config:  # UniPC/DPM++ in flow mode (Wan's): its flow_shift
+            config["shift"] = config["flow_shift"]
+        return Schedule.flow(flow_sigmas(config, image_tokens), multiplier=multiplier)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     prediction = _PREDICTIONS.get(scheduler.config.get("prediction_type", "epsilon"))
     if alphas is None or prediction is None:
@@ -188,6 +196,10 @@ def parts(pipe: Any) -> Parts:
     """The pipeline's trained and frozen parts, by family (T5 is never adapted: tlora.arch tables CLIP only)."""
     kind = family(pipe)
     component = "transformer" if kind in TRANSFORMER_KINDS else "unet"
+    if kind in flows.PIPELINES.values():  # LLM / umT5 text encoders: not tabled, never adapted
+        table = flows.table(kind, pipe.transformer)
+        released = next((n for n, a in tarch.ARCHS.items() if a.denoiser == table.denoiser), None)
+        return Parts(pipe, kind, pipe.transformer, component, pipe.vae, [], released, table)
     encoders = [(f"{tarch.TE_PREFIX}clip_l.transformer.", "text_encoder", pipe.text_encoder)]
     if kind in ("sdxl", "sd3"):
         encoders.append((f"{tarch.TE_PREFIX}clip_g.transformer.", "text_encoder_2", pipe.text_encoder_2))
@@ -233,6 +245,8 @@ def targets(p: Parts, preset: str, with_convs: bool = False, text_encoder: str |
 def text_encoder(p: Parts) -> Callable[[list[str]], Cond]:
     """prompts -> the UNet's conditioning, through the pipeline's own `encode_prompt` (with gradients)."""
     device = p.denoiser.device
+    if p.kind in flows.PIPELINES.values():
+        return flows.text_encoder(p.pipe, p.kind, device)
 
     def encode(prompts: list[str]) -> Cond:
         if p.kind == "flux":
@@ -289,6 +303,8 @@ def denoiser(model: nn.Module, kind: str, vae_scale: int = 8) -> Callable[[Tenso
     Flux's packing, position ids and guidance as its pipeline does them)."""
     if kind == "flux":
         return _flux(model)
+    if kind in flows.PIPELINES.values():
+        return flows.denoiser(model, kind)
     if kind == "sd3":
         def run_sd3(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
             return model(hidden_states=x_t, timestep=t.to(x_t.dtype).expand(x_t.shape[0]),
@@ -307,7 +323,10 @@ def denoiser(model: nn.Module, kind: str, vae_scale: int = 8) -> Callable[[Tenso
 
 
 def encode_images(vae: nn.Module, pixels: Tensor) -> Tensor:
-    """(B, H, W, 3) in [0, 1] -> scaled latents (the distribution's mean: deterministic, as ComfyUI encodes)."""
+    """(B, H, W, 3) in [0, 1] -> scaled latents (the distribution's mean: deterministic, as ComfyUI encodes);
+    a video VAE's are (B, C, 1, h, w), each image one frame, normalised by the VAE's channel statistics."""
+    if flows.video_vae(vae):
+        return flows.encode_video(vae, pixels)
     with torch.no_grad():
         x = pixels.movedim(-1, 1).to(vae.device, vae.dtype) * 2 - 1
         latent = vae.encode(x).latent_dist.mode()
@@ -317,7 +336,36 @@ def encode_images(vae: nn.Module, pixels: Tensor) -> Tensor:
 
 def decode_latent(vae: nn.Module, latent: Tensor) -> Tensor:
     """A latent -> an (H, W, 3) image in [0, 1]."""
+    if flows.video_vae(vae):
+        return flows.decode_video(vae, latent)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         x = vae.decode(latent.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
     return ((x[0].float().clamp(-1, 1) + 1) / 2).movedim(0, -1).cpu()
+
+
+def vae_scale(vae: nn.Module) -> int:
+    """Pixels per latent cell of the pipeline's VAE (its spatial compression)."""
+    return flows.vae_scale(vae)
+
+
+def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks gradient checkpointing re-runs, found by structure (no class named).
+
+    An item of a ModuleList whose items are one class and each hold an attention (a submodule whose
+    name says attn/attention); lists inside a chosen block are left to it. UNets: their transformer
+    blocks; DiTs: their (double/single/joint/refiner) blocks.
+    """
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for _, module in model.named_modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        items = list(module)
+        if len({type(item) for item in items}) != 1:
+            continue
+        if all(any(isinstance(m, nn.Linear) and ("attn" in n or "attention" in n) for n, m in item.named_modules())
+               for item in items):
+            blocks.extend(items)
+            inside.update(id(m) for item in items for m in item.modules())
+    return blocks

@@ -106,7 +106,7 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
         dmodel.quiet_loading()
     pipe = dmodel.load_pipeline(job.model, job.config)
     p = dmodel.parts(pipe)
-    scale = 2 ** (len(p.vae.config.block_out_channels) - 1)
+    scale = dmodel.vae_scale(p.vae)
     schedule = dmodel.schedule_for(pipe.scheduler, (settings.resolution // (2 * scale)) ** 2, p.kind)
     for module in (p.denoiser, p.vae, *(m for m in pipe.components.values() if isinstance(m, nn.Module))):
         module.to(device)
@@ -159,7 +159,8 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
 
     binding = Binding(
         groups, dmodel.denoiser(p.denoiser, p.kind, scale), schedule, train_data, device=device, encode=encode,
-        decode=decode if settings.sample_every else None, checkpoint_modules=checkpoint_blocks(p.denoiser),
+        decode=decode if settings.sample_every else None,
+        checkpoint_modules=checkpoint_blocks(p.denoiser) or dmodel.checkpoint_blocks(p.denoiser),
         progress_bar=progress_bar, distributed=processes,
         metadata={"tlora.train.base_model": os.path.basename(os.path.normpath(job.model)),
                   "tlora.train.host": "diffusers", "tlora.train.processes": str(processes.world)},

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ....tlora import arch as arch_mod
+from ....tlora import arch_families as families
 from ....tlora import diffusers_names as names
 from ....tlora.adapter import ModuleAdapter
 from ....tlora.claim import MISSING, OVERLAP, UNFIT, refusal
@@ -23,7 +24,9 @@ from ....tlora.format import TLoRAFile, is_tlora_key, load as load_file, split_k
 from ....tlora.runtime import geometry_of
 from .layers import WRAPPERS, _innermost, _is_peft_layer, resolve_path
 
-TRANSFORMER_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel")
+TRANSFORMER_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel",
+                       "Flux2Transformer2DModel", "ChromaTransformer2DModel", "ZImageTransformer2DModel",
+                       "WanTransformer3DModel", "ErnieImageTransformer2DModel")
 CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
@@ -104,6 +107,9 @@ def arch_of(roots: Mapping[str, nn.Module]) -> tuple[str, arch_mod.Arch]:
         denoiser = arch_mod.MMDiTConfig(depth, tuple(_cfg(t, "dual_attention_layers", ()) or ()))
     elif cls == "QwenImageTransformer2DModel":
         family, denoiser = "qwen-image", arch_mod.QwenImageConfig()
+    elif found and families.from_diffusers(cls, dict(found[1].config)) is not None:
+        # Flux.2, Chroma, Z-Image, Wan, ERNIE-Image: the live transformer's table (tlora/arch_families.py)
+        family, denoiser = families.from_diffusers(cls, dict(found[1].config))
     elif found:
         raise TLoRAApplyError(f"unsupported diffusers {found[0]} {cls} (supported: UNet2DConditionModel, "
                               f"{', '.join(TRANSFORMER_CLASSES)})")
