@@ -208,6 +208,7 @@ def prepare_data(base_model: Any, clip: Any, vae: Any, images: Sequence[Tensor],
         instance = [Example(latent, encoder.cond(text, latent.shape, downscale), text)
                     for latent, text in zip(latents, texts)]
         data = TrainData(instance)
+        data.uncond = encoder.cond("", latents[0].shape, downscale)
         shape = still_shape(base_model, latents[0].shape[0], resolution, downscale)
         if class_images or num_class_images:
             if not class_prompt.strip():

@@ -110,6 +110,8 @@ def train(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions: S
     finally:
         for hook in hooks:
             hook.remove()
+    if result.path:  # another run may have written this name first: the trainer then took the next free one
+        file_name = os.path.basename(result.path)
     send_event({"node": node_id, "run_id": run_id, "status": "done", "step": result.steps_done,
                 "steps": settings.steps, "steps_done": result.steps_done, "file": file_name, "partial": False,
                 "loss": result.final_loss})
