@@ -259,3 +259,33 @@ def save_zimage(folder: str | os.PathLike, seed: int = 0) -> str:
 def save_wan(folder: str | os.PathLike, seed: int = 0) -> str:
     """A tiny Wan pipeline folder."""
     return save(wan(seed), folder)
+
+
+# Qwen-Image's layout at toy widths: one block, 2 heads of 32, a Qwen2.5-VL-shaped encoder (a one-block vision tower).
+QWENIMAGE_TINY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=32,
+                      num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
+
+
+def qwenimage(seed: int = 0) -> Any:
+    """A tiny QwenImagePipeline (AutoencoderKLQwenImage, Qwen2.5-VL-shaped encoder, Qwen-Image's dynamic shift)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    te = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=QWENIMAGE_TINY["joint_attention_dim"], intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]))
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                  base_image_seq_len=256, max_image_seq_len=8192),
+        vae=_seeded(seed + 1, lambda: AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1],
+                                                             num_res_blocks=1)),
+        text_encoder=_seeded(seed + 2, lambda: Qwen2_5_VLForConditionalGeneration(te)), tokenizer=qwen_tokenizer(),
+        transformer=_seeded(seed, lambda: QwenImageTransformer2DModel(**QWENIMAGE_TINY)))
+
+
+def save_qwenimage(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny Qwen-Image pipeline folder."""
+    return save(qwenimage(seed), folder)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-TWINS = {  # ComfyUI configs at the widths of harness/tiny_diffusers.py ZIMAGE_TINY / WAN_TINY
+TWINS = {  # ComfyUI configs at the widths of harness/tiny_diffusers.py ZIMAGE_TINY / WAN_TINY / QWENIMAGE_TINY
+    "qwenimage": ("QwenImage", {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1,
+                                "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
+                                "axes_dims_rope": (8, 12, 12)}),
     "zimage": ("ZImage", {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32,
                           "n_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12],
                           "axes_lens": [64, 64, 64], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
@@ -41,6 +44,8 @@ def comfy_family_patch(out_dir: str, kind: str, diffusers_weights: str, tlora_pa
     dm = model.diffusion_model
     if kind == "zimage":
         key_map = comfy.utils.z_image_to_diffusers({"n_layers": 1, "dim": 64, "n_refiner_layers": 1})
+    elif kind == "qwenimage":  # ComfyUI's Qwen-Image has diffusers' names
+        key_map = {k: k for k in dm.state_dict()}
     else:
         table = arch.Arch("wan", arch.WanConfig(64, 128, 1, 16, 16, 32), (), "", "", "")
         key_map = {}

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from harness import tiny_diffusers as td  # noqa: E402
 
-FAMILIES = {"zimage": td.save_zimage, "wan": td.save_wan}
+FAMILIES = {"zimage": td.save_zimage, "wan": td.save_wan, "qwenimage": td.save_qwenimage}
 COMFY_PYTHON = ROOT / ".venv" / "bin" / "python"
 STRENGTH = 0.7
 
@@ -57,12 +57,15 @@ def _pipeline_error(pipe, kind: str, pixels: torch.Tensor, caption: str) -> floa
     torch.manual_seed(0)
     with torch.no_grad():
         x = pixels.movedim(-1, 1) * 2 - 1
-        if kind == "wan":
+        if kind in ("wan", "qwenimage"):
             z = pipe.vae.encode(x[:, :, None]).latent_dist.mode()
             mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
             std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
             x0 = (z - mean) / std
-            text = pipe.encode_prompt([caption] * len(x0), do_classifier_free_guidance=False)[0]
+            if kind == "wan":
+                text = pipe.encode_prompt([caption] * len(x0), do_classifier_free_guidance=False)[0]
+            else:
+                text, mask = pipe.encode_prompt([caption] * len(x0))
         else:
             z = pipe.vae.encode(x).latent_dist.mode()
             x0 = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
@@ -74,6 +77,13 @@ def _pipeline_error(pipe, kind: str, pixels: torch.Tensor, caption: str) -> floa
             if kind == "wan":
                 v = pipe.transformer(hidden_states=x_t, timestep=torch.full((len(x0),), sigma * 1000),
                                      encoder_hidden_states=text, return_dict=False)[0]
+            elif kind == "qwenimage":  # 2x2-packed tokens of the one frame, told sigma, with the text mask
+                b, c, _, h, w = x_t.shape
+                packed = pipe._pack_latents(x_t[:, :, 0], b, c, h, w)
+                out = pipe.transformer(hidden_states=packed, timestep=torch.full((b,), sigma),
+                                       encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+                                       img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+                v = pipe._unpack_latents(out, h * 8, w * 8, 8)
             else:  # Z-Image: latents as a list of (C, 1, H, W), told 1 - sigma, predicting x0 - noise
                 out = pipe.transformer(list(x_t.unsqueeze(2).unbind(0)), torch.full((len(x0),), 1 - sigma), text,
                                        return_dict=False)[0]
@@ -123,16 +133,21 @@ def test_the_command_trains_the_pipeline_and_diffusers_applies_the_file(tmp_path
     _comfy_patch(tmp_path / "comfy", kind, tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors",
                  trained)
     base = load_file(str(tmp_path / "comfy" / "base.safetensors"))
+    original = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     handle = A.load_tlora(pipe, str(trained), strength=STRENGTH)
     A.fuse(pipe)
     fused = pipe.transformer.state_dict()
+    adapted = {p.removeprefix("transformer.") + ".weight" for p in
+               (N.diffusers_rows(table)[name][0][0] if name.startswith("diffusion_model.") else name
+                for name in tformat.load(str(trained)).adapters)}
+    # What diffusers' fuse changed (an adapter whose weight got no gradient, e.g. the last block's text output
+    # that the image never reads, stays at its identity start and changes nothing).
+    fuse_changed = {k for k in base if not torch.equal(fused[k], original[k])}
+    assert fuse_changed and fuse_changed <= adapted
     for label in ("stock", "ours"):
         comfy = load_file(str(tmp_path / "comfy" / f"patched_{label}.safetensors"))
         changed = {k for k in comfy if not torch.equal(comfy[k], base[k])}
-        adapted = {p.removeprefix("transformer.") + ".weight" for p in
-                   (N.diffusers_rows(table)[name][0][0] if name.startswith("diffusion_model.") else name
-                    for name in tformat.load(str(trained)).adapters)}
-        assert changed == adapted, f"{kind} {label}: {changed ^ adapted}"
+        assert changed == fuse_changed, f"{kind} {label}: {changed ^ fuse_changed}"
         for key in comfy:
             torch.testing.assert_close(fused[key], comfy[key], rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"{kind} {label} {key}: {m}")

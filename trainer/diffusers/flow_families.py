@@ -143,7 +143,9 @@ def decode_video(vae: nn.Module, latent: Tensor) -> Tensor:
 
 def vae_scale(vae: nn.Module) -> int:
     """Pixels per latent cell of a VAE (its spatial compression)."""
-    spatial = getattr(vae.config, "scale_factor_spatial", None)
-    if isinstance(spatial, int):
-        return spatial
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    for value in (getattr(vae, "spatial_compression_ratio", None), getattr(vae.config, "scale_factor_spatial", None)):
+        if isinstance(value, int):
+            return value
+    if getattr(vae.config, "block_out_channels", None):
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+    return 2 ** len(vae.config.temperal_downsample)  # the Wan-style video VAEs: one halving per stage
