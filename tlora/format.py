@@ -21,7 +21,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from . import arch as arch_mod
-from .adapter import SUFFIX_PATTERN, ModuleAdapter
+from .adapter import PROBES, R_PART, SUFFIX_PATTERN, T_PART, ModuleAdapter
 from .errors import TLoRAError, TLoRAFormatError
 from .fileio import atomic_write, parse_json
 
@@ -36,6 +36,9 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # A header larger than this is not a TLoRA file (ours are a few hundred kB at most).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+# Nor is a file with more metadata entries than this (ours write about 45; kohya's LoRAs about 60):
+# 100,000 keys made every card, node text and history entry that showed them megabytes long.
+MAX_METADATA_ENTRIES = 4096
 
 
 # ----- keys ------------------------------------------------------------------------------
@@ -107,6 +110,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
         if key == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise TLoRAFormatError(f"{path}: corrupted metadata (must map strings to strings)")
+            if len(info) > MAX_METADATA_ENTRIES:
+                raise TLoRAFormatError(f"{path}: {len(info):,} metadata entries; an adapter file has a few dozen "
+                                       f"(at most {MAX_METADATA_ENTRIES:,} are read)")
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
@@ -247,8 +253,7 @@ def foreign_keys(prefix: str, keys: Container[str]) -> list[str]:
 
 
 # Suffixes at least one of which every TLoRA module has (its scale, or the first core of a part).
-TLORA_PROBES = ("tlora_scale", "tlora_t.0", "tlora_t.diag", "tlora_r.out.0", "tlora_r.in.0", "tlora_r.up",
-                "tlora_r.down")
+TLORA_PROBES = PROBES
 
 
 def has_tlora_module(prefix: str, keys: Container[str]) -> bool:
@@ -299,8 +304,8 @@ def summarize(adapters: Mapping[str, ModuleAdapter]) -> dict[str, Any]:
     by_kind: dict[str, int] = {}
     transform_params = residual_params = 0
     for a in adapters.values():
-        t = sum(v.numel() for k, v in a.tensors.items() if k.startswith("tlora_t."))
-        r = sum(v.numel() for k, v in a.tensors.items() if k.startswith("tlora_r."))
+        t = sum(v.numel() for k, v in a.tensors.items() if k.startswith(T_PART))
+        r = sum(v.numel() for k, v in a.tensors.items() if k.startswith(R_PART))
         transform_params, residual_params = transform_params + t, residual_params + r
         if t:
             by_kind[str(a.transform)] = by_kind.get(str(a.transform), 0) + t
