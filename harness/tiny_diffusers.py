@@ -289,3 +289,55 @@ def qwenimage(seed: int = 0) -> Any:
 def save_qwenimage(folder: str | os.PathLike, seed: int = 0) -> str:
     """A tiny Qwen-Image pipeline folder."""
     return save(qwenimage(seed), folder)
+
+
+# Flux.2 Klein's layout at toy widths: one double and one single block, 2 heads of 32 (4 rope axes of 8), no
+# guidance input; a 3-layer Qwen3-shaped encoder (its three layers stacked: 3 x 32 = 96 wide text states).
+FLUX2_TINY = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=32,
+                  num_attention_heads=2, joint_attention_dim=96, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+
+
+def flux2_klein(seed: int = 0) -> Any:
+    """A tiny Flux2KleinPipeline (the Flux.2 VAE with its batch-norm statistics, Qwen3-shaped encoder)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    te = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024)
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=_seeded(seed + 1, lambda: AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                                         norm_num_groups=8, latent_channels=32)),
+        text_encoder=_seeded(seed + 2, lambda: Qwen3ForCausalLM(te)), tokenizer=qwen_tokenizer(),
+        transformer=_seeded(seed, lambda: Flux2Transformer2DModel(**FLUX2_TINY)), is_distilled=False)
+
+
+# Chroma's layout at toy widths: one double and one single block, a 2-layer guidance approximator, T5 text.
+CHROMA_TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+                   num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12),
+                   approximator_num_channels=64, approximator_hidden_dim=64, approximator_layers=2)
+
+
+def chroma(seed: int = 0) -> Any:
+    """A tiny ChromaPipeline (Flux's 16-channel VAE, a T5-shaped encoder, Flux.1's dynamic shift)."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+    t5 = T5Config(vocab_size=32128, d_model=CHROMA_TINY["joint_attention_dim"], d_ff=64, d_kv=8, num_layers=2,
+                  num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**dict(VAE_TINY, latent_channels=16), shift_factor=0.1159,
+                                                    scaling_factor=0.3611, use_quant_conv=False,
+                                                    use_post_quant_conv=False)),
+        text_encoder=_seeded(seed + 2, lambda: T5EncoderModel(t5)), tokenizer=t5_tokenizer(),
+        transformer=_seeded(seed, lambda: ChromaTransformer2DModel(**CHROMA_TINY)))
+
+
+def save_flux2_klein(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny Flux.2 Klein pipeline folder."""
+    return save(flux2_klein(seed), folder)
+
+
+def save_chroma(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny Chroma pipeline folder."""
+    return save(chroma(seed), folder)

@@ -12,7 +12,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-TWINS = {  # ComfyUI configs at the widths of harness/tiny_diffusers.py ZIMAGE_TINY / WAN_TINY / QWENIMAGE_TINY
+TWINS = {  # ComfyUI configs at the widths of harness/tiny_diffusers.py's *_TINY transformers
+    "flux2": ("Flux2", {"image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": 2, "mlp_ratio": 3.0, "theta": 2000,
+                        "out_channels": 128, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False,
+                        "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3],
+                        "patch_size": 1, "in_channels": 128, "hidden_size": 64, "context_in_dim": 96,
+                        "vec_in_dim": None, "depth": 1, "depth_single_blocks": 1, "guidance_embed": False}),
+    "chroma": ("Chroma", {"image_model": "chroma", "axes_dim": [8, 12, 12], "num_heads": 2, "mlp_ratio": 4.0,
+                          "theta": 10000, "out_channels": 64, "qkv_bias": True, "txt_ids_dims": [], "patch_size": 2,
+                          "in_channels": 64, "hidden_size": 64, "context_in_dim": 32, "vec_in_dim": None, "depth": 1,
+                          "depth_single_blocks": 1, "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 2}),
     "qwenimage": ("QwenImage", {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1,
                                 "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
                                 "axes_dims_rope": (8, 12, 12)}),
@@ -40,10 +49,13 @@ def comfy_family_patch(out_dir: str, kind: str, diffusers_weights: str, tlora_pa
     import comfy.utils
     from tlora import arch, diffusers_names
     cls_name, config = TWINS[kind]
-    _, model, patcher = tm._build(cls_name, dict(config), 0, head_channels=None)
+    from harness import tiny_families as tf
+    _, model, patcher = tm._build(cls_name, tf._host_params(dict(config)), 0, head_channels=None)
     dm = model.diffusion_model
     if kind == "zimage":
         key_map = comfy.utils.z_image_to_diffusers({"n_layers": 1, "dim": 64, "n_refiner_layers": 1})
+    elif kind in ("flux2", "chroma"):  # ComfyUI's own Flux map (Flux.2's fused single-block names included)
+        key_map = comfy.utils.flux_to_diffusers({"depth": 1, "depth_single_blocks": 1, "hidden_size": 64})
     elif kind == "qwenimage":  # ComfyUI's Qwen-Image has diffusers' names
         key_map = {k: k for k in dm.state_dict()}
     else:

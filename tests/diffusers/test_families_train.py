@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from harness import tiny_diffusers as td  # noqa: E402
 
-FAMILIES = {"zimage": td.save_zimage, "wan": td.save_wan, "qwenimage": td.save_qwenimage}
+FAMILIES = {"zimage": td.save_zimage, "wan": td.save_wan, "qwenimage": td.save_qwenimage,
+            "flux2": td.save_flux2_klein, "chroma": td.save_chroma}
 COMFY_PYTHON = ROOT / ".venv" / "bin" / "python"
 STRENGTH = 0.7
 
@@ -66,10 +67,19 @@ def _pipeline_error(pipe, kind: str, pixels: torch.Tensor, caption: str) -> floa
                 text = pipe.encode_prompt([caption] * len(x0), do_classifier_free_guidance=False)[0]
             else:
                 text, mask = pipe.encode_prompt([caption] * len(x0))
+        elif kind == "flux2":  # the pipeline's own patchify and batch-norm statistics
+            z = pipe._patchify_latents(pipe.vae.encode(x).latent_dist.mode())
+            mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1)
+            std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+            x0 = (z - mean) / std
+            text, text_ids = pipe.encode_prompt([caption] * len(x0), text_encoder_out_layers=(1, 2, 3))
         else:
             z = pipe.vae.encode(x).latent_dist.mode()
             x0 = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-            text, _ = pipe.encode_prompt([caption] * len(x0), do_classifier_free_guidance=False)
+            if kind == "chroma":
+                text, _, mask = pipe.encode_prompt([caption] * len(x0), do_classifier_free_guidance=False)[:3]
+            else:
+                text, _ = pipe.encode_prompt([caption] * len(x0), do_classifier_free_guidance=False)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
         total = 0.0
         for sigma in (0.3, 0.5, 0.7):
@@ -83,6 +93,21 @@ def _pipeline_error(pipe, kind: str, pixels: torch.Tensor, caption: str) -> floa
                 out = pipe.transformer(hidden_states=packed, timestep=torch.full((b,), sigma),
                                        encoder_hidden_states=text, encoder_hidden_states_mask=mask,
                                        img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+                v = pipe._unpack_latents(out, h * 8, w * 8, 8)
+            elif kind == "flux2":  # one token per latent cell, the pipeline's 4-axis ids, told sigma, no guidance
+                b, c, h, w = x_t.shape
+                out = pipe.transformer(hidden_states=pipe._pack_latents(x_t), timestep=torch.full((b,), sigma),
+                                       guidance=None, encoder_hidden_states=text, txt_ids=text_ids,
+                                       img_ids=pipe._prepare_latent_ids(x_t), return_dict=False)[0]
+                v = out.permute(0, 2, 1).reshape(b, c, h, w)
+            elif kind == "chroma":  # Flux's 2x2 packing and ids, the text mask extended by the image tokens
+                b, c, h, w = x_t.shape
+                packed = pipe._pack_latents(x_t, b, c, h, w)
+                ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)
+                full = pipe._prepare_attention_mask(b, packed.shape[1], x_t.dtype, mask)
+                out = pipe.transformer(hidden_states=packed, timestep=torch.full((b,), sigma),
+                                       encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3),
+                                       img_ids=ids, attention_mask=full, return_dict=False)[0]
                 v = pipe._unpack_latents(out, h * 8, w * 8, 8)
             else:  # Z-Image: latents as a list of (C, 1, H, W), told 1 - sigma, predicting x0 - noise
                 out = pipe.transformer(list(x_t.unsqueeze(2).unbind(0)), torch.full((len(x0),), 1 - sigma), text,

@@ -1,4 +1,4 @@
-"""The newer flow-matching pipelines in the command-line trainer: Z-Image, Wan, Qwen-Image.
+"""The newer flow-matching pipelines in the command-line trainer: Z-Image, Wan, Qwen-Image, Flux.2 Klein, Chroma.
 
 What differs between them is small and said here, each as its pipeline does it (diffusers 0.42):
 how a prompt becomes the transformer's conditioning (the pipeline's own `encode_prompt`, padded to
@@ -6,7 +6,7 @@ a fixed length so cached captions batch without repeating tokens in a joint-atte
 the VAE's latent is normalised, and how the transformer is called (its timestep convention and
 latent layout). Everything returns the flow velocity (noise - x0) the engine's flow schedule
 trains on; the schedule's timesteps are the sigmas themselves and each call scales them as its
-pipeline does (Wan: sigma x 1000; Qwen-Image: sigma; Z-Image: 1 - sigma). File names come from
+pipeline does (Wan: sigma x 1000; Qwen-Image, Flux.2, Chroma: sigma; Z-Image: 1 - sigma). File names come from
 the one mapping (tlora/diffusers_names.py) over a table built from the live transformer's config.
 """
 from __future__ import annotations
@@ -22,9 +22,13 @@ from ...tlora import arch_families as families
 from ..data import Cond
 
 # Pipeline classes -> their kind.
-PIPELINES = {"ZImagePipeline": "zimage", "WanPipeline": "wan", "QwenImagePipeline": "qwenimage"}
-TEXT_TOKENS = {"zimage": 512, "wan": 512, "qwenimage": 512}  # the fixed conditioning length per kind
+PIPELINES = {"ZImagePipeline": "zimage", "WanPipeline": "wan", "QwenImagePipeline": "qwenimage",
+             "Flux2KleinPipeline": "flux2", "ChromaPipeline": "chroma"}
+# The fixed conditioning length per kind (Flux.2 Klein's and Chroma's pipelines pad to it themselves).
+TEXT_TOKENS = {"zimage": 512, "wan": 512, "qwenimage": 512, "flux2": 512, "chroma": 512}
+FLUX2_TEXT_LAYERS = (9, 18, 27)  # the Qwen3 layers Flux.2 Klein stacks (the pipeline's default)
 _LENGTH = "text_length"  # cached conditioning key: how many of the padded tokens are the caption's
+FLUX2_GUIDANCE = 4.0  # Flux.2 dev's guidance input (its pipeline's default scale); Klein has none
 
 
 def table(kind: str, transformer: nn.Module) -> tarch.Arch:
@@ -65,10 +69,67 @@ def text_encoder(pipe: Any, kind: str, device: torch.device) -> Callable[[list[s
             embeds = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
                                         max_sequence_length=length, device=device)[0]
             return {"encoder_hidden_states": embeds}  # already zero-padded to `length` by the pipeline
+        if kind == "flux2":
+            embeds, _ = pipe.encode_prompt(list(prompts), device=device, max_sequence_length=length,
+                                           text_encoder_out_layers=_flux2_layers(pipe.text_encoder))
+            return {"encoder_hidden_states": embeds}
+        if kind == "chroma":
+            out = pipe.encode_prompt(list(prompts), device=device, do_classifier_free_guidance=False,
+                                     max_sequence_length=length)
+            return {"encoder_hidden_states": out[0], "attention_mask": out[2].float()}
         embeds, mask = pipe.encode_prompt(list(prompts), device=device, max_sequence_length=length)
         embeds, mask = _pad(embeds, mask, length)
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
     return encode
+
+
+def _flux2_layers(text_encoder: nn.Module) -> tuple[int, ...]:
+    """The pipeline's three stacked Qwen3 layers; an encoder with fewer layers (a test's) stacks its last three."""
+    layers = int(text_encoder.config.num_hidden_layers)
+    return FLUX2_TEXT_LAYERS if layers >= max(FLUX2_TEXT_LAYERS) else tuple(range(max(1, layers - 2), layers + 1))
+
+
+def _ids(rows: int, cols: int, text: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Flux.2's 4-axis (t, h, w, l) position ids of an image's tokens and of the text's (its pipeline's layout)."""
+    img = torch.zeros(rows, cols, 4, device=device)
+    img[..., 1] = torch.arange(rows, device=device)[:, None]
+    img[..., 2] = torch.arange(cols, device=device)[None, :]
+    txt = torch.zeros(text, 4, device=device)
+    txt[:, 3] = torch.arange(text, device=device)
+    return img.reshape(rows * cols, 4), txt
+
+
+def _flux2(transformer: nn.Module) -> Callable[[Tensor, Tensor, Cond], Tensor]:
+    guided = bool(transformer.config.get("guidance_embeds", False))
+
+    def run(x_t: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        b, c, h, w = x_t.shape
+        packed = x_t.reshape(b, c, h * w).permute(0, 2, 1)  # the pipeline's packing: one token per latent cell
+        text = cond["encoder_hidden_states"]
+        img_ids, txt_ids = _ids(h, w, text.shape[1], x_t.device)
+        out = transformer(hidden_states=packed, timestep=sigma.to(packed.dtype).expand(b),
+                          guidance=torch.full((b,), FLUX2_GUIDANCE, device=x_t.device) if guided else None,
+                          encoder_hidden_states=text, txt_ids=txt_ids.expand(b, -1, -1),
+                          img_ids=img_ids.expand(b, -1, -1), return_dict=False)[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+    return run
+
+
+def _chroma(transformer: nn.Module) -> Callable[[Tensor, Tensor, Cond], Tensor]:
+    def run(x_t: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        b, c, h, w = x_t.shape
+        packed = x_t.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x_t.device)
+        img_ids[..., 1] = torch.arange(h // 2, device=x_t.device)[:, None]
+        img_ids[..., 2] = torch.arange(w // 2, device=x_t.device)[None, :]
+        text = cond["encoder_hidden_states"]
+        # The text mask extended by the image tokens (the pipeline's _prepare_attention_mask).
+        mask = torch.cat([cond["attention_mask"], torch.ones(b, packed.shape[1], device=x_t.device)], 1).bool()
+        out = transformer(hidden_states=packed, timestep=sigma.to(packed.dtype).expand(b),
+                          encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device),
+                          img_ids=img_ids.reshape(-1, 3), attention_mask=mask, return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+    return run
 
 
 def _zimage(transformer: nn.Module) -> Callable[[Tensor, Tensor, Cond], Tensor]:
@@ -108,7 +169,8 @@ def _qwenimage(transformer: nn.Module) -> Callable[[Tensor, Tensor, Cond], Tenso
 
 def denoiser(transformer: nn.Module, kind: str) -> Callable[[Tensor, Tensor, Cond], Tensor]:
     """(x_t, sigma, cond) -> the flow velocity, the transformer called as its pipeline calls it."""
-    return {"zimage": _zimage, "wan": _wan, "qwenimage": _qwenimage}[kind](transformer)
+    return {"zimage": _zimage, "wan": _wan, "qwenimage": _qwenimage, "flux2": _flux2,
+            "chroma": _chroma}[kind](transformer)
 
 
 def video_vae(vae: nn.Module) -> bool:
@@ -139,6 +201,49 @@ def decode_video(vae: nn.Module, latent: Tensor) -> Tensor:
         mean, std = _stats(vae, z)
         x = vae.decode(z * std + mean).sample
     return ((x[0, :, 0].float().clamp(-1, 1) + 1) / 2).movedim(0, -1).cpu()
+
+
+def flux2_vae(vae: nn.Module) -> bool:
+    """Flux.2's VAE: 32 channels, 2x2-patchified to 128 and normalised by its batch-norm statistics."""
+    return isinstance(getattr(vae, "bn", None), nn.BatchNorm2d)
+
+
+def _bn(vae: nn.Module, like: Tensor) -> tuple[Tensor, Tensor]:
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+def encode_flux2(vae: nn.Module, pixels: Tensor) -> Tensor:
+    """(B, H, W, 3) in [0, 1] -> Flux.2's (B, 128, h/2, w/2) latents as its pipeline makes them (the mode)."""
+    with torch.no_grad():
+        x = pixels.movedim(-1, 1).to(vae.device, vae.dtype) * 2 - 1
+        z = vae.encode(x).latent_dist.mode().float()
+        b, c, h, w = z.shape
+        z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+        mean, std = _bn(vae, z)
+        return (z - mean) / std
+
+
+def decode_flux2(vae: nn.Module, latent: Tensor) -> Tensor:
+    """A Flux.2 latent -> an (H, W, 3) image in [0, 1]."""
+    with torch.no_grad():
+        z = latent.to(vae.device, vae.dtype)
+        mean, std = _bn(vae, z)
+        z = z * std + mean
+        b, c, h, w = z.shape
+        z = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+        x = vae.decode(z).sample
+    return ((x[0].float().clamp(-1, 1) + 1) / 2).movedim(0, -1).cpu()
+
+
+def flux2_sigmas(image_tokens: int, steps: int = 1000) -> Tensor:
+    """Flux.2's shifted sigmas: the exponential shift at its pipeline's empirical mu for this many image tokens
+    (the 200-step line it interpolates from: the many-step schedule), at t = i / steps."""
+    mu = 0.00016927 * image_tokens + 0.45666666
+    t = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    return torch.exp(torch.tensor(mu, dtype=torch.float64)) / (torch.exp(torch.tensor(mu, dtype=torch.float64))
+                                                               + (1 / t - 1))
 
 
 def vae_scale(vae: nn.Module) -> int:

@@ -169,6 +169,8 @@ def schedule_for(scheduler: Any, image_tokens: int = 1024, kind: str = "sd") -> 
         config = dict(scheduler.config)
         if "flow_shift" in config and "shift" not in config:  # UniPC/DPM++ in flow mode (Wan's): its flow_shift
             config["shift"] = config["flow_shift"]
+        if kind == "flux2":  # Flux.2's pipeline shifts by its own empirical mu, not the scheduler's base/max shift
+            return Schedule.flow(flows.flux2_sigmas(image_tokens), multiplier=1.0)
         return Schedule.flow(flow_sigmas(config, image_tokens), multiplier=multiplier)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     prediction = _PREDICTIONS.get(scheduler.config.get("prediction_type", "epsilon"))
@@ -327,6 +329,8 @@ def encode_images(vae: nn.Module, pixels: Tensor) -> Tensor:
     a video VAE's are (B, C, 1, h, w), each image one frame, normalised by the VAE's channel statistics."""
     if flows.video_vae(vae):
         return flows.encode_video(vae, pixels)
+    if flows.flux2_vae(vae):
+        return flows.encode_flux2(vae, pixels)
     with torch.no_grad():
         x = pixels.movedim(-1, 1).to(vae.device, vae.dtype) * 2 - 1
         latent = vae.encode(x).latent_dist.mode()
@@ -338,6 +342,8 @@ def decode_latent(vae: nn.Module, latent: Tensor) -> Tensor:
     """A latent -> an (H, W, 3) image in [0, 1]."""
     if flows.video_vae(vae):
         return flows.decode_video(vae, latent)
+    if flows.flux2_vae(vae):
+        return flows.decode_flux2(vae, latent)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         x = vae.decode(latent.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
