@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import comfy.lora
 import comfy.utils
 
+from ..tlora import diffusers_names
 from ..tlora.adapter import ModuleAdapter
 from ..tlora.claim import MISSING, OVERLAP, refusal
 from ..tlora.errors import TLoRAError, TLoRAShapeError
@@ -68,8 +69,10 @@ def load_cached(path: str, label: str | None = None) -> tuple[dict[str, ModuleAd
 
 
 def model_key_map(model) -> dict[str, str]:
-    """ComfyUI's prefix -> weight-key map for a MODEL (ModelPatcher)."""
-    return comfy.lora.model_lora_keys_unet(model.model, {})
+    """ComfyUI's prefix -> weight-key map for a MODEL (ModelPatcher), plus the kohya forms of its bare
+    dotted names (musubi-tuner's Z-Image names; tlora.diffusers_names.kohya_aliases)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    return {**diffusers_names.kohya_aliases(key_map), **key_map}
 
 
 def clip_key_map(clip) -> dict[str, str]:

@@ -359,3 +359,22 @@ def diffusers_sources(arch: str | arch_mod.Arch) -> dict[str, tuple[str, tuple[P
     """{diffusers path: (generic name, row pieces or None)}: where every mapped diffusers module comes from."""
     return {path: (generic, pieces) for generic, targets in _rows(arch) for path, pieces in targets}
 
+
+
+def kohya_aliases(key_map: dict) -> dict:
+    """kohya-style forms (`lora_unet_` + the path with underscores) of a host key map's bare dotted names.
+
+    ComfyUI's key map reads some families' diffusers-style names bare (DiffSynth's `layers.0.attention.to_q`
+    for Z-Image) but not their kohya forms, which musubi-tuner writes for the families it trains on
+    diffusers-style modules (`lora_unet_layers_0_attention_to_q`). Each such form points where its dotted
+    name points; a form the map already has is left to the map.
+    """
+    out = {}
+    for name, target in key_map.items():
+        if "." not in name or name.startswith(("diffusion_model.", "transformer.", "unet.", "text_encoders.",
+                                                "lora_", "lycoris_")) or name.endswith((".bias", ".weight")):
+            continue
+        alias = "lora_unet_" + name.replace(".", "_")
+        if alias not in key_map:
+            out[alias] = target
+    return out

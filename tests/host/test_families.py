@@ -324,3 +324,24 @@ def test_clips_on_an_image_model_are_refused(tm):
     with pytest.raises(Exception, match=r"^video clips need a video model; Flux2 takes image latents"):
         train(twin, tf.text_clip(seed=0), tf.family_vae(twin.model), images(n=1, size=64), steps=1,
               output_name="clip_on_image", clips=[images(n=3, size=64)])
+
+
+def test_musubi_z_image_names_load_through_our_loader(tm, loras_dir):
+    """musubi-tuner's Z-Image names (`lora_unet_layers_0_attention_to_q`: the kohya form of the diffusers slice) are
+    read by our loader as the q rows of the fused attention.qkv (dense reference); ComfyUI's stock map lacks them."""
+    if tf.missing_reason("z-image"):
+        pytest.skip(tf.missing_reason("z-image"))
+    twin = tf.tiny_family("z-image", seed=2)
+    key = "diffusion_model.layers.0.attention.qkv.weight"
+    base = R.base_weights(twin.patcher, [key])[key]
+    d = base.shape[1]
+    adapters = {"lora_unet_layers_0_attention_to_q": R.random_adapter((d, d), seed=3),
+                "lora_unet_layers_0_attention_to_v": R.random_adapter((d, d), "trm:1", "lora:4", seed=4)}
+    R.write_tlora(loras_dir / "musubi_zimage.safetensors", adapters)
+    for strength in (1.0, 0.5, -1.0):
+        got = R.patched_weights(R.tlora_model_only(twin.patcher, "musubi_zimage.safetensors", strength), [key])[key]
+        expected = base.double().clone()
+        expected[:d] = R.ref_patched(base[:d], adapters["lora_unet_layers_0_attention_to_q"].tensors, strength)
+        expected[2 * d:] = R.ref_patched(base[2 * d:], adapters["lora_unet_layers_0_attention_to_v"].tensors, strength)
+        R.assert_close64(got, expected, f"musubi names at {strength}")
+    R.assert_all_base(R.base_weights(twin.patcher, [key]), {key: base}, "after unpatch")
