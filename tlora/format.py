@@ -83,8 +83,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
             raise TLoRAFormatError(f"{path}: not a regular file (a FIFO, device or folder)")
         size = info.st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            sniffed = _sniff_non_safetensors(head)
+            head = f.read(9)
+            # A safetensors header opens with "{" after its length, whose low byte may be 0x80 (a pickle's mark).
+            sniffed = None if head[8:9] == b"{" else _sniff_non_safetensors(head)
+            head = head[:8]
             if sniffed:
                 raise TLoRAFormatError(f"{path}: not a safetensors file but {sniffed}; TLoRA "
                                        f"files are safetensors and are never unpickled")
@@ -96,6 +98,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
                 raise TLoRAFormatError(
                     f"{path}: not a valid safetensors file (header length {length} does not fit "
                     f"the {size}-byte file: truncated, corrupted or another format)")
+            f.seek(8)
             raw = f.read(length)
     except OSError as exc:
         raise TLoRAFormatError(f"{path}: cannot read file ({exc.strerror or exc})") from None

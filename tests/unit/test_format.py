@@ -403,3 +403,18 @@ def test_one_module_under_two_names_is_refused(tmp_path, other):
         load(path)
     res = subprocess.run([sys.executable, "-m", "tlora", "inspect", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and "given twice" in (res.stdout + res.stderr)
+
+
+@pytest.mark.parametrize("low_bytes", [b"\x80\x02", b"\x80\x03", b"\x80\x05"])
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path, low_bytes):
+    """A header 0x280 (or 0x380...) bytes long begins with a pickle's mark; the "{" after it says safetensors."""
+    path = str(tmp_path / "a.safetensors")
+    target = int.from_bytes(low_bytes, "little")
+    for pad in range(4096):
+        st_save_file({"m.tlora_scale": torch.tensor(0.5)}, path, metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", open(path, "rb").read(8))[0] == target:
+            break
+    else:
+        pytest.fail(f"no padding gives a {target}-byte header")
+    assert open(path, "rb").read(2) == low_bytes
+    assert tlora.format.read_metadata(path)["pad"].startswith("x")
