@@ -1,4 +1,4 @@
-"""Webui script entry (run by A1111, Forge and reForge at start-up): registers TLoRA with the host's LoRA loader."""
+"""Webui script entry (run by each webui at start-up): registers TLoRA with the host's LoRA loader, in one line."""
 import os
 import sys
 
@@ -8,9 +8,10 @@ _PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__f
 if _PACKAGE_DIR not in sys.path:
     sys.path.append(_PACKAGE_DIR)
 
-import tlora_webui  # noqa: E402
-
 try:
-    print(f"[TLoRA] TLoRA files in models/Lora apply through {tlora_webui.install()}'s <lora:name:weight>")
-except Exception as exc:  # a broken install must not stop the webui from starting
-    print(f"[TLoRA] not enabled: {exc}", file=sys.stderr)
+    import tlora_webui
+
+    _ok, _line = tlora_webui.startup_line()
+except Exception as exc:  # noqa: BLE001 - never a traceback at start-up: the webui goes on without us
+    _ok, _line = False, f"[TLoRA] transformed LoRA (TLoRA, arXiv 2501.08727) not enabled: {type(exc).__name__}: {exc}"
+print(_line, file=sys.stdout if _ok else sys.stderr)

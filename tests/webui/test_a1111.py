@@ -278,3 +278,22 @@ def test_a_header_nested_too_deeply_is_one_line_not_a_recursion_error(host, tmp_
     assert len(host.errors.shown) == 1, host.errors.shown
     assert "deep.safetensors: its safetensors header is JSON nested too deeply" in host.errors.shown[0]
     assert "ecursion" not in host.errors.shown[0]
+
+
+def test_startup_script_names_a1111_and_registers_once(host, capsys):
+    """scripts/tlora_webui.py as the webui runs it after the Lora extension (twice: a reload must not stack)."""
+    refs.run_startup_script()
+    out = capsys.readouterr()
+    line = "[TLoRA] transformed LoRA (TLoRA, arXiv 2501.08727) registered with A1111 (1.10.1): "
+    assert out.out.count(line) == 2 and out.out.count("\n") == 2 and out.err == "", out
+    assert sum(type(t).__name__ == "ModuleTypeTLoRA" for t in host.networks.module_types) == 1
+
+
+def test_startup_without_a_lora_loader_is_one_line_not_a_traceback(host, capsys, monkeypatch):
+    """A webui with none of the loaders (the Lora extension disabled): one line on stderr saying why."""
+    monkeypatch.delitem(sys.modules, "networks")
+    refs.run_startup_script(times=1)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1, out
+    assert out.err.startswith("[TLoRA] transformed LoRA (TLoRA, arXiv 2501.08727) not enabled: this webui has none "
+                              "of the LoRA loaders it registers with")

@@ -1,94 +1,123 @@
-"""Forge (snapshot in .host/webui/forge): TLoRA files through backend/patcher/lora.py.
+"""Forge and ersatzForge (snapshots in .host/webui/forge, .host/webui/ersatzforge): TLoRA files through backend/patcher/lora.py.
 
-Real host code only, imported on its own (no stand-ins; `packages_3rdparty` on sys.path as the
-webui puts it): backend.patcher.lora.load_lora (key claiming, our loader first in its
-lora_collection_priority), ModelPatcher.add_patches, and LoraLoader.refresh, which merges every
-patch (merge_lora_to_weight, our extra_weight_calculators entry) into the model's parameters.
-The key map is written here in the host's generic form ({"diffusion_model.<path>": "...weight"} and
-{"lora_unet_<path with _>": ...}): model_lora_keys_unet needs a full model.
+Real host code only, imported on its own (no stand-ins; `packages_3rdparty` / `packages` on sys.path as
+each webui puts it): backend.patcher.lora.load_lora (key claiming, our loader first in its
+lora_collection_priority), model_lora_keys_unet/clip (the hosts' own key maps, with their diffusers
+names for Flux, Flux.2, Z-Image, Krea 2 and ERNIE-Image: row slices of fused weights),
+ModelPatcher.add_patches, and LoraLoader.refresh, which merges every patch (merge_lora_to_weight,
+our extra_weight_calculators entry) into the model's parameters. The tiny model's key map is written
+here in the host's generic form ({"diffusion_model.<path>": "...weight"} and {"lora_unet_<path with _>": ...});
+the family models are stand-in model objects holding real layers at each family's paths, which the
+hosts' own model_lora_keys_unet reads (config.huggingface_repo, diffusion_model.config).
 """
 import os
-import sys
 
 import pytest
 import torch
 
 import webui_refs as refs
 
-HOST = refs.host_dir("forge")
-pytestmark = pytest.mark.skipif(HOST is None, reason="no Forge snapshot extracted (see the bootstrap's message)")
+HOSTS = {"forge": "packages_3rdparty", "ersatzforge": "packages"}
+FAMILIES = {"forge": ("flux",), "ersatzforge": ("flux", "flux2-klein", "z-image", "krea2", "ernie-image")}
+REPO = {("ersatzforge", "z-image"): "Zimage"}  # ersatzForge names Z-Image by its own repo id
 
 
-@pytest.fixture(scope="module")
-def host():
-    # The hosts switch torch's deterministic mode on at import: put it back for the suites after this one.
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    paths = [HOST, os.path.join(HOST, "packages_3rdparty")]
-    sys.path[:0] = paths
-    from backend import args
-    args.args.always_cpu = True  # this machine has no GPU: the host's own switch
-    import backend.patcher.base as base
-    import backend.patcher.lora as lora
-    from tlora_webui import forge
-    forge.install(lora, base.ModelPatcher)
-    try:
-        yield lora, base
-    finally:
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        for path in paths:
-            sys.path.remove(path)
+@pytest.fixture(scope="module", params=list(HOSTS))
+def host(request):
+    path = refs.host_dir(request.param)
+    if path is None:
+        pytest.skip(f"no {request.param} snapshot extracted (see the bootstrap's message)")
+    with refs.isolated([path, os.path.join(path, HOSTS[request.param])]):
+        from backend import args
+        args.args.always_cpu = True  # this machine has no GPU: the host's own switch
+        import backend.patcher.base as base
+        import backend.patcher.lora as lora
+        from tlora_webui import forge
+        forge.install(lora, base.ModelPatcher)
+        yield request.param, lora, base
 
 
-def _apply(lora, base, model, files, strength):
+def _apply(host, model, files, strength, key_map=None):
     """As sd_forge_lora's load_lora_for_models: load_lora per file, add_patches, then the loader's refresh."""
     from safetensors.torch import load_file
+    _, lora, base = host
     patcher = base.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     for path in files:
-        patches, remaining = lora.load_lora(load_file(path), refs.generic_key_map(model))
+        patches, remaining = lora.load_lora(load_file(path), key_map or refs.generic_key_map(model))
         assert not remaining, f"unclaimed keys {list(remaining)}"
         patcher.add_patches(filename=path, patches=patches, strength_patch=strength)
     patcher.refresh_loras()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 @pytest.mark.parametrize("strength", refs.STRENGTHS)
 def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength):
-    lora, base = host
     path, modules = refs.standard_file(tmp_path)
     plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
     model = refs.tiny_model()
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    got = _apply(lora, base, model, [path, plain_path], strength)
+    before = _state(model)
+    got = _apply(host, model, [path, plain_path], strength)
     refs.assert_file_and_plain_lora_applied(got, before, modules, plain_update, strength)
 
 
 def test_kohya_named_file_applies_the_same(host, tmp_path):
-    lora, base = host
     _, modules = refs.standard_file(tmp_path)
     path = refs.write_tlora(str(tmp_path / "kohya.safetensors"), modules, kohya=True)
     model = refs.tiny_model()
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    got = _apply(lora, base, model, [path], 0.5)
+    before = _state(model)
+    got = _apply(host, model, [path], 0.5)
     for prefix, tensors in modules.items():
         refs.assert_matches(got[prefix + ".weight"], refs.ref_patched(before[prefix + ".weight"], tensors, 0.5), prefix)
 
 
+@pytest.mark.parametrize("strength", (0.0, -1.0, 0.5))
+@pytest.mark.parametrize("family", sorted({f for fs in FAMILIES.values() for f in fs}))
+def test_family_files_named_three_ways_through_the_hosts_key_map(host, tmp_path, family, strength):
+    """Diffusers names (row slices of fused q/k/v), ComfyUI and kohya names, placed by the host's model_lora_keys_unet."""
+    name, lora, _ = host
+    if family not in FAMILIES[name]:
+        pytest.skip(f"{name} does not run {family}")
+    model = refs.family_model(family, REPO.get((name, family)))
+    key_map = lora.model_lora_keys_unet(model, {})
+    path, made = refs.family_file(tmp_path, family)
+    before = _state(model)
+    got = _apply(host, model, [path], strength, key_map)
+    refs.assert_family_applied(got, before, made, strength)
+
+
 def test_a_module_that_does_not_fit_fails_the_file_before_anything_is_patched(host, tmp_path):
-    lora, base = host
     layers = refs.tiny_layers()
     modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
                refs.CONV: refs.trained_module((4, 6, 3, 3), "trm:2", "lora:2", 2)}  # the model's conv has 8 inputs
     path = refs.write_tlora(str(tmp_path / "misfit.safetensors"), modules)
     model = refs.tiny_model()
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = _state(model)
     with pytest.raises(ValueError, match=r"does not fit this model: diffusion_model.conv: .*6-wide.*nothing of it was applied"):
-        _apply(lora, base, model, [path], 1.0)
+        _apply(host, model, [path], 1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_row_slice_that_does_not_fit_fails_the_file(host, tmp_path):
+    """A diffusers-named module on 8 rows of a fused qkv, made for 6 rows: checked against the slice, not the weight."""
+    from safetensors.torch import save_file
+    _, lora, _ = host
+    model = refs.family_model("flux")
+    tensors = refs.trained_module((6, 8), "trm:2", "lora:2", 3)
+    path = str(tmp_path / "slice.safetensors")
+    save_file({f"transformer.transformer_blocks.0.attn.to_q.{k}": v for k, v in tensors.items()}, path)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"does not fit this model: transformer.transformer_blocks.0.attn.to_q"):
+        _apply(host, model, [path], 1.0, lora.model_lora_keys_unet(model, {}))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
-    lora, _ = host
     from safetensors.torch import load_file
+    _, lora, _ = host
     path, _ = refs.standard_file(tmp_path)
     state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
     with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
@@ -97,8 +126,8 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
 
 def test_comfy_named_text_encoder_module_applies_through_forge_clip_key_map(host, tmp_path):
     """Forge's CLIP key map (the host's own model_lora_keys_clip) has kohya names only: ours are mapped."""
-    lora, base = host
     from safetensors.torch import load_file
+    _, lora, base = host
     clip = holder = torch.nn.Module()
     for part in "clip_l.transformer.text_model.encoder.layers.0.self_attn".split("."):
         holder.add_module(part, torch.nn.Module())
@@ -122,10 +151,20 @@ def test_comfy_named_text_encoder_module_applies_through_forge_clip_key_map(host
 @pytest.mark.parametrize("lora_name", [refs.LIN, refs.kohya(refs.LIN)], ids=["same-name", "kohya-name"])
 def test_a_lora_and_a_tlora_for_one_weight_are_refused(host, tmp_path, lora_name):
     """Our loader claimed the TLoRA half, the host's the LoRA half, and ours replaced it in the patch dict."""
-    lora, base = host
     path = refs.write_mixed(str(tmp_path / "mixed.safetensors"), lora_name)
     model = refs.tiny_model()
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = _state(model)
     with pytest.raises(ValueError, match=f"also has {lora_name}.lora_up.weight, another adapter's tensor.*nothing of it"):
-        _apply(lora, base, model, [path], 1.0)
+        _apply(host, model, [path], 1.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_startup_script_names_the_host_and_registers_once(host, capsys):
+    """scripts/tlora_webui.py as the webui runs it (twice: reloads must not stack): one line, host and version."""
+    name, lora, _ = host
+    refs.run_startup_script()
+    out = capsys.readouterr()
+    expected = {"forge": "Forge (2.0.1v1.10.1)", "ersatzforge": "ersatzForge (f2.ersatz)"}[name]
+    line = f"[TLoRA] transformed LoRA (TLoRA, arXiv 2501.08727) registered with {expected}: "
+    assert out.out.count(line) == 2 and out.out.count("\n") == 2 and out.err == "", out
+    assert sum(getattr(getattr(c, "load_lora", None), "_tlora_loader", False) for c in lora.lora_collection_priority) == 1

@@ -6,8 +6,6 @@ ModelPatcher runs). The key map is written here in the host's generic form (mode
 needs a full model config): {"diffusion_model.<path>": "diffusion_model.<path>.weight"} plus the
 kohya form {"lora_unet_<path with _>": ...}, as that function builds it.
 """
-import sys
-
 import pytest
 import torch
 
@@ -19,21 +17,15 @@ pytestmark = pytest.mark.skipif(HOST is None, reason="no reForge snapshot extrac
 
 @pytest.fixture(scope="module")
 def host():
-    # The hosts switch torch's deterministic mode on at import: put it back for the suites after this one.
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    sys.path.insert(0, HOST)
-    from ldm_patched.modules import args_parser
-    args_parser.args.always_cpu = True  # this machine has no GPU: the host's own switch
-    import ldm_patched.modules.lora as lora
-    import ldm_patched.modules.model_patcher as model_patcher
-    import ldm_patched.modules.weight_adapter as weight_adapter
-    from tlora_webui import reforge
-    reforge.install(weight_adapter, model_patcher.ModelPatcher)
-    try:
+    with refs.isolated([HOST]):
+        from ldm_patched.modules import args_parser
+        args_parser.args.always_cpu = True  # this machine has no GPU: the host's own switch
+        import ldm_patched.modules.lora as lora
+        import ldm_patched.modules.model_patcher as model_patcher
+        import ldm_patched.modules.weight_adapter as weight_adapter
+        from tlora_webui import reforge
+        reforge.install(weight_adapter, model_patcher.ModelPatcher)
         yield lora, model_patcher
-    finally:
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        sys.path.remove(HOST)
 
 
 def _patched(lora, model_patcher, model, state, strength):
@@ -95,13 +87,12 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
 
 
 def test_webui_script_detects_reforge_and_registers_once(host, capsys):
-    """scripts/tlora_webui.py, as the webui runs it at start-up (run twice: reloads must not stack)."""
-    import runpy
+    """scripts/tlora_webui.py, as the webui runs it at start-up (run twice: reloads must not stack): one line."""
     import ldm_patched.modules.weight_adapter as weight_adapter
-    script = f"{refs.ROOT}/scripts/tlora_webui.py"
-    for _ in range(2):
-        runpy.run_path(script, run_name="tlora_webui_script")
-    assert capsys.readouterr().out.count("apply through reForge's <lora:name:weight>") == 2
+    refs.run_startup_script()
+    out = capsys.readouterr()
+    line = "[TLoRA] transformed LoRA (TLoRA, arXiv 2501.08727) registered with reForge (1.0.0v2-v1.10.1RC): "
+    assert out.out.count(line) == 2 and out.out.count("\n") == 2 and out.err == "", out
     assert [a.name for a in weight_adapter.adapters].count("transformed_lora") == 1
 
 

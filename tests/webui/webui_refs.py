@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import torch
 
@@ -181,3 +182,150 @@ def write_twice(path: str) -> str:
     tensors.update({f"{kohya(LIN)}.{k}": v for k, v in second.items()})
     save_file(tensors, path, metadata={"tlora.version": "1"})
     return path
+
+
+# ----- one webui's modules at a time (Forge, ersatzForge and Neo all have `backend`, `modules`, ...) ----------
+OURS = {"tlora", "tlora_webui", "webui_refs", "tests", "conftest", "torch", "safetensors"}
+
+
+def _top_names(paths) -> set[str]:
+    """The top-level module names a webui's folders provide (what must not leak between host suites)."""
+    names = set()
+    for path in paths:
+        for entry in os.listdir(path):
+            name = entry[:-3] if entry.endswith(".py") else entry
+            if name.isidentifier() and (entry.endswith(".py") or os.path.isdir(os.path.join(path, entry))):
+                names.add(name)
+    return names - OURS
+
+
+class isolated:
+    """Context: `paths` first on sys.path with only this webui's modules importable under its names, and
+    the process put back afterwards (other suites' modules, torch's deterministic mode the hosts switch on)."""
+
+    def __init__(self, paths, extra_names=()):
+        self.paths = list(paths)
+        self.names = _top_names(self.paths) | set(extra_names)
+
+    def _ours(self, key: str) -> bool:
+        return key.split(".")[0] in self.names
+
+    def __enter__(self):
+        self.deterministic = (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled())
+        self.argv = list(sys.argv)
+        self.saved = {k: sys.modules.pop(k) for k in list(sys.modules) if self._ours(k)}
+        sys.path[:0] = self.paths
+        return self
+
+    def __exit__(self, *exc):
+        for key in [k for k in sys.modules if self._ours(k)]:
+            del sys.modules[key]
+        sys.modules.update(self.saved)
+        for path in self.paths:
+            sys.path.remove(path)
+        sys.argv[:] = self.argv
+        torch.use_deterministic_algorithms(self.deterministic[0], warn_only=self.deterministic[1])
+        return False
+
+
+def stand_in(name: str, **attrs) -> types.ModuleType:
+    """An infrastructure module stood in (webui state, UI, logging), registered in sys.modules and on its parent."""
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+    parent, _, child = name.rpartition(".")
+    if parent in sys.modules:
+        setattr(sys.modules[parent], child, mod)
+    return mod
+
+
+def run_startup_script(times: int = 2) -> None:
+    """scripts/tlora_webui.py as a webui runs it at start-up (twice: a reload must not register twice)."""
+    import runpy
+    for _ in range(times):
+        runpy.run_path(os.path.join(ROOT, "scripts", "tlora_webui.py"), run_name="tlora_webui_script")
+
+
+# ----- model families through a Forge-family host's own key map (model_lora_keys_unet) ------------------------
+# name -> (huggingface_repo, the diffusion model's config, its layers {ldm path: (out, in)},
+#          the file's modules {name in the file: (ldm path, (first row, rows) or None)}).
+# Each case names modules three ways: diffusers (row slices of a fused weight), ComfyUI (diffusion_model.) and kohya.
+FAMILIES = {
+    "flux": ("black-forest-labs/FLUX.1-dev", {"depth": 1, "depth_single_blocks": 0, "hidden_size": 8},
+             {"double_blocks.0.img_attn.qkv": (24, 8), "double_blocks.0.img_attn.proj": (8, 8),
+              "double_blocks.0.img_mlp.0": (16, 8)},
+             {"transformer.transformer_blocks.0.attn.to_q": ("double_blocks.0.img_attn.qkv", (0, 8)),
+              "transformer.transformer_blocks.0.attn.to_v": ("double_blocks.0.img_attn.qkv", (16, 8)),
+              "diffusion_model.double_blocks.0.img_attn.proj": ("double_blocks.0.img_attn.proj", None),
+              "lora_unet_double_blocks_0_img_mlp_0": ("double_blocks.0.img_mlp.0", None)}),
+    "flux2-klein": ("black-forest-labs/FLUX.2-klein-4B", {"depth": 1, "depth_single_blocks": 0, "hidden_size": 8},
+                    {"double_blocks.0.img_attn.qkv": (24, 8), "double_blocks.0.img_attn.proj": (8, 8)},
+                    {"transformer.transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv", (8, 8)),
+                     "diffusion_model.double_blocks.0.img_attn.proj": ("double_blocks.0.img_attn.proj", None)}),
+    "z-image": ("Tongyi-MAI/Z-Image-Turbo", {"n_layers": 1, "dim": 8, "n_refiner_layers": 0},
+                {"layers.0.attention.qkv": (24, 8), "layers.0.attention.out": (8, 8)},
+                {"transformer.layers.0.attention.to_k": ("layers.0.attention.qkv", (8, 8)),
+                 "diffusion_model.layers.0.attention.out": ("layers.0.attention.out", None)}),
+    "krea2": ("krea/Krea2", {"layers": 1}, {"blocks.0.attn.wq": (8, 8), "blocks.0.attn.wo": (8, 8)},
+              {"transformer.transformer_blocks.0.attn.to_q": ("blocks.0.attn.wq", None),
+               "diffusion_model.blocks.0.attn.wo": ("blocks.0.attn.wo", None)}),
+    "ernie-image": ("baidu/ERNIEImage", {}, {"layers.0.self_attention.to_q": (8, 8), "layers.0.mlp.fc1": (16, 8)},
+                    {"transformer.layers.0.self_attention.to_q": ("layers.0.self_attention.to_q", None),
+                     "lora_unet_layers_0_mlp_fc1": ("layers.0.mlp.fc1", None)}),
+    "qwen-image": ("Qwen/Qwen-Image", {}, {"transformer_blocks.0.attn.to_q": (8, 8), "transformer_blocks.0.img_mlp.net.2": (8, 16)},
+                   {"transformer.transformer_blocks.0.attn.to_q": ("transformer_blocks.0.attn.to_q", None),
+                    "diffusion_model.transformer_blocks.0.img_mlp.net.2": ("transformer_blocks.0.img_mlp.net.2", None)}),
+}
+
+
+def family_model(family: str, repo: str | None = None) -> torch.nn.Module:
+    """What a Forge-family key map reads of a loaded model: `diffusion_model` (real Linear layers at the family's
+    ldm paths, its `config` dict) and `config.huggingface_repo` (how the hosts tell families apart)."""
+    default_repo, config, layers, _ = FAMILIES[family]
+    torch.manual_seed(11)
+    model = torch.nn.Module()
+    model.diffusion_model = torch.nn.Module()
+    for path, (out, inp) in layers.items():
+        holder = model.diffusion_model
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(holder, part):
+                holder.add_module(part, torch.nn.Module())
+            holder = getattr(holder, part)
+        holder.add_module(leaf, torch.nn.Linear(inp, out))
+    model.diffusion_model.config = dict(config)
+    model.config = types.SimpleNamespace(huggingface_repo=repo or default_repo)
+    return model
+
+
+def family_file(tmp_path, family: str) -> tuple[str, dict[str, tuple[str, tuple | None, dict]]]:
+    """A TLoRA file for a family case: {file name: (ldm path, rows, tensors)} besides its path."""
+    _, _, layers, modules = FAMILIES[family]
+    from safetensors.torch import save_file
+    made, tensors = {}, {}
+    for seed, (name, (path, rows)) in enumerate(sorted(modules.items())):
+        out, inp = layers[path]
+        shape = (rows[1] if rows else out, inp)
+        made[name] = (path, rows, trained_module(shape, "trm:2", "lora:2", 20 + seed))
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in made[name][2].items()})
+    file = str(tmp_path / f"{family}.safetensors")
+    save_file(tensors, file, metadata={"tlora.version": "1"})
+    return file, made
+
+
+def assert_family_applied(got: dict[str, torch.Tensor], base: dict[str, torch.Tensor], made: dict, strength: float) -> None:
+    """Each module's rows equal the dense reference of those rows; rows no module names are the base bit for bit."""
+    want = {k: v.double().clone() for k, v in base.items()}
+    touched = {k: torch.zeros(v.shape[0], dtype=torch.bool) for k, v in base.items() if v.dim() == 2}
+    for name, (path, rows, tensors) in made.items():
+        key = f"diffusion_model.{path}.weight"
+        sl = slice(None) if rows is None else slice(rows[0], rows[0] + rows[1])
+        want[key][sl] = ref_patched(base[key][sl], tensors, strength)
+        touched[key][sl] = True
+    for key, rows in touched.items():
+        assert torch.equal(got[key][~rows], base[key][~rows]), f"{key}: rows no module names changed"
+        if strength == 0:
+            assert torch.equal(got[key], base[key]), f"{key}: strength 0 is not the base weight"
+        else:
+            assert_matches(got[key], want[key], key)

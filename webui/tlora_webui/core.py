@@ -19,25 +19,33 @@ if _ROOT not in sys.path:
 from tlora import arch as tarch  # noqa: E402
 from tlora import format as tformat  # noqa: E402
 from tlora.adapter import ModuleAdapter  # noqa: E402
-from tlora.claim import broken, claim, module_prefixes  # noqa: E402
+from tlora.claim import MISSING, OVERLAP, broken, claim, module_prefixes, refusal  # noqa: E402
 from tlora.errors import TLoRAError, TLoRAShapeError  # noqa: E402
 
-__all__ = ["ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_file", "check_fits", "claim",
-           "has_module", "kohya_renamed"]
+__all__ = ["METHOD", "ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_file", "check_fits",
+           "claim", "has_module", "is_tlora_file", "kohya_renamed", "module_prefixes"]
 
-# Forge's patch type and reForge's adapter name; not "tlora", which is T-LoRA (LyCORIS).
+# Forge's patch type and the registries' adapter name; not "tlora", which is T-LoRA (LyCORIS, SD.Next).
 PATCH_TYPE = "transformed_lora"
+# How a user-facing line names the method, so that it is not read as T-LoRA (timestep LoRA).
+METHOD = "transformed LoRA (TLoRA, arXiv 2501.08727)"
 has_module = tformat.has_tlora_module  # whether a module has TLoRA keys: a few lookups, no scan
 
 
-def check_file(path: str, keys: Collection[str]) -> None:
+def is_tlora_file(keys: Collection[str]) -> bool:
+    """Whether a file's keys hold any TLoRA tensor (the only test of "ours": metadata is never trusted)."""
+    return any(tformat.is_tlora_key(k) for k in keys)
+
+
+def check_file(path: str | None, keys: Collection[str]) -> None:
     """The file-level checks a webui's loader cannot make per module (one line, naming the file's problem).
 
-    Its format version, and every TLoRA module's weight given once: A1111 renames and groups keys
-    before any module type sees them, so a second name or a LoRA half would be lost there.
+    Its format version (when the file is at hand), and every TLoRA module's weight given once: hosts
+    rename and group keys before any adapter sees them, so a second name or a LoRA half would be lost.
     """
     try:
-        tformat.check_version(os.path.basename(path), tformat.read_metadata(path))
+        if path is not None and os.path.isfile(path):
+            tformat.check_version(os.path.basename(path), tformat.read_metadata(path))
         keys = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
         for prefix in module_prefixes(keys):
             tformat.check_one_adapter_per_weight(prefix, keys)
@@ -69,3 +77,15 @@ def kohya_renamed(tensors: Mapping, arch: str = "sd15") -> dict:
                 pass  # not a UNet/text-encoder path: left for the host to report as unmatched
         out[key] = value
     return out
+
+
+def check_all_matched(label: str, keys: Collection[str], known: Collection[str]) -> None:
+    """Refuse the file, in the core's words, when some of its TLoRA modules name no weight of this model.
+
+    Forge Neo and SD.Next apply a file whose unmatched keys stay under their thresholds and say so at
+    info or debug level only: a file made for another model would be applied in part.
+    """
+    modules = module_prefixes(keys)
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise TLoRAError(refusal(label, len(modules), {m: MISSING for m in missing}, "model"))

@@ -11,11 +11,16 @@ from .patcher_guard import guard_add_patches
 
 
 def calculate(weight: torch.Tensor, strength: float, v: tuple) -> torch.Tensor:
-    """Forge's calculator hook: weight + strength * (W T + s Delta - W) (weight is float32 there)."""
+    """Forge's calculator hook: weight += strength * (W T + s Delta - W), in place (weight is float32 there).
+
+    In place because a patch of a fused weight's rows gets a view of them, and Forge keeps the whole
+    weight it narrowed, not what the calculator returns (a new tensor would be dropped without a word).
+    """
     if strength == 0:
         return weight
     diff = v[0].weight_diff(weight, strength)  # fit checked when the patch was added
-    return weight + diff.to(weight.dtype)
+    weight += diff.to(weight.dtype)
+    return weight
 
 
 def loader(host_load_lora: Callable) -> Callable:
