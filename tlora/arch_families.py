@@ -98,13 +98,15 @@ class ZImageConfig:
     patch: int = 2
     ffn_multiplier: float = 8.0 / 3.0
     multiple_of: int = 256
+    t_hidden: int | None = None  # the timestep MLP's width: ComfyUI min(dim, 1024), diffusers 1024
+    t_out: int = 256  # its output (the modulation's input): ComfyUI 256, diffusers min(dim, 256)
 
     def modules(self) -> list[Row]:
         """Every adaptable linear as (name, weight shape, group), in ComfyUI's order."""
         d, patch_in = self.dim, self.patch * self.patch * self.in_channels
         ffn = int(self.ffn_multiplier * d)
         ffn = self.multiple_of * ((ffn + self.multiple_of - 1) // self.multiple_of)
-        adaln_in, t_hidden = min(d, 256), min(d, 1024)
+        adaln_in, t_hidden = min(d, 256), self.t_hidden or min(d, 1024)
 
         def block(b: str, modulation: bool) -> list[Row]:
             rows: list[Row] = [(f"{b}.attention.qkv", (3 * d, d), "attn"), (f"{b}.attention.out", (d, d), "attn"),
@@ -119,7 +121,8 @@ class ZImageConfig:
             rows += block(f"{P}noise_refiner.{i}", True)
         for i in range(self.refiner_layers):
             rows += block(f"{P}context_refiner.{i}", False)
-        rows += [(f"{P}t_embedder.mlp.0", (t_hidden, 256), "embed"), (f"{P}t_embedder.mlp.2", (256, t_hidden), "embed"),
+        rows += [(f"{P}t_embedder.mlp.0", (t_hidden, 256), "embed"),
+                 (f"{P}t_embedder.mlp.2", (self.t_out, t_hidden), "embed"),
                  (f"{P}cap_embedder.1", (d, self.context), "embed")]
         for i in range(self.layers):
             rows += block(f"{P}layers.{i}", True)
@@ -197,8 +200,13 @@ def from_diffusers(class_name: str, c: dict) -> tuple[str, object] | None:
                                       c.get("in_channels", 64), c["approximator_num_channels"],
                                       c["approximator_hidden_dim"], c["approximator_layers"])
     if class_name == "ZImageTransformer2DModel":
-        return "z-image", ZImageConfig(c["dim"], c["n_layers"], c["n_refiner_layers"], c["cap_feat_dim"],
-                                       c.get("in_channels", 16), tuple(c.get("all_patch_size", (2,)))[0])
+        # diffusers sizes the SwiGLU as int(8 / 3 x dim), unrounded, and its timestep MLP 1024 wide: the same as
+        # ComfyUI's at Z-Image's 3840 (the released table then compares equal); smaller twins differ.
+        d = c["dim"]
+        small = {} if d >= 1024 and int(8 / 3 * d) % 256 == 0 else \
+            {"multiple_of": 1, "t_hidden": 1024, "t_out": min(d, 256)}
+        return "z-image", ZImageConfig(d, c["n_layers"], c["n_refiner_layers"], c["cap_feat_dim"],
+                                       c.get("in_channels", 16), tuple(c.get("all_patch_size", (2,)))[0], **small)
     if class_name == "WanTransformer3DModel":
         return "wan", WanConfig(heads, c["ffn_dim"], c["num_layers"], c["in_channels"], c["out_channels"],
                                 c["text_dim"], c.get("freq_dim", 256))

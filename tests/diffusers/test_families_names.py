@@ -6,11 +6,16 @@ config; every mapped path must be a Linear there whose rows add up to the generi
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from tlora import arch
 from tlora import diffusers_names as N
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def _released(name: str) -> torch.nn.Module:
@@ -118,3 +123,45 @@ def test_mapping_is_diffusers_own_single_file_conversion(name):
         assert torch.equal(codes % 100000, want), path
         checked += 1
     assert checked == len(ours), f"{name}: {len(ours) - checked} of our diffusers paths not in the conversion"
+
+
+@pytest.mark.parametrize("name", ["zimage", "wan", "flux2", "chroma"])
+def test_a_generic_file_fuses_in_diffusers_as_the_dense_reference(tmp_path, name):
+    """A file with ComfyUI's generic names (what the node writes) on every linear of a tiny diffusers transformer:
+    diffusers' fuse gives, row slice by row slice, the float64 W0 T + s Delta of the generic weight (the
+    generic weight assembled from its diffusers rows as diffusers' own conversion places them); unfuse restores."""
+    import diffusers
+    from harness import tiny_diffusers as td
+    from tests.host import tlora_refs as R
+    from comfyui_tlora.tlora import diffusers_names as names  # the pack's own modules, as the apply side uses them
+    from comfyui_tlora.trainer.diffusers import apply as A
+    cls, cfg = {"zimage": ("ZImageTransformer2DModel", td.ZIMAGE_TINY), "wan": ("WanTransformer3DModel", td.WAN_TINY),
+                "flux2": ("Flux2Transformer2DModel", td.FLUX2_TINY),
+                "chroma": ("ChromaTransformer2DModel", td.CHROMA_TINY)}[name]
+    torch.manual_seed(0)
+    model = getattr(diffusers, cls)(**cfg)
+    table = A.arch_of({"transformer": model})[1]
+    rows = names.diffusers_rows(table)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    shapes = {g: s for g, s, _ in table.denoiser_modules()}
+    adapters = R.random_adapters(shapes, seed=5)
+    path = R.write_tlora(tmp_path / f"{name}.safetensors", adapters)
+    handle = A.load_tlora(model, path, strength=0.6)
+    A.fuse(model)
+    fused = model.state_dict()
+    for generic, targets in rows.items():
+        w0 = torch.zeros(shapes[generic], dtype=torch.float64)
+        for target, pieces in targets:
+            key = target.removeprefix("transformer.") + ".weight"
+            index = torch.arange(shapes[generic][0]) if pieces is None else \
+                torch.cat([torch.arange(o, o + n) for o, n in pieces])
+            w0[index] = base[key].double()
+        want = R.ref_patched(w0, adapters[generic].tensors, 0.6)
+        for target, pieces in targets:
+            key = target.removeprefix("transformer.") + ".weight"
+            index = torch.arange(shapes[generic][0]) if pieces is None else \
+                torch.cat([torch.arange(o, o + n) for o, n in pieces])
+            R.assert_close64(fused[key], want[index], f"{name}: {generic} -> {target}")
+    A.unfuse(model)
+    handle.remove()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
