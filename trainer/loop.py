@@ -13,7 +13,6 @@ modified, copied or trained.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import math
 import os
 import time
@@ -22,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 try:  # a console bar is nice to have, never required
@@ -30,29 +28,27 @@ try:  # a console bar is nice to have, never required
 except ImportError:  # pragma: no cover
     tqdm = None
 
-from ..tlora import format as tformat
-from ..tlora.adapter import ModuleAdapter
-from ..tlora.fileio import atomic_write
 from ..tlora.module import TLoRAModule, attach, detach
-from .binding import Binding, host_view
+from .binding import Binding
 from .checkpointing import enable_checkpointing, restore_checkpointing
-from .data import Cond, Example, collate_conds, draw_batch
 from .distributed import AdapterParams, Distributed
-from .optim import adamw, clip_gradients, fast_forward, lr_scheduler
-from .runs import RUNS, RunRegistry, StepReport, TrainResult
-from .sampling import PRECISION_DTYPES, autocast, class_examples, ddim_sample
-from .settings import TrainingError, TrainSettings, derived_seed, pick_precision
 from .guard import LastGood, outputs_finite
-from .outputs import claim_output
-from .state import TrainState, load_resume, state_path_for
+from .losses import Losses
+from .optim import adamw, clip_gradients, fast_forward, lr_scheduler
+from .previewing import Previews
+from .runs import RUNS, RunRegistry, StepReport, TrainResult
+from .sampling import PRECISION_DTYPES
+from .saving import Saving
+from .settings import TrainingError, TrainSettings, derived_seed, pick_precision
+from .state import load_resume
 
 
 class TrainingDiverged(TrainingError):
     """The loss, the gradient or the final adapter's output became NaN/inf; the last good adapter was kept."""
 
 
-class Trainer:
-    """One training run over live modules; call run() once."""
+class Trainer(Losses, Previews, Saving):
+    """One training run over live modules; call run() once (its micro-batch, previews and saving are its bases)."""
 
     def __init__(self, binding: Binding, settings: TrainSettings, *, output_path: str | None = None,
                  run_id: str | None = None, registry: RunRegistry = RUNS, run_info: Mapping[str, Any] | None = None):
@@ -369,214 +365,3 @@ class Trainer:
             self.save(self.output_path, partial=True, reason=reason, state=state)
         except Exception as err:  # never mask the original error
             self.metadata["tlora.train.save_error"] = str(err)
-
-    # ----- one micro-batch ------------------------------------------------------------------
-    def _conds(self, batch: list[Example]) -> Cond:
-        if self.binding.encode is not None:
-            return self.binding.encode([ex.caption for ex in batch])
-        return {k: v.to(self.device) for k, v in collate_conds([ex.cond for ex in batch]).items()}
-
-    def _noised(self, batch: list[Example], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        x0 = torch.stack([ex.latent for ex in batch]).to(self.device, torch.float32)
-        # Noise and timesteps come from the run's own CPU generator: identical on any device,
-        # and its state is all that resume needs to replay the same draws.
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        idx = self.schedule.draw(x0.shape[0], generator)
-        return x0, noise, idx, self.schedule.add_noise(x0, noise, idx)
-
-    def _set_strength(self, strength: float) -> None:
-        for module in self.modules.values():
-            module.strength = strength
-
-    def _per_sample_mse(self, pred: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-
-    def _draw(self, examples: list[Example], generator: torch.Generator
-              ) -> tuple[list[Example], tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """This process's slice of the global batch (batch_size x world), with its noise and timesteps."""
-        size, rank = self.settings.batch_size, self.dist.rank
-        batch = draw_batch(examples, size * self.dist.world, generator)
-        noised = self._noised(batch, generator)
-        if self.dist.world == 1:
-            return batch, noised
-        part = slice(rank * size, (rank + 1) * size)
-        return batch[part], tuple(t[part] for t in noised)  # type: ignore[return-value]
-
-    def _micro_step(self, generator: torch.Generator, prior: list[Example],
-                    amp_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-        """(loss, mean MSE) of one micro-batch; through the host's data-parallel wrapper when it has one."""
-        if self._wrapped is None:
-            return self._micro_loss(generator, prior, amp_dtype)
-        mse_out: list[Tensor] = []
-
-        def compute() -> Tensor:
-            loss, mse = self._micro_loss(generator, prior, amp_dtype)
-            mse_out.append(mse)
-            return loss
-
-        return self._wrapped(compute), mse_out[0]
-
-    def _micro_loss(self, generator: torch.Generator, prior: list[Example],
-                    amp_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-        cfg = self.settings
-        batch, (x0, noise, idx, x_t) = self._draw(self.data.instance, generator)
-        t = self.schedule.timesteps[idx].to(self.device)
-        target = self.schedule.target(x0, noise, idx)
-        prior_parts = None
-        if prior:
-            prior_batch, prior_noised = self._draw(prior, generator)
-            prior_parts = prior_noised, prior_batch
-        ref_mse = None
-        if cfg.loss == "dco":
-            # The reference is this very model with every adapter at strength 0 (= the base).
-            with torch.no_grad():
-                self._set_strength(0.0)
-                try:
-                    with autocast(self.device.type, amp_dtype):
-                        ref = self.denoiser(x_t, t, self._conds(batch))
-                finally:
-                    self._set_strength(1.0)
-                ref_mse = self._per_sample_mse(ref, target)
-        with autocast(self.device.type, amp_dtype):
-            pred = self.denoiser(x_t, t, self._conds(batch))
-        mse = self._per_sample_mse(pred, target)
-        if ref_mse is not None:
-            loss = -F.logsigmoid(-cfg.dco_beta * (mse - ref_mse)).mean()
-        else:
-            loss = mse.mean()
-        if prior_parts is not None:
-            (p_x0, p_noise, p_idx, p_xt), p_batch = prior_parts
-            with autocast(self.device.type, amp_dtype):
-                p_pred = self.denoiser(p_xt, self.schedule.timesteps[p_idx].to(self.device), self._conds(p_batch))
-            # DreamBooth's prior term: plain denoising MSE on the class images.
-            loss = loss + cfg.prior_loss_weight * self._per_sample_mse(
-                p_pred, self.schedule.target(p_x0, p_noise, p_idx)).mean()
-        return loss, mse.mean().detach()
-
-    # ----- prior images, previews -------------------------------------------------------------
-    def _prior_examples(self, amp_dtype: torch.dtype | None) -> list[Example]:
-        """The class images given, plus the missing ones generated by the base model (strength 0)."""
-        self._set_strength(0.0)
-        try:
-            return class_examples(self.denoiser, self.schedule, self.data, self.settings, self.device, amp_dtype,
-                                  self.binding.interrupt_check)
-        finally:
-            self._set_strength(1.0)
-
-    def _maybe_sample(self, amp_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
-        cfg = self.settings
-        if not (cfg.sample_every and self.data.sample_cond is not None and self.data.sample_shape is not None
-                and self.dist.is_main):
-            return None, None
-        if self.step % cfg.sample_every and self.step != cfg.steps:
-            return None, None
-        latent = self.sample(amp_dtype)
-        image = None
-        if self.binding.decode is not None:
-            # Inference only: no graph may reach into the host's decoder (its weights can be
-            # inference tensors, which autograd refuses to save), and none is needed.
-            with self.host_view(), torch.no_grad():
-                image = self.binding.decode(latent)
-            if isinstance(image, Tensor):
-                image = image.detach()
-        self.last_sample = image
-        return image, latent
-
-    def sample(self, amp_dtype: torch.dtype | None = None) -> Tensor:
-        """A preview latent from the sample prompt with the adapters as they are now (fixed seed)."""
-        gen = torch.Generator().manual_seed(derived_seed(self.settings.seed, 104729))
-        return ddim_sample(self.denoiser, self.schedule, self.data.sample_cond, self.data.sample_uncond,
-                           (1, *self.data.sample_shape), self.settings.sample_steps, self.settings.sample_cfg, gen,
-                           self.device, amp_dtype)
-
-    def host_view(self) -> contextlib.AbstractContextManager[None]:
-        """The model's own module tree while a host touches it (see binding.host_view)."""
-        return host_view(self.groups)
-
-    # ----- saving ------------------------------------------------------------------------------
-    def current_adapters(self) -> dict[str, ModuleAdapter]:
-        """The adapters as trained so far, keyed by file prefix (float32, CPU)."""
-        return {key: module.to_adapter() for key, module in self.modules.items()}
-
-    def _train_metadata(self, partial: bool, reason: str | None) -> dict[str, str]:
-        """Settings, what this run did, and the host's facts, as the file's string metadata."""
-        cfg = self.settings
-        final = self.history[-1]["loss"] if self.history else None
-        now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-        meta = cfg.metadata()
-        meta.update({
-            "tlora.train.steps": str(self.step),
-            "tlora.train.partial": "true" if partial else "false",
-            "tlora.train.final_loss": "" if final is None else f"{final:.6g}",
-            "tlora.train.dataset_size": str(len(self.data.instance)),
-            "tlora.train.time": now,
-            "tlora.train.run_id": self.run_id,
-            "tlora.train.run_token": self.run_token,
-            "tlora.train.prediction": self.schedule.prediction,
-            "ss_steps": str(self.step),
-            "ss_num_train_images": str(len(self.data.instance)),
-            "ss_training_finished_at": now,
-        })
-        if self.output_path:
-            meta["ss_output_name"] = os.path.splitext(os.path.basename(self.output_path))[0]
-        if self.data.prior or self.data.generate_prior:
-            meta["tlora.train.prior_loss_weight"] = repr(cfg.prior_loss_weight)
-            meta["tlora.train.num_class_images"] = str(max(len(self.data.prior), self.data.generate_prior))
-        if reason:
-            meta["tlora.train.stopped"] = reason
-        meta.update({k: str(v) for k, v in self.metadata.items()})
-        return meta
-
-    def file_config(self) -> dict[str, Any]:
-        """The file's tlora.config: the settings' part plus the host's (e.g. the architecture)."""
-        return {**self.settings.file_config(), **self.binding.file_config}
-
-    def save(self, path: str, partial: bool, reason: str | None = None, state: bool = True) -> dict[str, str]:
-        """Adapter file + state sidecar (state=False: none), both atomic (the main process only); returns the
-        metadata written."""
-        metadata = self._train_metadata(partial, reason)
-        if not self.dist.is_main:
-            return metadata
-        sidecar = None
-        if state:
-            sidecar = TrainState(self.step, self.run_token, self._optimizer.state_dict(), self._scheduler.state_dict(),
-                                 self._gen_state, [n for n, _ in self._ordered_params()],
-                                 self._scaler.state_dict() if self._scaler is not None else None,
-                                 {"history": self.history[-10000:], "total_steps": self.settings.steps,
-                                  "lr_schedule": self.settings.lr_schedule, "seed": int(self.settings.seed)}
-                                 ).to_bytes()
-        ours = self.output_path is not None and os.path.abspath(path) == os.path.abspath(self.output_path)
-        if ours and not self._claimed:
-            # A new run's first file claims its name: if another run wrote that name since this
-            # one started, this run takes the next free name instead of replacing that file.
-            path = self.output_path = claim_output(path, lambda p: tformat.save_file(
-                self.current_adapters(), p, metadata={**metadata, "ss_output_name": _stem(p)},
-                config=self.file_config(), replace=False))
-            self._claimed = True
-            metadata = {**metadata, "ss_output_name": _stem(path)}
-            if sidecar is not None:
-                atomic_write(state_path_for(path), sidecar)
-        else:
-            # Sidecar first: a crash in between leaves a newer sidecar, which resume detects
-            # (step/run token mismatch) and then falls back to the adapter's weights.
-            if sidecar is not None:
-                atomic_write(state_path_for(path), sidecar)
-            tformat.save_file(self.current_adapters(), path, metadata=metadata, config=self.file_config())
-        if ours:
-            self.saved_path = path
-        return metadata
-
-    def _finish(self, partial: bool) -> TrainResult:
-        # The adapter after the last step is the one no training step has run: checked before it is kept.
-        if not self._outputs_finite():
-            self._diverged("output of the final adapter", float("nan"), at_step=self.step)
-        metadata = self._train_metadata(partial, None)
-        if self.output_path:
-            metadata = self.save(self.output_path, partial=partial)
-        return TrainResult(self.run_id, self.current_adapters(), self.step, self.settings.steps,
-                           self.history[-1]["loss"] if self.history else None, list(self.history),
-                           self.output_path, partial, metadata, self.last_sample)
-
-
-def _stem(path: str) -> str:
-    return os.path.splitext(os.path.basename(path))[0]
