@@ -115,12 +115,15 @@ class WeightBase:
     def modules(self, groups: Iterable[str]) -> dict[str, tuple[int, ...]]:
         """{generic: shape} of the Linear/Conv weights in these module groups (tlora/arch.py's rules)."""
         groups, out = tuple(groups), {}
+        # A CLIP's paths would match the denoiser's role rules (`self_attn` is an attention): its own groups only.
+        te_groups = tuple(g for g in groups if g.startswith("te_"))
+        denoiser_groups = tuple(g for g in groups if not g.startswith("te_"))
         for generic, shape in self.shapes.items():
             if generic.startswith(arch_mod.UNET_PREFIX):
-                path = generic[len(arch_mod.UNET_PREFIX):]
+                path, wanted = generic[len(arch_mod.UNET_PREFIX):], denoiser_groups
             else:
-                path = generic.partition(".transformer.")[2]
-            if len(shape) in (2, 4) and arch_mod.path_in_groups(path, groups):
+                path, wanted = generic.partition(".transformer.")[2], te_groups
+            if len(shape) in (2, 4) and wanted and arch_mod.path_in_groups(path, wanted):
                 out[generic] = shape
         return out
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import lowrank
 from .adapter import R_DOWN, R_IN, R_OUT, R_UP, SCALE, T_CORE, T_DIAG, ModuleAdapter
 from .functional import weight as wfn
+from .spec import parse_residual
 
 DEFAULT_ITERS = 300
 DEFAULT_LR = 1e-2
@@ -43,7 +44,12 @@ def fit_adapter(w0: Tensor, w1: Tensor, transform: str, residual: str, iters: in
     re-solved every 10 iterations: variable projection), and once more in float64 for the transform
     kept, so transform + LoRA never ends worse than LoRA alone: with no transform, or when the target
     is W0 plus a LoRA of rank <= r, the start is already the optimum. Each fit keeps its best iterate.
+    A LoRA rank above the weight's own is capped at it (exact, like an export at full rank).
     """
+    kind = parse_residual(residual)
+    full = min(int(w0.shape[0]), w0[0].numel())
+    if kind.kind == "lora" and kind.rank > full:  # more rank than the weight has adds only zeros
+        residual = f"lora:{full}"
     w0_64, w1_64 = w0.detach().to(torch.float64), w1.detach().to(torch.float64)
     w0, w1 = w0_64.to(torch.float32), w1_64.to(torch.float32)
     start = ModuleAdapter.create(tuple(w0.shape), transform, residual, shapes=shapes, alpha=alpha,

@@ -170,3 +170,24 @@ def test_node_refuses_an_adapter_for_another_model_and_writes_nothing(twin, lora
             node.execute(model=patcher, adapter_name=name, rank=2, max_error=0.05, filename_prefix=f"bad_{family}/x")
         assert "\n" not in str(err.value)
     assert not (loras_dir / f"bad_{family}").exists() or not os.listdir(loras_dir / f"bad_{family}")
+
+
+def test_exported_lora_fits_back_into_tlora_star_exactly(twin, loras_dir):
+    """`fit` of the stock-loadable export (kohya names, SD1.x in diffusers layout) into TLoRA*(2, r) is exact:
+    our loader patches W0 + the truncated SVD, as the stock loader does with the LoRA."""
+    family, patcher, clip, ckpt, adapters = twin
+    R.write_tlora(loras_dir / f"rt_{family}.safetensors", adapters)
+    lora, back = loras_dir / f"rt_{family}_lora.safetensors", loras_dir / f"rt_{family}_back.safetensors"
+    assert main(["export-lora", str(loras_dir / f"rt_{family}.safetensors"), "--base", str(ckpt), "--rank", str(RANK),
+                 "-o", str(lora), "--no-progress"]) == 0
+    assert main(["fit", str(lora), "--base", str(ckpt), "--transform", "trm:2", "--residual", f"lora:{RANK}",
+                 "--iters", "5", "-o", str(back), "--no-progress"]) == 0
+    want = _expected(patcher, clip, adapters, RANK)
+    unet_keys = [k for k in want if k.startswith("diffusion_model.")]
+    if clip is None:
+        got = R.patched_weights(R.tlora_model_only(patcher, back.name, 1.0), unet_keys)
+    else:
+        model, clip2 = R.tlora_full(patcher, clip, back.name, 1.0, 1.0)
+        got = R.patched_weights(model, unet_keys)
+        got.update(R.clip_patched_weights(clip2, [k for k in want if k not in unet_keys]))
+    _check(got, want, f"{family} export then fit, our loader:")

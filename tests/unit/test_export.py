@@ -199,15 +199,20 @@ def test_fit_of_a_fine_tune_takes_the_targets_that_changed(files, tmp_path):
     change = 0.1 * torch.randn(40, 2, generator=g) @ torch.randn(2, 32, generator=g)
     tuned[_key(q)] = base[_key(q)] + change
     tuned[_key("diffusion_model.blocks.0.in_layers.2")] = base[_key("diffusion_model.blocks.0.in_layers.2")] + 1.0
+    te = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    tuned[_key(te)] = base[_key(te)] + 0.1 * torch.randn(24, 1, generator=g) @ torch.randn(1, 24, generator=g)
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
-    out = tmp_path / "ft.safetensors"
-    assert _run("fit", tmp_path / "tuned.safetensors", "--base", folder / "base.safetensors", "--transform", "none",
-                "--residual", "lora:2", "-o", out, "--no-progress") == 0
     from tlora import load
-    fitted = load(out).adapters
-    assert list(fitted) == [q]  # attn preset: the conv change is not a target, to_k did not change
-    got = R.ref_target(base[_key(q)], fitted[q].tensors)
-    assert float((got - tuned[_key(q)].double()).norm() / change.norm()) < 1e-5
+    for extra, want in (([], [q]), (["--text-encoder"], [q, te])):
+        out = tmp_path / f"ft{len(extra)}.safetensors"
+        assert _run("fit", tmp_path / "tuned.safetensors", "--base", folder / "base.safetensors", "--transform", "none",
+                    "--residual", "lora:2", "-o", out, "--no-progress", *extra) == 0
+        fitted = load(out).adapters
+        assert list(fitted) == want  # attn preset: the conv is not a target, to_k did not change; CLIP when asked
+        for name in want:
+            got = R.ref_target(base[_key(name)], fitted[name].tensors)
+            change_of = (tuned[_key(name)] - base[_key(name)]).double()
+            assert float((got - tuned[_key(name)].double()).norm() / change_of.norm()) < 1e-5
 
 
 def test_merge_sums_the_inputs_deltas_at_their_weights(files, tmp_path):
@@ -219,13 +224,25 @@ def test_merge_sums_the_inputs_deltas_at_their_weights(files, tmp_path):
     assert _run("merge", f"{folder / 't.safetensors'}:0.7", f"{tmp_path / 'b.safetensors'}:-0.5",
                 tmp_path / "l.safetensors", "--base", folder / "base.safetensors", "--rank", 1000, "-o", out,
                 "--no-progress") == 0
-    got = _lora_deltas(out)
+    got, wants = _lora_deltas(out), {}
     for name in SHAPES:
         w0 = base[_key(name)]
         want = 0.7 * _ref_delta(w0, adapters[name].tensors) - 0.5 * _ref_delta(w0, other[name].tensors) \
             + lora[name].reshape(w0.shape[0], -1)
+        wants[name] = want
         torch.testing.assert_close(got[_kohya(name)], want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert json.loads(safe_open(str(out), "pt").metadata()["ss_tlora_source"])["inputs"][1]["weight"] == -0.5
+    # Into one TLoRA: a LoRA residual of the weights' full rank holds the sum exactly.
+    as_tlora = tmp_path / "merged_tlora.safetensors"
+    assert _run("merge", f"{folder / 't.safetensors'}:0.7", f"{tmp_path / 'b.safetensors'}:-0.5",
+                tmp_path / "l.safetensors", "--base", folder / "base.safetensors", "--transform", "none",
+                "--residual", "lora:72", "-o", as_tlora, "--no-progress") == 0
+    from tlora import load
+    for name, adapter in load(as_tlora).adapters.items():
+        w0 = base[_key(name)]
+        got = (R.ref_target(w0, adapter.tensors) - w0.double()).reshape(w0.shape[0], -1)
+        assert adapter.residual.rank == min(w0.shape[0], w0[0].numel())  # capped at the weight's rank
+        torch.testing.assert_close(got, wants[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def _bad_cases(folder: Path, tmp: Path) -> dict[str, list]:
