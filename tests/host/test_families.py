@@ -332,6 +332,9 @@ def test_musubi_z_image_names_load_through_our_loader(tm, loras_dir):
     if tf.missing_reason("z-image"):
         pytest.skip(tf.missing_reason("z-image"))
     twin = tf.tiny_family("z-image", seed=2)
+    import comfy.lora
+    if "layers.0.attention.to_q" not in comfy.lora.model_lora_keys_unet(twin.model, {}):
+        pytest.skip(f"{ch.host_label()}'s key map has no diffusers names for Z-Image (their kohya forms follow them)")
     key = "diffusion_model.layers.0.attention.qkv.weight"
     base = R.base_weights(twin.patcher, [key])[key]
     d = base.shape[1]
