@@ -76,7 +76,7 @@ def comfyui_trainer(size: int) -> Any:
     dm = env["dm"]
     adapters = E.create_adapters(dm, E.select_targets(dm, "attn"), "trm:2", "tr:6", "paper", 0, "diffusion_model.")
     data = E.TrainData([E.Example(latent, {"c_crossattn": context})])
-    schedule = E.Schedule.from_sigmas(env["model"].model_sampling.sigmas, "eps")
+    schedule = model_mod.schedule_for(env["model"])  # the binding's own: timesteps are the sigmas it takes
     binding = E.Binding([E.AdapterGroup(dm, "diffusion_model.", adapters)], model_mod.make_denoiser(env["model"]),
                         schedule, data, device="cpu", progress_bar=False)
     return E.Trainer(binding, _settings(E))
