@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import comfy.lora
 import comfy.utils
 
+from ..tlora import arch as arch_mod
 from ..tlora import diffusers_names
 from ..tlora.adapter import ModuleAdapter
 from ..tlora.claim import MISSING, OVERLAP, refusal
@@ -70,9 +71,14 @@ def load_cached(path: str, label: str | None = None) -> tuple[dict[str, ModuleAd
 
 def model_key_map(model) -> dict[str, str]:
     """ComfyUI's prefix -> weight-key map for a MODEL (ModelPatcher), plus the kohya forms of its bare
-    dotted names (musubi-tuner's Z-Image names; tlora.diffusers_names.kohya_aliases)."""
+    dotted names (musubi-tuner's Z-Image names; tlora.diffusers_names.kohya_aliases) and the diffusers
+    names of whole weights where the host's map has none (Wan's `transformer.blocks.N.attn1.to_q`)."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    return {**diffusers_names.kohya_aliases(key_map), **key_map}
+    config = getattr(model.model, "model_config", None)
+    archs = arch_mod.archs_for_host_model(type(config).__name__) if config is not None else ()
+    weights = set(key_map.values()) if archs else set()
+    diffusers = diffusers_names.whole_weight_aliases(archs, {w for w in weights if isinstance(w, str)})
+    return {**diffusers, **diffusers_names.kohya_aliases(key_map), **key_map}
 
 
 def clip_key_map(clip) -> dict[str, str]:

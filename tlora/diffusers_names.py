@@ -361,6 +361,24 @@ def diffusers_sources(arch: str | arch_mod.Arch) -> dict[str, tuple[str, tuple[P
 
 
 
+def whole_weight_aliases(archs: "tuple[str, ...] | list[str]", weight_keys: "set[str] | dict") -> dict[str, str]:
+    """{diffusers path: weight key} of a live model's whole weights, for files named as diffusers names them.
+
+    ComfyUI's key maps read diffusers names for some families (Flux, SD3, Z-Image: the row slices
+    of fused weights among them) but not for others (Wan: `transformer.blocks.0.attn1.to_q`, what
+    diffusers and ai-toolkit write). `archs` are the tables of the live model's family (any depth:
+    only names whose weight the live model has count); sliced names are left to the host's map.
+    """
+    out: dict[str, str] = {}
+    for arch in archs:
+        for generic, targets in _rows(arch):
+            weight_key = generic + ".weight"
+            if weight_key not in weight_keys or len(targets) != 1 or targets[0][1] is not None:
+                continue
+            out.setdefault(targets[0][0], weight_key)
+    return out
+
+
 def kohya_aliases(key_map: dict) -> dict:
     """kohya-style forms (`lora_unet_` + the path with underscores) of a host key map's bare dotted names.
 

@@ -348,3 +348,24 @@ def test_musubi_z_image_names_load_through_our_loader(tm, loras_dir):
         expected[2 * d:] = R.ref_patched(base[2 * d:], adapters["lora_unet_layers_0_attention_to_v"].tensors, strength)
         R.assert_close64(got, expected, f"musubi names at {strength}")
     R.assert_all_base(R.base_weights(twin.patcher, [key]), {key: base}, "after unpatch")
+
+
+def test_wan_diffusers_names_load_through_our_loader(tm, loras_dir):
+    """Wan files named as diffusers and its trainers write them (`transformer.blocks.0.attn1.to_q`) apply through our
+    loader to the host's `self_attn.q` (dense reference); ComfyUI's own key map has no diffusers names for Wan."""
+    if tf.missing_reason("wan21"):
+        pytest.skip(tf.missing_reason("wan21"))
+    twin = tf.tiny_family("wan21", seed=2)
+    keys = {"transformer.blocks.0.attn1.to_q": "diffusion_model.blocks.0.self_attn.q.weight",
+            "transformer.blocks.0.attn2.to_out.0": "diffusion_model.blocks.0.cross_attn.o.weight",
+            "transformer.blocks.0.ffn.net.0.proj": "diffusion_model.blocks.0.ffn.0.weight"}
+    base = R.base_weights(twin.patcher, list(keys.values()))
+    adapters = {name: R.random_adapter(tuple(base[w].shape), *R.KIND_CYCLE[i], seed=10 + i)
+                for i, (name, w) in enumerate(keys.items())}
+    R.write_tlora(loras_dir / "wan_diffusers.safetensors", adapters)
+    for strength in (1.0, 0.0, 0.5, -1.0):
+        got = R.patched_weights(R.tlora_model_only(twin.patcher, "wan_diffusers.safetensors", strength),
+                                list(keys.values()))
+        for name, w in keys.items():
+            R.assert_close64(got[w], R.ref_patched(base[w], adapters[name].tensors, strength), f"{name} at {strength}")
+    R.assert_all_base(R.base_weights(twin.patcher, list(keys.values())), base, "after unpatch")
