@@ -21,8 +21,9 @@ from tlora import format as tformat  # noqa: E402
 from tlora.adapter import ModuleAdapter  # noqa: E402
 from tlora.claim import MISSING, OVERLAP, broken, claim, module_prefixes, refusal  # noqa: E402
 from tlora.errors import TLoRAError, TLoRAShapeError  # noqa: E402
+from tlora.runtime import Entry, Geometry  # noqa: E402
 
-__all__ = ["METHOD", "ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_file", "check_fits",
+__all__ = ["METHOD", "Entry", "Geometry", "ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_file", "check_fits",
            "claim", "has_module", "is_tlora_file", "kohya_renamed", "module_prefixes"]
 
 # Forge's patch type and the registries' adapter name; not "tlora", which is T-LoRA (LyCORIS, SD.Next).
