@@ -1,16 +1,17 @@
 """Forge and ersatzForge (snapshots in .host/webui/forge, .host/webui/ersatzforge): TLoRA files through backend/patcher/lora.py.
 
-Real host code only, imported on its own (no stand-ins; `packages_3rdparty` / `packages` on sys.path as
-each webui puts it): backend.patcher.lora.load_lora (key claiming, our loader first in its
-lora_collection_priority), model_lora_keys_unet/clip (the hosts' own key maps, with their diffusers
-names for Flux, Flux.2, Z-Image, Krea 2 and ERNIE-Image: row slices of fused weights),
-ModelPatcher.add_patches, and LoraLoader.refresh, which merges every patch (merge_lora_to_weight,
-our extra_weight_calculators entry) into the model's parameters. The tiny model's key map is written
-here in the host's generic form ({"diffusion_model.<path>": "...weight"} and {"lora_unet_<path with _>": ...});
-the family models are stand-in model objects holding real layers at each family's paths, which the
-hosts' own model_lora_keys_unet reads (config.huggingface_repo, diffusion_model.config).
+Real host code (`packages_3rdparty` / `packages` on sys.path as each webui puts it): extensions-builtin/
+sd_forge_lora/networks.py (load_lora_for_models, the per-file loader), backend.patcher.lora.load_lora (key
+claiming, our loader first in its lora_collection_priority), model_lora_keys_unet/clip (the hosts' own key
+maps, with their diffusers names for Flux, Flux.2, Z-Image, Krea 2 and ERNIE-Image: row slices of fused
+weights), ModelPatcher.add_patches, and LoraLoader.refresh, which merges every patch (merge_lora_to_weight,
+our extra_weight_calculators entry) into the model's parameters. Stood in, because they are the webui's
+state and UI: modules.{errors, scripts, sd_models, shared, cache, hashes}. The models are stand-in model
+objects holding real layers (the tiny one, and each family's at its paths) with what the key maps read
+(config.huggingface_repo, diffusion_model.config).
 """
 import os
+import types
 
 import pytest
 import torch
@@ -23,29 +24,29 @@ REPO = {("ersatzforge", "z-image"): "Zimage"}  # ersatzForge names Z-Image by it
 
 
 @pytest.fixture(scope="module", params=list(HOSTS))
-def host(request):
+def host(request, tmp_path_factory):
     path = refs.host_dir(request.param)
     if path is None:
         pytest.skip(f"no {request.param} snapshot extracted (see the bootstrap's message)")
-    with refs.isolated([path, os.path.join(path, HOSTS[request.param])]):
+    extension = os.path.join(path, "extensions-builtin", "sd_forge_lora")
+    with refs.isolated([path, os.path.join(path, HOSTS[request.param]), extension], extra_names=("network", "networks")):
         from backend import args
         args.args.always_cpu = True  # this machine has no GPU: the host's own switch
         import backend.patcher.base as base
         import backend.patcher.lora as lora
+        networks = refs.forge_networks(path, str(tmp_path_factory.mktemp("Lora")))
         from tlora_webui import forge
-        forge.install(lora, base.ModelPatcher)
-        yield request.param, lora, base
+        forge.install(lora, base.ModelPatcher, networks)
+        yield types.SimpleNamespace(name=request.param, lora=lora, base=base, networks=networks)
 
 
-def _apply(host, model, files, strength, key_map=None):
-    """As sd_forge_lora's load_lora_for_models: load_lora per file, add_patches, then the loader's refresh."""
-    from safetensors.torch import load_file
-    _, lora, base = host
-    patcher = base.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+def _apply(host, model, files, strength):
+    """As sd_forge_lora's load_networks: each file's state dict through load_lora_for_models, then the refresh."""
+    from backend.utils import load_torch_file
+    patcher = host.base.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     for path in files:
-        patches, remaining = lora.load_lora(load_file(path), key_map or refs.generic_key_map(model))
-        assert not remaining, f"unclaimed keys {list(remaining)}"
-        patcher.add_patches(filename=path, patches=patches, strength_patch=strength)
+        patcher, _ = host.networks.load_lora_for_models(patcher, None, load_torch_file(path, safe_load=True),
+                                                        strength, strength, filename=path)
     patcher.refresh_loras()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -58,7 +59,7 @@ def _state(model):
 def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength):
     path, modules = refs.standard_file(tmp_path)
     plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
-    model = refs.tiny_model()
+    model = refs.as_loaded(refs.tiny_model())
     before = _state(model)
     got = _apply(host, model, [path, plain_path], strength)
     refs.assert_file_and_plain_lora_applied(got, before, modules, plain_update, strength)
@@ -67,7 +68,7 @@ def test_weights_match_reference_beside_a_plain_lora(host, tmp_path, strength):
 def test_kohya_named_file_applies_the_same(host, tmp_path):
     _, modules = refs.standard_file(tmp_path)
     path = refs.write_tlora(str(tmp_path / "kohya.safetensors"), modules, kohya=True)
-    model = refs.tiny_model()
+    model = refs.as_loaded(refs.tiny_model())
     before = _state(model)
     got = _apply(host, model, [path], 0.5)
     for prefix, tensors in modules.items():
@@ -78,14 +79,12 @@ def test_kohya_named_file_applies_the_same(host, tmp_path):
 @pytest.mark.parametrize("family", sorted({f for fs in FAMILIES.values() for f in fs}))
 def test_family_files_named_three_ways_through_the_hosts_key_map(host, tmp_path, family, strength):
     """Diffusers names (row slices of fused q/k/v), ComfyUI and kohya names, placed by the host's model_lora_keys_unet."""
-    name, lora, _ = host
-    if family not in FAMILIES[name]:
-        pytest.skip(f"{name} does not run {family}")
-    model = refs.family_model(family, REPO.get((name, family)))
-    key_map = lora.model_lora_keys_unet(model, {})
+    if family not in FAMILIES[host.name]:
+        pytest.skip(f"{host.name} does not run {family}")
+    model = refs.family_model(family, REPO.get((host.name, family)))
     path, made = refs.family_file(tmp_path, family)
     before = _state(model)
-    got = _apply(host, model, [path], strength, key_map)
+    got = _apply(host, model, [path], strength)
     refs.assert_family_applied(got, before, made, strength)
 
 
@@ -94,7 +93,7 @@ def test_a_module_that_does_not_fit_fails_the_file_before_anything_is_patched(ho
     modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
                refs.CONV: refs.trained_module((4, 6, 3, 3), "trm:2", "lora:2", 2)}  # the model's conv has 8 inputs
     path = refs.write_tlora(str(tmp_path / "misfit.safetensors"), modules)
-    model = refs.tiny_model()
+    model = refs.as_loaded(refs.tiny_model())
     before = _state(model)
     with pytest.raises(ValueError, match=r"does not fit this model: diffusion_model.conv: .*6-wide.*nothing of it was applied"):
         _apply(host, model, [path], 1.0)
@@ -104,30 +103,47 @@ def test_a_module_that_does_not_fit_fails_the_file_before_anything_is_patched(ho
 def test_a_row_slice_that_does_not_fit_fails_the_file(host, tmp_path):
     """A diffusers-named module on 8 rows of a fused qkv, made for 6 rows: checked against the slice, not the weight."""
     from safetensors.torch import save_file
-    _, lora, _ = host
     model = refs.family_model("flux")
     tensors = refs.trained_module((6, 8), "trm:2", "lora:2", 3)
     path = str(tmp_path / "slice.safetensors")
     save_file({f"transformer.transformer_blocks.0.attn.to_q.{k}": v for k, v in tensors.items()}, path)
     before = _state(model)
     with pytest.raises(ValueError, match=r"does not fit this model: transformer.transformer_blocks.0.attn.to_q"):
-        _apply(host, model, [path], 1.0, lora.model_lora_keys_unet(model, {}))
+        _apply(host, model, [path], 1.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
-    from safetensors.torch import load_file
-    _, lora, _ = host
+    from safetensors.torch import load_file, save_file
     path, _ = refs.standard_file(tmp_path)
-    state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
+    broken = str(tmp_path / "broken.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}, broken)
+    model = refs.as_loaded(refs.tiny_model())
+    before = _state(model)
     with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
-        lora.load_lora(state, refs.generic_key_map(refs.tiny_model()))
+        _apply(host, model, [broken], 1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_modules_that_match_no_layer_are_refused_not_skipped(host, tmp_path):
+    """Forge applies a file with up to 12 unmatched keys (one TLoRA module has 3 to 8) and prints their names."""
+    layers = refs.tiny_layers()
+    modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
+               refs.CONV: refs.trained_module(layers[refs.CONV].weight.shape, "trm:2", "lora:2", 2),
+               "diffusion_model.elsewhere": refs.trained_module((8, 16), "trm:2", "tr:3", 3)}
+    path = refs.write_tlora(str(tmp_path / "partly.safetensors"), modules)
+    model = refs.as_loaded(refs.tiny_model())
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"TLoRA 'partly.safetensors' does not fit this model: 1 of 3 modules did not "
+                                         r"match \(1 not in this model, e.g. diffusion_model.elsewhere\)"):
+        _apply(host, model, [path], 1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_comfy_named_text_encoder_module_applies_through_forge_clip_key_map(host, tmp_path):
     """Forge's CLIP key map (the host's own model_lora_keys_clip) has kohya names only: ours are mapped."""
     from safetensors.torch import load_file
-    _, lora, base = host
+    lora, base = host.lora, host.base
     clip = holder = torch.nn.Module()
     for part in "clip_l.transformer.text_model.encoder.layers.0.self_attn".split("."):
         holder.add_module(part, torch.nn.Module())
@@ -152,7 +168,7 @@ def test_comfy_named_text_encoder_module_applies_through_forge_clip_key_map(host
 def test_a_lora_and_a_tlora_for_one_weight_are_refused(host, tmp_path, lora_name):
     """Our loader claimed the TLoRA half, the host's the LoRA half, and ours replaced it in the patch dict."""
     path = refs.write_mixed(str(tmp_path / "mixed.safetensors"), lora_name)
-    model = refs.tiny_model()
+    model = refs.as_loaded(refs.tiny_model())
     before = _state(model)
     with pytest.raises(ValueError, match=f"also has {lora_name}.lora_up.weight, another adapter's tensor.*nothing of it"):
         _apply(host, model, [path], 1.0)
@@ -161,10 +177,11 @@ def test_a_lora_and_a_tlora_for_one_weight_are_refused(host, tmp_path, lora_name
 
 def test_startup_script_names_the_host_and_registers_once(host, capsys):
     """scripts/tlora_webui.py as the webui runs it (twice: reloads must not stack): one line, host and version."""
-    name, lora, _ = host
     refs.run_startup_script()
     out = capsys.readouterr()
-    expected = {"forge": "Forge (2.0.1v1.10.1)", "ersatzforge": "ersatzForge (f2.ersatz)"}[name]
+    expected = {"forge": "Forge (2.0.1v1.10.1)", "ersatzforge": "ersatzForge (f2.ersatz)"}[host.name]
     line = f"[TLoRA] transformed LoRA (TLoRA, arXiv 2501.08727) registered with {expected}: "
     assert out.out.count(line) == 2 and out.out.count("\n") == 2 and out.err == "", out
-    assert sum(getattr(getattr(c, "load_lora", None), "_tlora_loader", False) for c in lora.lora_collection_priority) == 1
+    priority = host.lora.lora_collection_priority
+    assert sum(getattr(getattr(c, "load_lora", None), "_tlora_loader", False) for c in priority) == 1
+    assert host.networks.load_lora_for_models.__wrapped__.__module__ == "networks"  # wrapped once

@@ -24,7 +24,7 @@ def host():
         import ldm_patched.modules.model_patcher as model_patcher
         import ldm_patched.modules.weight_adapter as weight_adapter
         from tlora_webui import reforge
-        reforge.install(weight_adapter, model_patcher.ModelPatcher)
+        reforge.install(weight_adapter, model_patcher.ModelPatcher, lora)
         yield lora, model_patcher
 
 
@@ -84,6 +84,19 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
     state = {k: v for k, v in load_file(path).items() if k != refs.CONV + ".tlora_scale"}
     with pytest.raises(ValueError, match=r"broken TLoRA file: diffusion_model.conv: .*tlora_scale.*nothing of it was applied"):
         lora.load_lora(state, refs.generic_key_map(refs.tiny_model()))
+
+
+def test_modules_that_match_no_layer_are_refused_not_skipped(host, tmp_path):
+    """reForge logs each key no adapter took ("lora key not loaded") and applies the rest: a file in part."""
+    from safetensors.torch import load_file
+    lora, _ = host
+    layers = refs.tiny_layers()
+    modules = {refs.LIN: refs.trained_module(layers[refs.LIN].weight.shape, "trm:2", "tr:3", 1),
+               "diffusion_model.elsewhere": refs.trained_module((8, 16), "trm:2", "tr:3", 2)}
+    path = refs.write_tlora(str(tmp_path / "partly.safetensors"), modules)
+    with pytest.raises(ValueError, match=r"TLoRA 'this file' does not fit this model: 1 of 2 modules did not match "
+                                         r"\(1 not in this model, e.g. diffusion_model.elsewhere\)"):
+        lora.load_lora(load_file(path), refs.generic_key_map(refs.tiny_model()))
 
 
 def test_webui_script_detects_reforge_and_registers_once(host, capsys):

@@ -329,3 +329,29 @@ def assert_family_applied(got: dict[str, torch.Tensor], base: dict[str, torch.Te
             assert torch.equal(got[key], base[key]), f"{key}: strength 0 is not the base weight"
         else:
             assert_matches(got[key], want[key], key)
+
+
+def forge_networks(host_path: str, lora_dir: str) -> types.ModuleType:
+    """The Forge family's real extensions-builtin/sd_forge_lora/networks.py (its per-file loader), its webui state
+    stood in: modules.{errors, scripts, sd_models, shared, cache, hashes} (call inside `isolated`, the extension's
+    folder on the path)."""
+    import modules  # noqa: F401 - the webui's own package (a namespace package in these snapshots)
+    stand_in("modules.errors", display=lambda *a, **k: None, report=lambda *a, **k: None)
+    stand_in("modules.scripts", scripts_txt2img=types.SimpleNamespace(infotext_fields=[]))
+    stand_in("modules.sd_models", read_metadata_from_safetensors=lambda f: {},
+             model_data=types.SimpleNamespace(get_sd_model=lambda: None))
+    stand_in("modules.cache", cached_data_for_file=lambda subsection, title, filename, func: func())
+    stand_in("modules.hashes", sha256_from_cache=lambda *a, **k: None, sha256=lambda *a, **k: "")
+    stand_in("modules.shared", cmd_opts=types.SimpleNamespace(lora_dir=lora_dir, lora_dirs=[]), sd_model=None,
+             walk_files=lambda *a, **k: [])
+    import networks
+    assert os.path.dirname(networks.__file__) == os.path.join(host_path, "extensions-builtin", "sd_forge_lora")
+    return networks
+
+
+def as_loaded(model: torch.nn.Module, repo: str = "runwayml/stable-diffusion-v1-5") -> torch.nn.Module:
+    """A tiny model as the Forge family's key maps read a loaded one (config.huggingface_repo, diffusion_model.config)."""
+    if not isinstance(getattr(model.diffusion_model, "config", None), dict):
+        model.diffusion_model.config = {}
+    model.config = types.SimpleNamespace(huggingface_repo=repo)
+    return model

@@ -76,9 +76,10 @@ def _reforge() -> str | None:
     weight_adapter = _module("ldm_patched.modules.weight_adapter")
     if weight_adapter is None or not isinstance(getattr(weight_adapter, "adapters", None), list):
         return None
+    import ldm_patched.modules.lora as lora_module
     from ldm_patched.modules.model_patcher import ModelPatcher
     from . import reforge
-    reforge.install(weight_adapter, ModelPatcher)
+    reforge.install(weight_adapter, ModelPatcher, lora_module)
     return f"reForge ({_forge_version()})"
 
 
@@ -86,9 +87,12 @@ def _forge() -> str | None:
     forge_lora = _module("backend.patcher.lora")
     if forge_lora is None or not hasattr(forge_lora, "lora_collection_priority"):
         return None
+    networks = sys.modules.get("networks")
+    if networks is None or not hasattr(networks, "load_lora_for_models"):
+        raise RuntimeError("Forge's built-in LoRA extension (sd_forge_lora) is not loaded")
     from backend.patcher.base import ModelPatcher
     from . import forge
-    forge.install(forge_lora, ModelPatcher)
+    forge.install(forge_lora, ModelPatcher, networks)
     version = _forge_version()
     return f"{'ersatzForge' if 'ersatz' in version else 'Forge'} ({version})"
 

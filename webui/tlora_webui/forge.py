@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from . import core
+from . import core, perfile
 from .patcher_guard import guard_add_patches
 
 
@@ -71,8 +71,9 @@ def _text_encoder_aliases(lora: Mapping, to_load: Mapping, used: set) -> dict:
     return out
 
 
-def install(forge_lora: types.ModuleType, patcher_cls: type) -> None:
-    """Register the calculator, put our loader first in Forge's lora collections, fit-check in add_patches."""
+def install(forge_lora: types.ModuleType, patcher_cls: type, networks: types.ModuleType | None = None) -> None:
+    """Register the calculator, put our loader first in Forge's lora collections, fit-check in add_patches,
+    and guard the per-file loader (perfile.py) when given."""
     forge_lora.extra_weight_calculators[core.PATCH_TYPE] = calculate
     priority = forge_lora.lora_collection_priority
     if not any(getattr(getattr(c, "load_lora", None), "_tlora_loader", False) for c in priority):
@@ -80,3 +81,5 @@ def install(forge_lora: types.ModuleType, patcher_cls: type) -> None:
         priority.insert(0, types.SimpleNamespace(__name__="tlora_webui", load_lora=loader(host)))
     guard_add_patches(patcher_cls, lambda v: v[1][0] if isinstance(v, tuple) and len(v) == 2
                       and v[0] == core.PATCH_TYPE else None)
+    if networks is not None:
+        perfile.guard(networks)

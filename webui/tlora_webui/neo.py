@@ -1,23 +1,16 @@
-"""Forge Neo: our adapter in its ComfyUI-style registry (registry.py) and a check in front of its per-file loader.
+"""Forge Neo: our adapter in its ComfyUI-style registry (registry.py) and its per-file loader guarded (perfile.py).
 
-Neo applies a file in `networks.load_lora_for_models` (extensions-builtin/sd_forge_lora): through
-its registry and `ModelPatcher.add_patches` on float, fp8, nf4 and GGUF models (the patcher merges
-into the dequantized weight and stores it back, or merges at every forward in its online mode),
-through nunchaku's own LoRA composer on SVDQuant models, and through a LoRA-only run-time hook on
-int8 models. In front of it we refuse, with one line naming the file:
-
-* a file Neo would apply only in part: TLoRA modules its key maps do not place are reported at
-  info level only while fewer than half the keys miss (a file made for another model);
-* a file on a model Neo runs through nunchaku or its int8 hook: both take ordinary LoRA
-  factors (up, down, alpha) only, where a TLoRA would be misread, not applied.
+Neo applies a file in `networks.load_lora_for_models`: through its registry and `ModelPatcher.add_patches`
+on float, fp8, nf4 and GGUF models (the patcher merges into the dequantized weight and stores it back,
+or merges at every forward in its online mode), through nunchaku's own LoRA composer on SVDQuant
+models, and through a LoRA-only run-time hook on int8 models. The last two take ordinary LoRA factors
+(up, down, alpha) only, where a TLoRA would be misread, not applied: such files are refused first.
 """
 from __future__ import annotations
 
-import functools
-import os
 import types
 
-from . import core, registry
+from . import perfile, registry
 
 
 def _arg(dynamic_args: object, name: str) -> object:
@@ -39,43 +32,8 @@ def unsupported_path(dynamic_args: object) -> str | None:
     return None
 
 
-def check(networks: types.ModuleType, model, clip, lora: dict, filename: str) -> None:
-    """Refuse (TLoRAError) a TLoRA file that Neo would misapply or apply in part; nothing is applied then."""
-    label = os.path.basename(str(filename))
-    core.check_file(str(filename), lora.keys())
-    why = unsupported_path(getattr(networks, "dynamic_args", None))
-    if why is not None:
-        raise core.TLoRAError(f"{core.METHOD} file {label}: {why}. Nothing of it was applied.")
-    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if type(diffusion_model).__name__ == "Anima" and hasattr(networks, "process_anima"):
-        networks.process_anima(lora)  # Neo's own renaming (its adapter moved to the text encoder); idempotent
-    known: dict = {}
-    if model is not None:
-        known.update(networks.model_lora_keys_unet(model.model, {}))
-    if clip is not None:
-        known.update(networks.model_lora_keys_clip(clip.cond_stage_model, {}))
-    core.check_all_matched(label, lora.keys(), known)
-
-
-def guard_loader(networks: types.ModuleType) -> None:
-    """Wrap networks.load_lora_for_models (looked up by name at each call) with `check` for TLoRA files."""
-    original = networks.load_lora_for_models
-    if getattr(original, "_tlora_guard", False):
-        return
-
-    @functools.wraps(original)
-    def load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename="default", online_mode=False):
-        if core.is_tlora_file(lora):
-            check(networks, model, clip, lora, filename)
-        return original(model, clip, lora, strength_model, strength_clip, filename=filename, online_mode=online_mode)
-
-    load_lora_for_models._tlora_guard = True
-    networks.load_lora_for_models = load_lora_for_models
-
-
-def install(weight_adapter: types.ModuleType, patcher_cls: type, networks: types.ModuleType | None) -> type:
-    """Register our adapter and guard Neo's per-file loader (when its LoRA extension is loaded)."""
+def install(weight_adapter: types.ModuleType, patcher_cls: type, networks: types.ModuleType) -> type:
+    """Register our adapter and guard Neo's per-file loader."""
     cls = registry.install(weight_adapter, patcher_cls)
-    if networks is not None:
-        guard_loader(networks)
+    perfile.guard(networks, lambda: unsupported_path(getattr(networks, "dynamic_args", None)))
     return cls
