@@ -34,6 +34,9 @@ FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# How our files name their method where a card shows it (docs/FORMAT.md section 6): never "tlora" alone.
+NETWORK_MODULE = "transformed_lora"
+METHOD_DESCRIPTION = "transformed LoRA (TLoRA, arXiv 2501.08727), not T-LoRA (timestep-dependent LoRA)"
 # A header larger than this is not a TLoRA file (ours are a few hundred kB at most).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 # Nor is a file with more metadata entries than this (ours write about 45; kohya's LoRAs about 60):
@@ -358,7 +361,10 @@ def metadata_from_summary(summary: Mapping[str, Any], metadata: Mapping[str, Any
         "modelspec.architecture": arch_mod.modelspec_architecture(arch_name) if known else "unknown/tlora",
         "modelspec.implementation": "ComfyUI-TLoRA",
         "modelspec.title": str(cfg.get("title") or title),
-        "ss_network_module": "tlora",
+        # What a card shows beside the title; "tlora" alone is T-LoRA (timestep LoRA) in LyCORIS and other tools.
+        "modelspec.description": METHOD_DESCRIPTION,
+        # Not "tlora": a T-LoRA trainer writes that (with ordinary LoRA keys). Readers never rely on this value.
+        "ss_network_module": NETWORK_MODULE,
         "ss_network_args": json.dumps({"transform": str(cfg["transform"]), "residual": str(cfg["residual"])}),
     }
     if "alpha" in cfg:

@@ -181,7 +181,9 @@ def test_a_broken_module_is_reported_with_our_message(host, tmp_path):
 def test_card_metadata_is_read_from_our_file(host, tmp_path):
     path, _ = refs.standard_file(tmp_path)
     entry = host.network.NetworkOnDisk("tiny_tlora", path)
-    assert entry.metadata["ss_network_module"] == "tlora"  # the card's "Kohya module:" row
+    # The card's "Kohya module:" row; not "tlora", which a T-LoRA (timestep LoRA) trainer writes.
+    assert entry.metadata["ss_network_module"] == "transformed_lora"
+    assert entry.metadata["modelspec.description"].startswith("transformed LoRA (TLoRA, arXiv 2501.08727)")
     assert entry.metadata["ss_base_model_version"] == "sd_v1"
     assert entry.sd_version == host.network.SdVersion.SD1
     assert entry.metadata["modelspec.title"] == "tiny"
@@ -297,3 +299,22 @@ def test_startup_without_a_lora_loader_is_one_line_not_a_traceback(host, capsys,
     assert out.out == "" and out.err.count("\n") == 1, out
     assert out.err.startswith("[TLoRA] transformed LoRA (TLoRA, arXiv 2501.08727) not enabled: this webui has none "
                               "of the LoRA loaders it registers with")
+
+
+def test_files_are_told_apart_by_keys_not_by_ss_network_module(host, tmp_path):
+    """A file of ours written before the rename (ss_network_module "tlora") still applies as TLoRA; a T-LoRA file
+    (ordinary LoRA keys, and the same "tlora" that a T-LoRA trainer writes) stays the host's ordinary LoRA."""
+    from safetensors.torch import load_file, save_file
+    path, modules = refs.standard_file(tmp_path)
+    old = str(tmp_path / "old_tlora.safetensors")
+    save_file(load_file(path), old, metadata={"tlora.version": "1", "ss_network_module": "tlora"})
+    plain_path, plain_update = refs.write_plain_lora(str(tmp_path / "plain.safetensors"))
+    timestep = str(tmp_path / "timestep_lora.safetensors")
+    save_file(load_file(plain_path), timestep, metadata={"ss_network_module": "tlora",
+                                                         "ss_network_args": '{"algo": "tlora", "min_rank": 1}'})
+    layers = _model(host)
+    before = {p + ".weight": layer.weight.detach().clone() for p, layer in layers.items()}
+    host.errors.shown.clear()
+    got = _apply(host, layers, [old, timestep], 1.0)
+    assert host.errors.shown == []
+    refs.assert_file_and_plain_lora_applied(got, before, modules, plain_update, 1.0)
