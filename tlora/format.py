@@ -36,7 +36,8 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # How our files name their method where a card shows it (docs/FORMAT.md section 6): never "tlora" alone.
 NETWORK_MODULE = "transformed_lora"
-METHOD_DESCRIPTION = "transformed LoRA (TLoRA, arXiv 2501.08727), not T-LoRA (timestep-dependent LoRA)"
+METHOD = "transformed LoRA (TLoRA, arXiv 2501.08727)"  # also how the webui extension's lines name it
+METHOD_DESCRIPTION = f"{METHOD}, not T-LoRA (timestep-dependent LoRA)"
 # A header larger than this is not a TLoRA file (ours are a few hundred kB at most).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 # Nor is a file with more metadata entries than this (ours write about 45; kohya's LoRAs about 60):

@@ -29,7 +29,7 @@ __all__ = ["METHOD", "Entry", "Geometry", "ModuleAdapter", "PATCH_TYPE", "TLoRAE
 # Forge's patch type and the registries' adapter name; not "tlora", which is T-LoRA (LyCORIS, SD.Next).
 PATCH_TYPE = "transformed_lora"
 # How a user-facing line names the method, so that it is not read as T-LoRA (timestep LoRA).
-METHOD = "transformed LoRA (TLoRA, arXiv 2501.08727)"
+METHOD = tformat.METHOD
 has_module = tformat.has_tlora_module  # whether a module has TLoRA keys: a few lookups, no scan
 
 
