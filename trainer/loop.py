@@ -34,13 +34,14 @@ from .checkpointing import enable_checkpointing, restore_checkpointing
 from .distributed import AdapterParams, Distributed
 from .guard import LastGood, outputs_finite
 from .losses import Losses
-from .optim import adamw, clip_gradients, fast_forward, lr_scheduler
+from .ema import AdapterEMA
+from .optim import clip_gradients, fast_forward, load_canonical, lr_scale, lr_scheduler, make_optimizer
 from .previewing import Previews
 from .runs import RUNS, RunRegistry, StepReport, TrainResult
 from .sampling import PRECISION_DTYPES
 from .saving import Saving
 from .settings import TrainingError, TrainSettings, derived_seed, pick_precision
-from .state import load_resume
+from .state import TrainState, load_resume
 
 
 class TrainingDiverged(TrainingError):
@@ -88,6 +89,10 @@ class Trainer(Losses, Previews, Saving):
         self.last_sample: Tensor | None = None
         self._gen_state: Tensor | None = None
         self._start_step = 0
+        self._ema: AdapterEMA | None = None
+        self._raw_weights = False  # a diverged run keeps trained weights, never the EMA that took in its last steps
+        self.validation_examples: list = []
+        self._validation: list[dict[str, float]] = []  # held-out loss by step (trainer/validation.py)
 
     # ----- setup ------------------------------------------------------------------------
     def _ordered_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -166,45 +171,28 @@ class Trainer(Losses, Previews, Saving):
         named = self._ordered_params()
         self._params = [p for _, p in named]
         self._wrapped = self.dist.wrap(AdapterParams(self._params))
-        optimizer = adamw(self._params, cfg)
-        scheduler = lr_scheduler(optimizer, cfg)
+        optimizer = make_optimizer(named, cfg, self.device)
         self._amp_dtype = PRECISION_DTYPES[cfg.precision]
         scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         generator = torch.Generator().manual_seed(int(cfg.seed))
+        self._ema = AdapterEMA(self._params, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if state is not None:
             names = [n for n, _ in named]
             if state.param_names != names:
                 raise TrainingError("training state does not match this run's adapters (different targets "
                                     "or kinds); delete the .tlora-state file to continue from weights only")
-            optimizer.load_state_dict(state.optimizer)
-            saved_total = state.extra.get("total_steps", cfg.steps)
-            if saved_total == cfg.steps and state.extra.get("lr_schedule", cfg.lr_schedule) == cfg.lr_schedule:
-                scheduler.load_state_dict(state.scheduler)
-            else:
-                # Another length or schedule: the new schedule, taken to the current step.
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] = cfg.learning_rate
-                scheduler = lr_scheduler(optimizer, cfg)
-                fast_forward(scheduler, state.step)
-                self._note((
-                    f"resumed at step {state.step} with {cfg.steps} total steps ({cfg.lr_schedule}) instead of "
-                    f"{saved_total} ({state.extra.get('lr_schedule')}): the new schedule continues from there"))
-            if scaler is not None and state.scaler:
-                scaler.load_state_dict(state.scaler)
-            generator.set_state(state.generator)
-            saved_seed = state.extra.get("seed")
-            if isinstance(saved_seed, int) and saved_seed != cfg.seed:
-                # The noise continues from the saved generator: the file says which seed drew it.
-                self._note(f"resumed exactly: the noise continues from seed {saved_seed}; seed {cfg.seed} was not used")
-                self.settings = cfg = cfg.replace(seed=saved_seed)
+            scheduler = self._restore(state, optimizer, scaler, generator)
             self.step = state.step
             self.run_token = state.run_token
             self.history = [h for h in state.extra.get("history", []) if h.get("step", 0) <= state.step]
-        elif self._warm_start_step:
-            # Weights only: keep counting from the file's steps so names/metadata stay honest.
-            self.step = min(self._warm_start_step, cfg.steps)
-            generator.manual_seed(derived_seed(cfg.seed, self.step))
-            fast_forward(scheduler, self.step)
+            self._validation = [v for v in state.extra.get("validation", []) if v.get("step", 0) <= state.step]
+        else:
+            scheduler = lr_scheduler(optimizer, cfg)
+            if self._warm_start_step:
+                # Weights only: keep counting from the file's steps so names/metadata stay honest.
+                self.step = min(self._warm_start_step, cfg.steps)
+                generator.manual_seed(derived_seed(cfg.seed, self.step))
+                fast_forward(scheduler, self.step)
         if self.resume_path and self.step >= cfg.steps:
             # Nothing to train: saying so beats a "successful" run that changed nothing.
             raise TrainingError(f"{os.path.basename(self.resume_path)} has already been trained for {self.step} of "
@@ -218,6 +206,48 @@ class Trainer(Losses, Previews, Saving):
         self._times: list[float] = []
         self._register()
         self._prior = self._prior_examples(self._amp_dtype)
+
+    def _restore(self, state: TrainState, optimizer: torch.optim.Optimizer, scaler: Any,
+                 generator: torch.Generator) -> torch.optim.lr_scheduler.LRScheduler:
+        """Optimizer, rates, schedule, EMA, scaler and noise generator from the sidecar; the schedule to go on with."""
+        cfg = self.settings
+        saved_optimizer = state.extra.get("optimizer", "adamw")
+        same_groups = False
+        # The schedule first: making one sets the groups' rates, which the saved state then replaces.
+        scheduler = lr_scheduler(optimizer, cfg)
+        if saved_optimizer == cfg.optimizer:
+            same_groups = load_canonical(optimizer, self._params, state.optimizer)
+        else:
+            self._note(f"resumed with optimizer {cfg.optimizer} instead of {saved_optimizer}: its state starts fresh")
+        rates = [cfg.transform_lr_scale, cfg.residual_lr_scale]
+        saved_rates = state.extra.get("lr_scales", [1.0, 1.0])
+        saved_total = state.extra.get("total_steps", cfg.steps)
+        same_schedule = saved_total == cfg.steps and state.extra.get("lr_schedule", cfg.lr_schedule) == cfg.lr_schedule
+        if same_groups and same_schedule and saved_rates == rates:
+            scheduler.load_state_dict(state.scheduler)
+        else:
+            # Another length, schedule, grouping or part rates: the new schedule, taken to the current step.
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = cfg.learning_rate * lr_scale(cfg, group.get("name", "other"))
+            scheduler = lr_scheduler(optimizer, cfg)
+            fast_forward(scheduler, state.step)
+            if not same_schedule:
+                self._note(f"resumed at step {state.step} with {cfg.steps} total steps ({cfg.lr_schedule}) instead "
+                           f"of {saved_total} ({state.extra.get('lr_schedule')}): the new schedule continues from there")
+            if saved_rates != rates:
+                self._note(f"resumed at step {state.step} with transform/residual rates x{rates[0]:g}/x{rates[1]:g} "
+                           f"instead of x{saved_rates[0]:g}/x{saved_rates[1]:g}")
+        if self._ema is not None and not self._ema.load(state.tensors, state.extra.get("ema_updates", 0)):
+            self._note("the training state holds no moving average: the EMA starts again from the adapter's weights")
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        generator.set_state(state.generator)
+        saved_seed = state.extra.get("seed")
+        if isinstance(saved_seed, int) and saved_seed != cfg.seed:
+            # The noise continues from the saved generator: the file says which seed drew it.
+            self._note(f"resumed exactly: the noise continues from seed {saved_seed}; seed {cfg.seed} was not used")
+            self.settings = cfg.replace(seed=saved_seed)
+        return scheduler
 
     def _note(self, text: str) -> None:
         """Add a sentence to the file's resume note (several things can be worth saying about one resume)."""
@@ -267,7 +297,14 @@ class Trainer(Losses, Previews, Saving):
                 scaler.update()
             else:
                 optimizer.step()
+            if cfg.optimizer != "adamw":
+                # prodigyopt and bitsandbytes write through `.data`, which leaves the version counters the
+                # run-time layer reads (has the transform left its identity start?) where they were.
+                with torch.no_grad():
+                    torch._foreach_add_(self._params, 0.0)
             scheduler.step()
+            if self._ema is not None:
+                self._ema.update()
         self.step += 1
         self._gen_state = self._generator.get_state()
         elapsed = time.perf_counter() - started
@@ -342,6 +379,7 @@ class Trainer(Losses, Previews, Saving):
         tried = [step for step in self._good.steps() if step > self._start_step]
         kept_step = next((step for step in self._good.candidates(after=self._start_step) if self._outputs_finite()),
                          None)
+        self._raw_weights = True
         if kept_step is not None:
             self.step = kept_step
             self.history = [h for h in self.history if h["step"] <= self.step]

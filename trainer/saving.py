@@ -4,6 +4,7 @@ Part of the Trainer (trainer/loop.py), split out by topic: `Saving` is one of it
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from ..tlora import format as tformat
 from ..tlora.adapter import ModuleAdapter
 from ..tlora.fileio import atomic_write
+from .ema import WEIGHTS_KEY
+from .optim import canonical_state
 from .outputs import claim_output
 from .runs import TrainResult
 from .state import TrainState, state_path_for
@@ -20,8 +23,15 @@ class Saving:
     """The Trainer's file, metadata and state sidecar."""
 
     def current_adapters(self) -> dict[str, ModuleAdapter]:
-        """The adapters as trained so far, keyed by file prefix (float32, CPU)."""
-        return {key: module.to_adapter() for key, module in self.modules.items()}
+        """The adapters the file holds, keyed by file prefix (float32, CPU): the EMA when one is kept."""
+        with self.file_weights():
+            return {key: module.to_adapter() for key, module in self.modules.items()}
+
+    def file_weights(self) -> contextlib.AbstractContextManager[None]:
+        """The weights the file holds in the modules while the block runs: the EMA's when one is kept."""
+        ema = getattr(self, "_ema", None)
+        return ema.swapped_in() if ema is not None and not getattr(self, "_raw_weights", False) \
+            else contextlib.nullcontext()
 
     def _train_metadata(self, partial: bool, reason: str | None) -> dict[str, str]:
         """Settings, what this run did, and the host's facts, as the file's string metadata."""
@@ -49,6 +59,13 @@ class Saving:
             meta["tlora.train.num_class_images"] = str(max(len(self.data.prior), self.data.generate_prior))
         if reason:
             meta["tlora.train.stopped"] = reason
+        if self._ema is not None:
+            meta[WEIGHTS_KEY] = ("trained: the run diverged, so the moving average (which took in its last steps) "
+                                 "was not kept" if self._raw_weights else self._ema.describe())
+        if self._validation:
+            last = self._validation[-1]
+            meta["tlora.train.validation_loss"] = f"{last['val']:.6g}"
+            meta["tlora.train.validation_images"] = str(len(self.validation_examples))
         meta.update({k: str(v) for k, v in self.metadata.items()})
         return meta
 
@@ -64,12 +81,17 @@ class Saving:
             return metadata
         sidecar = None
         if state:
-            sidecar = TrainState(self.step, self.run_token, self._optimizer.state_dict(), self._scheduler.state_dict(),
-                                 self._gen_state, [n for n, _ in self._ordered_params()],
-                                 self._scaler.state_dict() if self._scaler is not None else None,
-                                 {"history": self.history[-10000:], "total_steps": self.settings.steps,
-                                  "lr_schedule": self.settings.lr_schedule, "seed": int(self.settings.seed)}
-                                 ).to_bytes()
+            cfg = self.settings
+            extra = {"history": self.history[-10000:], "total_steps": cfg.steps, "lr_schedule": cfg.lr_schedule,
+                     "seed": int(cfg.seed), "optimizer": cfg.optimizer,
+                     "lr_scales": [cfg.transform_lr_scale, cfg.residual_lr_scale],
+                     "validation": self._validation[-10000:]}
+            if self._ema is not None:
+                extra["ema_updates"] = self._ema.updates
+            sidecar = TrainState(self.step, self.run_token, canonical_state(self._optimizer, self._params),
+                                 self._scheduler.state_dict(), self._gen_state, [n for n, _ in self._ordered_params()],
+                                 self._scaler.state_dict() if self._scaler is not None else None, extra,
+                                 self._ema.state() if self._ema is not None else {}).to_bytes()
         ours = self.output_path is not None and os.path.abspath(path) == os.path.abspath(self.output_path)
         if ours and not self._claimed:
             # A new run's first file claims its name: if another run wrote that name since this
@@ -93,7 +115,9 @@ class Saving:
 
     def _finish(self, partial: bool) -> TrainResult:
         # The adapter after the last step is the one no training step has run: checked before it is kept.
-        if not self._outputs_finite():
+        with self.file_weights():
+            finite = self._outputs_finite()
+        if not finite:
             self._diverged("output of the final adapter", float("nan"), at_step=self.step)
         metadata = self._train_metadata(partial, None)
         if self.output_path:

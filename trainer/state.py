@@ -51,10 +51,13 @@ class TrainState:
     param_names: list[str]
     scaler: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Other tensors a run keeps (the adapter's EMA and, when the file holds the EMA, the trained weights).
+    tensors: dict[str, Tensor] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """safetensors bytes: tensors as tensors, everything else as JSON metadata (no pickle)."""
         tensors: dict[str, Tensor] = {"rng.generator": self.generator.clone()}
+        tensors.update({f"keep.{k}": v.detach().cpu().contiguous().clone() for k, v in self.tensors.items()})
         state = {}
         for index, entry in self.optimizer["state"].items():
             plain = {}
@@ -99,7 +102,8 @@ class TrainState:
                        optimizer={"state": state, "param_groups": parse_json(meta["optimizer.param_groups"])},
                        scheduler=parse_json(meta["scheduler"]), generator=tensors["rng.generator"],
                        param_names=parse_json(meta["param_names"]), scaler=parse_json(meta["scaler"]),
-                       extra=parse_json(meta["extra"]))
+                       extra=parse_json(meta["extra"]),
+                       tensors={k[5:]: v for k, v in tensors.items() if k.startswith("keep.")})
         except (OSError, KeyError, ValueError, TLoRAError) as err:
             # The file's own name, never the folder: messages reach the UI and the history.
             name = os.path.basename(path)
