@@ -261,3 +261,14 @@ def test_startup_script_names_neo_and_registers_once(host, capsys):
     assert out.out.count(line) == 2 and out.out.count("\n") == 2 and out.err == "", out
     assert [getattr(a, "name", None) for a in host.registry.adapters].count("transformed_lora") == 1
     assert host.networks.load_lora_for_models.__wrapped__.__module__ == "networks"  # wrapped once, not twice
+
+
+def test_applied_modules_are_read_from_a_comfyui_style_patcher_too(host, tmp_path):
+    """Neo builds whose ModelPatcher is ComfyUI's (one `patches` dict, no per-file `lora_patches`) are read as well:
+    the check that every module became a patch must not refuse every file there."""
+    from safetensors.torch import load_file
+    from tlora_webui import perfile
+    path, _ = refs.standard_file(tmp_path)
+    patches, _ = host.networks.load_lora(load_file(path), refs.generic_key_map(refs.tiny_model()))
+    comfy_style = types.SimpleNamespace(patches={k: [(1.0, v, 1.0, None, None)] for k, v in patches.items()})
+    assert perfile.applied_modules([comfy_style, None], path) == {refs.LIN, refs.CONV}

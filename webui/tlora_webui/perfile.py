@@ -34,11 +34,12 @@ def applied_modules(patchers: Iterable[object], filename: str) -> set[str]:
     names: set[str] = set()
     for patcher in patchers:
         patcher = getattr(patcher, "patcher", patcher)  # a CLIP holds its ModelPatcher
-        for identifier, patches in (getattr(patcher, "lora_patches", None) or {}).items():
-            if identifier and identifier[0] == filename:
-                for entries in patches.values():
-                    for entry in entries:
-                        names |= adapter_names(entry[1])
+        per_file = [p for i, p in (getattr(patcher, "lora_patches", None) or {}).items() if i and i[0] == filename]
+        # A ComfyUI-style patcher (some Neo builds) keeps every file's patches in one `patches` dict.
+        for patches in per_file or [getattr(patcher, "patches", None) or {}]:
+            for entries in patches.values():
+                for entry in entries:
+                    names |= adapter_names(entry[1])
     return names
 
 
