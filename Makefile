@@ -38,7 +38,7 @@ test-03: bootstrap
 
 # The diffusers binding: applying files to diffusers models, the command-line trainer, accelerate.
 test-diffusers: bootstrap
-	$(PYDIFF) -m pytest tests/diffusers -q -ra
+	$(PYDIFF) -m pytest tests/diffusers tests/webui/test_sdnext.py -q -ra
 
 test-browser: bootstrap
 	$(PY) -m pytest tests/browser -q

@@ -7,7 +7,7 @@
 #      nearly every test there drives host code that changes between versions) and the browser tests
 #      marked `every_host` (the panel and the card on that host's own frontend); each leg runs when the
 #      bootstrap installed that host
-#   3. the diffusers binding (.venv-diffusers), run BESIDE legs 1-2: its runs are one-thread subprocesses
+#   3. the diffusers binding and SD.Next's webui tests (.venv-diffusers), run BESIDE legs 1-2: its runs are one-thread subprocesses
 #      that leave the second core to the ComfyUI legs, and running it after them would add its whole time
 #      to CI. Its output is kept in tests/artifacts/diffusers-leg.log and printed after the ComfyUI legs.
 # Exits non-zero if any leg failed (after all have finished, so every leg's result is shown).
@@ -19,7 +19,8 @@ mkdir -p tests/artifacts
 LOG=tests/artifacts/diffusers-leg.log
 
 echo "[test] the diffusers binding (diffusers, accelerate, PEFT) runs beside the ComfyUI legs: $LOG"
-( "$PYDIFF" -m pytest tests/diffusers -q -ra > "$LOG" 2>&1 ) &
+# SD.Next's LoRA code imports diffusers: its webui tests run here too (they skip in .venv, saying so).
+( "$PYDIFF" -m pytest tests/diffusers tests/webui/test_sdnext.py -q -ra > "$LOG" 2>&1 ) &
 DIFF_PID=$!
 
 status=0
