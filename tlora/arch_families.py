@@ -189,8 +189,25 @@ class ErnieImageConfig:
 
 
 def from_diffusers(class_name: str, c: dict) -> tuple[str, object] | None:
-    """(family, table config) of a diffusers transformer from its class name and config (any size), else None."""
+    """(family, table config) of a diffusers transformer from its class name and config (any size), else None.
+
+    The one reader of diffusers transformer configs (the diffusers binding and SD.Next's renaming both
+    use it). Raises ValueError for an SD3 whose width is not 64 x depth (ComfyUI's names assume it).
+    """
+    from . import arch  # noqa: PLC0415 (arch imports this module's configs)
     heads = int(c.get("num_attention_heads", 0) or 0) * int(c.get("attention_head_dim", 0) or 0)
+    if class_name == "FluxTransformer2DModel":
+        return "flux", arch.FluxConfig(heads, int(c["num_layers"]), int(c["num_single_layers"]), 4.0,
+                                       int(c["in_channels"]), int(c["joint_attention_dim"]),
+                                       int(c["pooled_projection_dim"]), bool(c.get("guidance_embeds", False)))
+    if class_name == "SD3Transformer2DModel":
+        depth = int(c["num_layers"])
+        if heads != 64 * depth:
+            raise ValueError(f"SD3 transformer with {heads} channels at depth {depth}: ComfyUI's generic names "
+                             f"assume 64 x depth channels (as every released SD3/SD3.5)")
+        return "sd3", arch.MMDiTConfig(depth, tuple(c.get("dual_attention_layers", ()) or ()))
+    if class_name == "QwenImageTransformer2DModel":
+        return "qwen-image", arch.QwenImageConfig()
     if class_name == "Flux2Transformer2DModel":
         return "flux2", Flux2Config(heads, c["num_layers"], c["num_single_layers"], c["joint_attention_dim"],
                                     bool(c.get("guidance_embeds", True)), c.get("in_channels", 128),

@@ -31,33 +31,20 @@ def _prefix(pipe, component: str) -> str:
     return {"text_encoder_2": "lora_te2_"}.get(component, f"lora_{component}_")
 
 
-def _cfg(model, key: str, default=None):
-    config = getattr(model, "config", None) or {}
-    return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-
-
 def transformer_arch(transformer) -> core.tarch.Arch | None:
     """The core's table for a live diffusers transformer of any size (None: a family the core does not table).
 
-    Flux.1 and SD3 as the diffusers binding builds them (trainer/diffusers/inference/mapping.py `arch_of`,
-    which a webui cannot import), the newer families by `tlora.arch_families.from_diffusers`.
+    The core's one reader of diffusers transformer configs (`tlora.arch_families.from_diffusers`), as the
+    diffusers binding's `arch_of` uses it.
     """
     from tlora import arch_families
-    cls = type(transformer).__name__
-    heads = int(_cfg(transformer, "num_attention_heads", 0) or 0) * int(_cfg(transformer, "attention_head_dim", 0) or 0)
-    if cls == "FluxTransformer2DModel":
-        family, denoiser = "flux", core.tarch.FluxConfig(
-            heads, int(_cfg(transformer, "num_layers")), int(_cfg(transformer, "num_single_layers")), 4.0,
-            int(_cfg(transformer, "in_channels")), int(_cfg(transformer, "joint_attention_dim")),
-            int(_cfg(transformer, "pooled_projection_dim")), bool(_cfg(transformer, "guidance_embeds")))
-    elif cls == "SD3Transformer2DModel":
-        family, denoiser = "sd3", core.tarch.MMDiTConfig(int(_cfg(transformer, "num_layers")),
-                                                          tuple(_cfg(transformer, "dual_attention_layers", ()) or ()))
-    else:
-        found = arch_families.from_diffusers(cls, dict(getattr(transformer, "config", {}) or {}))
-        if found is None:
-            return None
-        family, denoiser = found
+    try:
+        found = arch_families.from_diffusers(type(transformer).__name__, dict(getattr(transformer, "config", {}) or {}))
+    except ValueError:  # an SD3 ComfyUI's names do not describe
+        return None
+    if found is None:
+        return None
+    family, denoiser = found
     return core.tarch.Arch(family, denoiser, (), "", "", "")
 
 

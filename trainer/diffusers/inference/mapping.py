@@ -89,30 +89,15 @@ def arch_of(roots: Mapping[str, nn.Module]) -> tuple[str, arch_mod.Arch]:
     if found and found[0] == "unet":
         family = "sdxl" if _cfg(found[1], "addition_embed_type") == "text_time" else "sd15"
         denoiser: Any = unet_config(found[1])
-    elif cls == "FluxTransformer2DModel":
-        t = found[1]
-        hidden = int(_cfg(t, "num_attention_heads")) * int(_cfg(t, "attention_head_dim"))
-        family = "flux"
-        denoiser = arch_mod.FluxConfig(hidden, int(_cfg(t, "num_layers")), int(_cfg(t, "num_single_layers")),
-                                       4.0, int(_cfg(t, "in_channels")), int(_cfg(t, "joint_attention_dim")),
-                                       int(_cfg(t, "pooled_projection_dim")), bool(_cfg(t, "guidance_embeds")))
-    elif cls == "SD3Transformer2DModel":
-        t = found[1]
-        depth = int(_cfg(t, "num_layers"))
-        hidden = int(_cfg(t, "num_attention_heads")) * int(_cfg(t, "attention_head_dim"))
-        if hidden != 64 * depth:
-            raise TLoRAApplyError(f"SD3 transformer with {hidden} channels at depth {depth}: ComfyUI's generic "
-                                  f"names assume 64 x depth channels (as every released SD3/SD3.5)")
-        family = "sd3"
-        denoiser = arch_mod.MMDiTConfig(depth, tuple(_cfg(t, "dual_attention_layers", ()) or ()))
-    elif cls == "QwenImageTransformer2DModel":
-        family, denoiser = "qwen-image", arch_mod.QwenImageConfig()
-    elif found and families.from_diffusers(cls, dict(found[1].config)) is not None:
-        # Flux.2, Chroma, Z-Image, Wan, ERNIE-Image: the live transformer's table (tlora/arch_families.py)
-        family, denoiser = families.from_diffusers(cls, dict(found[1].config))
     elif found:
-        raise TLoRAApplyError(f"unsupported diffusers {found[0]} {cls} (supported: UNet2DConditionModel, "
-                              f"{', '.join(TRANSFORMER_CLASSES)})")
+        try:  # Flux.1, SD3, Qwen-Image, Flux.2, Chroma, Z-Image, Wan, ERNIE-Image: the live transformer's table
+            table = families.from_diffusers(cls, dict(found[1].config))
+        except ValueError as err:
+            raise TLoRAApplyError(str(err)) from None
+        if table is None:
+            raise TLoRAApplyError(f"unsupported diffusers {found[0]} {cls} (supported: UNet2DConditionModel, "
+                                  f"{', '.join(TRANSFORMER_CLASSES)})")
+        family, denoiser = table
     else:
         family, denoiser = "clip", arch_mod.QwenImageConfig(layers=0)
     tes = tuple(_clip_config(name, roots[comp]) for name, comp in names.TEXT_ENCODER_COMPONENT.items()
