@@ -301,7 +301,7 @@ class Arch:
     denoiser: (UNetConfig | FluxConfig | MMDiTConfig | QwenImageConfig | Flux2Config | ChromaConfig | ZImageConfig
                | WanConfig | ErnieImageConfig)
     text_encoders: tuple[TextEncoderConfig, ...]
-    modelspec: str  # modelspec.architecture of the base; TLoRA files append "/tlora"
+    modelspec: str  # modelspec.architecture of the base; TLoRA files append "/transformed-lora"
     host_model: str  # the class name in ComfyUI's supported_models (a ModelPatcher's model_config)
     base_version: str  # ss_base_model_version as kohya's sd-scripts / musubi-tuner write it
 
@@ -472,8 +472,11 @@ def targets(arch: str, preset: str = "attn", text_encoder: bool = False,
 
 
 def modelspec_architecture(arch: str) -> str:
-    """modelspec.architecture of a TLoRA for this base, e.g. `stable-diffusion-v1/tlora`."""
-    return f"{_arch(arch).modelspec}/tlora"
+    """modelspec.architecture of a TLoRA for this base, e.g. `stable-diffusion-v1/transformed-lora`.
+
+    Not `/tlora`, which files before 2026-12 had: T-LoRA (timestep LoRA) tools use that name too.
+    """
+    return f"{_arch(arch).modelspec}/transformed-lora"
 
 
 # ----- kohya-style names -------------------------------------------------------------

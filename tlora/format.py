@@ -359,7 +359,7 @@ def metadata_from_summary(summary: Mapping[str, Any], metadata: Mapping[str, Any
     known = isinstance(arch_name, str) and arch_name in arch_mod.ARCHS
     out: dict[str, str] = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": arch_mod.modelspec_architecture(arch_name) if known else "unknown/tlora",
+        "modelspec.architecture": arch_mod.modelspec_architecture(arch_name) if known else "unknown/transformed-lora",
         "modelspec.implementation": "ComfyUI-TLoRA",
         "modelspec.title": str(cfg.get("title") or title),
         # What a card shows beside the title; "tlora" alone is T-LoRA (timestep LoRA) in LyCORIS and other tools.

@@ -186,7 +186,7 @@ def test_sdxl_adapter_on_an_sd15_model(sd15, loras_dir):
     assert "8 of 8 modules did not match (4 not in this model, e.g. diffusion_model.input_blocks.4." in msg, msg
     assert "4 with other shapes, e.g. diffusion_model.middle_block.1." in msg
     assert "-wide but the weight has 64 inputs" in msg
-    assert "made for stable-diffusion-xl-v1-base/tlora" in msg and "Nothing was applied" in msg
+    assert "made for stable-diffusion-xl-v1-base/transformed-lora" in msg and "Nothing was applied" in msg
     assert not m.patcher.patches
     assert_all_base(R.patched_weights(m.patcher), base, "sdxl on sd15")
 

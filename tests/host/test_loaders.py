@@ -368,7 +368,7 @@ def test_info_node_describes_the_file(sd15, loras_dir):
     assert f"{params:,} parameters in {len(shapes)} modules" in text, text
     size_mb = f"{__import__('os').path.getsize(path) / 1e6:.2f} MB"
     assert size_mb in text
-    assert "architecture: unknown/tlora" in text
+    assert "architecture: unknown/transformed-lora" in text
     assert "trm:2 + tr:3 x" in text and "none + lora:2 x" in text and "diag + tr:2 x" in text
     assert "tlora.train.steps: 250" in text and "ss_output_name: info" in text
     assert "targets=attn" in text and "shapes=auto" in text

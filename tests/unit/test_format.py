@@ -99,7 +99,7 @@ def test_metadata_and_config(tmp_path) -> None:
     meta = read_metadata(path)
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["tlora.version"] == "1"
-    assert meta["modelspec.architecture"] == "stable-diffusion-v1/tlora"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/transformed-lora"
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.title"] == "my adapter"
     assert meta["tlora.train.steps"] == "500" and meta["ss_output_name"] == "sks dog"
@@ -315,7 +315,7 @@ def test_inspect_good_file(tmp_path, capsys) -> None:
     assert info["params_by_kind"]["trm:2"] + info["params_by_kind"]["tr:3"] == info["params"]
     assert cli.main(["inspect", path]) == 0
     text = capsys.readouterr().out
-    assert "modules: 2" in text and "stable-diffusion-v1/tlora" in text
+    assert "modules: 2" in text and "stable-diffusion-v1/transformed-lora" in text
 
 
 def test_format_doc_worked_example(tmp_path) -> None:
