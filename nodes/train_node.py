@@ -153,7 +153,7 @@ class TLoRATrain(io.ComfyNode):
             clips=clip_list)
         payload = adapter_payload(result, file_name, arch)
         new_model, new_clip = apply_payload(payload, model, clip, 1.0, 1.0)
-        curve = loss_curve(result.history, title=f"{file_name}: {settings.loss} loss")
+        curve = loss_curve(result.history, title=f"{file_name}: {settings.loss} loss", validation=result.validation)
         return io.NodeOutput(new_model, new_clip, payload, curve, file_name, ui=ui.PreviewImage(curve, cls=cls))
 
 

@@ -18,7 +18,7 @@ from ..tlora.adapter import ModuleAdapter
 from ..tlora.module import TLoRAModule
 from ..tlora.runtime import geometry_of
 from ..tlora.spec import DEFAULT_RESIDUAL, DEFAULT_TRANSFORM
-from .data import Cond, Denoiser, TrainData
+from .data import Cond, Denoiser, TextCond, TrainData
 from .distributed import Distributed
 from .runs import StepReport
 from .schedule import Schedule
@@ -72,6 +72,10 @@ class Binding:
     file_config: Mapping[str, Any] = field(default_factory=dict)
     extra_params: Sequence[nn.Parameter] = ()
     distributed: Distributed | None = None  # several processes (see trainer/distributed.py); None: one
+    # A caption's cached conditioning for a latent shape (shuffled tags, caption dropout, preview prompts);
+    # `downscale` pixels per latent cell (a preview's own size). None: those options are refused.
+    text_cond: TextCond | None = None
+    downscale: int = 8
 
 
 def select_targets(root: nn.Module, preset: str = "attn", with_convs: bool = False,

@@ -19,6 +19,8 @@ from .settings import TrainingError
 Cond = dict[str, Tensor]
 # denoiser(x_t, timestep, cond) -> the model's prediction in its own target space (eps, v or velocity).
 Denoiser = Callable[[Tensor, Tensor, Cond], Tensor]
+# text_cond(caption, latent shape) -> the cached (no-grad) conditioning of a caption for latents of that shape.
+TextCond = Callable[[str, tuple[int, ...]], Cond]
 
 
 @dataclass
@@ -28,6 +30,10 @@ class Example:
     latent: Tensor
     cond: Cond
     caption: str = ""
+    # Shuffled-tag variants of the caption and their cached conditionings; the empty caption's (dropout).
+    variants: list[str] = field(default_factory=list)
+    variant_conds: list[Cond] = field(default_factory=list)
+    dropped_cond: Cond | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ modified, copied or trained.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -42,6 +43,8 @@ from .sampling import PRECISION_DTYPES
 from .saving import Saving
 from .settings import TrainingError, TrainSettings, derived_seed, pick_precision
 from .state import TrainState, load_resume
+from .timesteps import training_schedule
+from . import validation
 
 
 class TrainingDiverged(TrainingError):
@@ -64,9 +67,16 @@ class Trainer(Losses, Previews, Saving):
             raise TrainingError("class_prompt is set but prior preservation has no class images: set "
                                 "num_class_images (the base model generates them) or give class images, or "
                                 "clear class_prompt")
+        if (settings.shuffle_tags or settings.caption_dropout > 0) and binding.encode is None \
+                and binding.text_cond is None:
+            raise TrainingError("shuffle_tags and caption_dropout need captions encoded again, which this host does "
+                                "not offer (no text_cond in its binding): turn them off")
         self.binding = binding
         self.groups = list(binding.groups)
-        self.denoiser, self.schedule, self.data = binding.denoiser, binding.schedule, data
+        train_part, held_out = validation.split(data.instance, settings)
+        # The held-out images never train: the engine's data is the rest (the host's TrainData is left as it is).
+        self.data = dataclasses.replace(data, instance=train_part)
+        self.denoiser, self.schedule = binding.denoiser, training_schedule(binding.schedule, settings)
         self.dist = binding.distributed or Distributed()
         self.device = torch.device(binding.device) if binding.device is not None else data.instance[0].latent.device
         # "auto" precision is resolved once, here: the file says what the run used.
@@ -91,8 +101,12 @@ class Trainer(Losses, Previews, Saving):
         self._start_step = 0
         self._ema: AdapterEMA | None = None
         self._raw_weights = False  # a diverged run keeps trained weights, never the EMA that took in its last steps
-        self.validation_examples: list = []
+        self.validation_examples: list = held_out
         self._validation: list[dict[str, float]] = []  # held-out loss by step (trainer/validation.py)
+        self._validator: validation.Validation | None = None
+        self._previews: list[dict[str, Any]] = []
+        self.last_samples: list[Tensor] = []
+        self.preview_index = 0
 
     # ----- setup ------------------------------------------------------------------------
     def _ordered_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -206,6 +220,10 @@ class Trainer(Losses, Previews, Saving):
         self._times: list[float] = []
         self._register()
         self._prior = self._prior_examples(self._amp_dtype)
+        self._prepare_captions()
+        self._previews = self._preview_list()
+        if self.validation_examples:
+            self._validator = validation.Validation(self.validation_examples, self.schedule, cfg.seed)
 
     def _restore(self, state: TrainState, optimizer: torch.optim.Optimizer, scaler: Any,
                  generator: torch.Generator) -> torch.optim.lr_scheduler.LRScheduler:
@@ -316,11 +334,14 @@ class Trainer(Losses, Previews, Saving):
         # The step is done: the registry knows it before previews or saves can fail.
         self.registry.update(self.run_id, {**point, "step_time": elapsed, "eta": eta,
                                            "grad_norm": grad_norm, "steps": cfg.steps})
+        val_loss = self._maybe_validate()
+        if val_loss is not None:
+            self.registry.set_validation(self.run_id, self.step, val_loss)
         sample, sample_latent = self._maybe_sample(self._amp_dtype)
         if self.output_path and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
             self.save(self.output_path, partial=True)
         report = StepReport(self.run_id, self.step, cfg.steps, loss_sum, mse_sum, lr, elapsed, eta,
-                            grad_norm, sample, sample_latent)
+                            grad_norm, sample, sample_latent, list(self.last_samples), val_loss)
         if self.binding.observer is not None:
             self.binding.observer(report)
         return report

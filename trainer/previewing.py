@@ -5,12 +5,15 @@ Part of the Trainer (trainer/loop.py), split out by topic: `Previews` is one of 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import captions
 from .binding import host_view
 from .data import Example
+from .prompts import PreviewPrompt, parse_previews
 from .sampling import class_examples, ddim_sample
 from .settings import derived_seed
 
@@ -27,31 +30,96 @@ class Previews:
         finally:
             self._set_strength(1.0)
 
-    def _maybe_sample(self, amp_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
+    def _prepare_captions(self) -> None:
+        """Shuffled-tag variants and the empty caption's conditioning for each training image, encoded once."""
         cfg = self.settings
-        if not (cfg.sample_every and self.data.sample_cond is not None and self.data.sample_shape is not None
-                and self.dist.is_main):
-            return None, None
-        if self.step % cfg.sample_every and self.step != cfg.steps:
-            return None, None
-        latent = self.sample(amp_dtype)
-        image = None
-        if self.binding.decode is not None:
-            # Inference only: no graph may reach into the host's decoder (its weights can be
-            # inference tensors, which autograd refuses to save), and none is needed.
-            with self.host_view(), torch.no_grad():
-                image = self.binding.decode(latent)
-            if isinstance(image, Tensor):
-                image = image.detach()
-        self.last_sample = image
-        return image, latent
+        if not cfg.shuffle_tags and cfg.caption_dropout <= 0:
+            return
+        text_cond, empty = self.binding.text_cond, {}
+        for example, variants in zip(self.data.instance, captions.caption_choices(self.data.instance, cfg)):
+            shape = tuple(example.latent.shape)
+            example.variants = variants if len(variants) > 1 else []
+            if self.binding.encode is not None or text_cond is None:
+                continue  # a trained text encoder encodes the drawn caption every step
+            example.variant_conds = [text_cond(v, shape) for v in example.variants]
+            if cfg.caption_dropout > 0:
+                if shape not in empty:
+                    empty[shape] = text_cond("", shape)
+                example.dropped_cond = empty[shape]
 
-    def sample(self, amp_dtype: torch.dtype | None = None) -> Tensor:
-        """A preview latent from the sample prompt with the adapters as they are now (fixed seed)."""
-        gen = torch.Generator().manual_seed(derived_seed(self.settings.seed, 104729))
-        return ddim_sample(self.denoiser, self.schedule, self.data.sample_cond, self.data.sample_uncond,
-                           (1, *self.data.sample_shape), self.settings.sample_steps, self.settings.sample_cfg, gen,
-                           self.device, amp_dtype)
+    def _preview_list(self) -> list[dict[str, Any]]:
+        """Each preview prompt with its conditionings and latent shape (the host's one preview without text_cond)."""
+        cfg, data = self.settings, self.data
+        if not cfg.sample_every or data.sample_shape is None or not self.dist.is_main:
+            return []
+        if self.binding.text_cond is None:
+            if data.sample_cond is None:
+                return []
+            return [{"prompt": PreviewPrompt(cfg.sample_prompt, "", cfg.resolution, cfg.resolution, cfg.sample_steps,
+                                             cfg.sample_cfg), "cond": data.sample_cond, "uncond": data.sample_uncond,
+                     "shape": tuple(data.sample_shape)}]
+        out = []
+        ds = max(int(self.binding.downscale), 1)
+        for prompt in parse_previews(cfg.sample_prompt, cfg.instance_prompt, cfg.resolution, cfg.sample_steps,
+                                     cfg.sample_cfg):
+            shape = tuple(data.sample_shape[:-2]) + (prompt.height // ds, prompt.width // ds)
+            out.append({"prompt": prompt, "shape": shape, "cond": self.binding.text_cond(prompt.prompt, shape),
+                        "uncond": self.binding.text_cond(prompt.negative, shape)})
+        return out
+
+    def _maybe_sample(self, amp_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
+        """This step's previews (every sample_every steps and at the end): (first image, first latent)."""
+        cfg = self.settings
+        self.last_samples: list[Tensor] = []
+        if not self._previews or (self.step % cfg.sample_every and self.step != cfg.steps):
+            return None, None
+        first_image = first_latent = None
+        for index in range(len(self._previews)):
+            self.preview_index = index  # which preview a host's decode is writing (file names)
+            latent = self.sample(amp_dtype, index)
+            image = None
+            if self.binding.decode is not None:
+                # Inference only: no graph may reach into the host's decoder (its weights can be
+                # inference tensors, which autograd refuses to save), and none is needed.
+                with self.host_view(), torch.no_grad():
+                    image = self.binding.decode(latent)
+                if isinstance(image, Tensor):
+                    image = image.detach()
+                    self.last_samples.append(image)
+            if index == 0:
+                first_image, first_latent = image, latent
+        self.last_sample = first_image
+        return first_image, first_latent
+
+    def sample(self, amp_dtype: torch.dtype | None = None, index: int = 0) -> Tensor:
+        """A preview latent of one preview prompt with the adapters the file would hold now (fixed seed)."""
+        preview = self._previews[index]
+        prompt: PreviewPrompt = preview["prompt"]
+        cond, uncond = preview["cond"], preview["uncond"]
+        if self.binding.encode is not None:  # a trained text encoder: its prompts as it encodes them now
+            with torch.no_grad():
+                cond, uncond = self.binding.encode([prompt.prompt]), self.binding.encode([prompt.negative])
+        seed = prompt.seed if prompt.seed is not None else derived_seed(self.settings.seed, 104729)
+        gen = torch.Generator().manual_seed(seed)
+        with self.file_weights():
+            return ddim_sample(self.denoiser, self.schedule, cond, uncond, (1, *preview["shape"]), prompt.steps,
+                               prompt.cfg, gen, self.device, amp_dtype)
+
+    def _maybe_validate(self) -> float | None:
+        """The held-out loss on validate_every steps and the last (None on other steps or without a hold-out)."""
+        cfg = self.settings
+        if self._validator is None or not self.dist.is_main:
+            return None
+        if self.step % cfg.validate_every and self.step != cfg.steps:
+            return None
+        conds = None
+        if self.binding.encode is not None:
+            with torch.no_grad():
+                conds = [self.binding.encode([ex.caption]) for ex in self.validation_examples]
+        with self.file_weights():
+            value = self._validator.loss(self.denoiser, self.device, self._amp_dtype, conds)
+        self._validation.append({"step": self.step, "val": value})
+        return value
 
     def host_view(self) -> contextlib.AbstractContextManager[None]:
         """The model's own module tree while a host touches it (see binding.host_view)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -46,6 +46,18 @@ class RunRegistry:
             if "sample" not in state and "sample" in previous:
                 run["state"]["sample"] = previous["sample"]  # the latest sample stays until a newer one
             run["history"].append({k: state[k] for k in ("step", "loss", "lr") if k in state})
+
+    def set_validation(self, run_id: str, step: int, loss: float) -> None:
+        """Record a held-out loss: on the step's history point and as the latest `val_loss`."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                return
+            run["state"] = {**run["state"], "val_loss": loss}
+            for point in reversed(run["history"]):
+                if point.get("step") == step:
+                    point["val_loss"] = loss
+                    break
 
     def set_sample(self, run_id: str, sample: Mapping[str, Any]) -> None:
         """Record the run's newest sample (e.g. a host's image reference with its step)."""
@@ -94,6 +106,8 @@ class StepReport:
     grad_norm: float
     sample: Tensor | None = None  # (H, W, 3) in [0, 1], only on steps that made one
     sample_latent: Tensor | None = None
+    samples: list[Tensor] = field(default_factory=list)  # every preview prompt's image (sample is the first)
+    val_loss: float | None = None  # the held-out loss, on steps that measured it
 
 
 @dataclass
@@ -110,3 +124,4 @@ class TrainResult:
     partial: bool
     metadata: dict[str, str]
     last_sample: Tensor | None = None
+    validation: list[dict[str, float]] = field(default_factory=list)  # held-out loss by step ({step, val})

@@ -124,7 +124,7 @@ class Saving:
             metadata = self.save(self.output_path, partial=partial)
         return TrainResult(self.run_id, self.current_adapters(), self.step, self.settings.steps,
                            self.history[-1]["loss"] if self.history else None, list(self.history),
-                           self.output_path, partial, metadata, self.last_sample)
+                           self.output_path, partial, metadata, self.last_sample, list(self._validation))
 
 
 def _stem(path: str) -> str:

@@ -20,6 +20,7 @@ from ..tlora.adapter import layout
 from ..tlora.arch import PRESETS as TARGET_PRESETS
 from ..tlora.functional.trm import FORMS as TRANSFORM_FORMS
 from ..tlora.errors import TLoRAError
+from .prompts import parse_previews
 from ..tlora.shapes import SHAPE_PRESETS
 from ..tlora.spec import DEFAULT_RESIDUAL, DEFAULT_TRANSFORM, Kind, parse_residual, parse_transform
 
@@ -261,6 +262,11 @@ class TrainSettings:
             raise TrainingError(f"{name('optimizer')} prodigy (prodigyopt) takes one rate for every part: set "
                                 f"{name('transform_lr_scale')} and {name('residual_lr_scale')} alike, or use adamw "
                                 f"or adafactor for separate rates")
+        try:
+            parse_previews(self.sample_prompt, self.instance_prompt, self.resolution, self.sample_steps,
+                           self.sample_cfg)
+        except TLoRAError as err:
+            raise TrainingError(f"{name('sample_prompt')}: {err}") from None
         if self.warmup_steps and self.warmup_steps >= self.steps:
             raise TrainingError(f"{name('warmup_steps')}: the warm-up ({self.warmup_steps} steps) must be shorter than the run "
                                 f"({self.steps} steps)")

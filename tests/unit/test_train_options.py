@@ -6,6 +6,7 @@ weights each step left, the draw distribution from its closed-form CDF), never t
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -158,3 +159,167 @@ def test_old_single_group_sidecar_loads_into_parts(tmp_path):
     for a, b in zip([one.state[p] for p in params], [split.state[p] for p in params]):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert math.isclose(split.param_groups[0]["lr"], 1e-2)
+
+
+# ----- timestep draws ---------------------------------------------------------------------------------
+TS = pack_module("trainer.timesteps")
+
+
+def monte_carlo(kind, levels, n, shift=1.0, mean=0.0, std=1.0, seed=0):
+    """Index frequencies drawn as the trainers draw them (z from the distribution, shift, then the bin)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        z = torch.rand(n, generator=g, dtype=torch.float64)
+    else:
+        m = mean if kind == "logit-normal" else 0.0
+        z = torch.sigmoid(m + std * torch.randn(n, generator=g, dtype=torch.float64))
+    u = shift * z / (1 + (shift - 1) * z)
+    index = (torch.ceil(u * levels) - 1).clamp(0, levels - 1).long()
+    return torch.bincount(index, minlength=levels).double() / n
+
+
+@pytest.mark.parametrize("kind, shift, mean, std", [("uniform", 1.0, 0, 1), ("uniform", 3.0, 0, 1),
+                                                    ("logit-normal", 1.0, 0.5, 0.8), ("sigmoid", 1.0, 0, 1.3),
+                                                    ("shift", 3.1582, 0, 1.0)])
+def test_training_draws_follow_the_sampling_choice(kind, shift, mean, std):
+    sched = schedule()
+    cfg = settings(timestep_sampling=kind, timestep_shift=shift, logit_mean=mean, logit_std=std)
+    trainer = E.Trainer(E.Binding(groups_for(TinyNet()), lambda x, t, c: x, sched, make_data(), progress_bar=False),
+                        cfg)
+    g = torch.Generator().manual_seed(5)
+    drawn = torch.bincount(trainer.schedule.draw(400_000, g), minlength=len(sched)).double() / 400_000
+    reference = monte_carlo(kind, len(sched), 400_000, shift, mean, std)
+    # Total variation between two 400k-draw histograms over 1000 bins: about 0.03 from sampling alone.
+    assert 0.5 * (drawn - reference).abs().sum() < 0.045
+    coarse = lambda h: h.view(20, 50).sum(1)  # noqa: E731  (50-level bins: the shape, tightly)
+    assert (coarse(drawn) - coarse(reference)).abs().max() < 0.006
+    assert trainer.schedule is not sched and sched.weights is None  # the host's schedule is left as it was
+
+
+def test_auto_keeps_the_hosts_schedule():
+    sched = schedule()
+    trainer = E.Trainer(E.Binding(groups_for(TinyNet()), lambda x, t, c: x, sched, make_data(), progress_bar=False),
+                        settings())
+    assert trainer.schedule is sched
+
+
+# ----- captions, previews, validation --------------------------------------------------------------
+def text_cond(text, shape):
+    """A stand-in text encoder: a fixed (1, 5, 16) context per text (seeded by the text)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+    return {"c_crossattn": torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(seed))}
+
+
+def caption_data(captions, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return E.TrainData([E.Example(torch.randn(4, 8, 8, generator=g) * 0.5, text_cond(c, (4, 8, 8)), c)
+                        for c in captions])
+
+
+def recording_binding(net, data, seen, **extra):
+    def denoise(x, t, c):
+        seen.append((x.detach().clone(), c["c_crossattn"].detach().clone(), torch.is_grad_enabled()))
+        return net(x, t, c["c_crossattn"])
+    return E.Binding(groups_for(net), denoise, schedule(), data, progress_bar=False, interrupt_types=(Stop,),
+                     text_cond=text_cond, **extra)
+
+
+def test_shuffled_tags_and_caption_dropout_reach_the_model():
+    captions = ["sks dog, red collar, grass, sunny", "sks dog, sofa, indoors"]
+    seen = []
+    trainer = E.Trainer(recording_binding(TinyNet(), caption_data(captions), seen),
+                        settings(steps=30, shuffle_tags=True, keep_tags=1, caption_dropout=0.3, tag_variants=4))
+    trainer.run()
+    variants = [ex.variants for ex in trainer.data.instance]
+    for caption, these in zip(captions, variants):
+        tags = caption.split(", ")
+        assert len(these) == len(set(these)) == min(4, math.factorial(len(tags) - 1))
+        assert all(v.split(", ")[0] == "sks dog" and sorted(v.split(", ")) == sorted(tags) for v in these)
+    allowed = {tuple(text_cond(v, None)["c_crossattn"].flatten().tolist()): v for vs in variants for v in vs}
+    empty = tuple(text_cond("", None)["c_crossattn"].flatten().tolist())
+    used = [tuple(c[0].flatten().tolist()) for _, c, grad in seen if grad]
+    assert all(u in allowed or u == empty for u in used)
+    dropped = sum(u == empty for u in used) / len(used)
+    assert 0.1 < dropped < 0.5  # 30 draws at p = 0.3
+    assert len({allowed[u] for u in used if u in allowed}) >= 5  # several orders of each caption trained
+
+
+def test_caption_options_resume_exactly(tmp_path):
+    data = caption_data(["a, b, c, d", "e, f, g"])
+    cfg = dict(steps=7, shuffle_tags=True, caption_dropout=0.4, learning_rate=1e-2)
+
+    def go(name, **kw):
+        binding = recording_binding(TinyNet(), data, [])
+        return E.Trainer(binding, settings(**cfg, **kw), output_path=str(tmp_path / name)).run()
+    full = go("full.safetensors")
+    binding = recording_binding(TinyNet(), data, [], observer=stop_at(3))
+    with pytest.raises(Stop):
+        E.Trainer(binding, settings(**cfg, save_every=1), output_path=str(tmp_path / "cut.safetensors")).run()
+    resumed = go("cut.safetensors", resume=str(tmp_path / "cut.safetensors"))
+    same(full, resumed)
+
+
+def test_several_previews_with_their_own_size_steps_guidance_and_seed():
+    seen, images = [], []
+    data = caption_data(["a photo"])
+    data.sample_shape, data.sample_cond, data.sample_uncond = (4, 8, 8), text_cond("a photo", None), text_cond("", None)
+    binding = recording_binding(TinyNet(), data, seen, decode=lambda latent: latent[0].movedim(0, -1)[..., :3],
+                                observer=lambda r: images.append(r.samples), downscale=8)
+    prompts = "a dog --w 128 --h 64 --s 3 --l 1\na cat --s 2 --d 9 --n ugly\na cat --s 2 --d 9 --n ugly"
+    E.Trainer(binding, settings(steps=2, sample_every=2, sample_prompt=prompts, resolution=64)).run()
+    last = images[-1]
+    assert [tuple(i.shape) for i in last] == [(8, 16, 3), (8, 8, 3), (8, 8, 3)]
+    assert torch.equal(last[1], last[2])  # the same prompt and seed: the same preview
+    sampling = [(x.shape, c) for x, c, grad in seen if not grad][:7]  # then the final adapter's output check
+    # Preview 1: 3 steps, guidance 1 (no unconditional half); previews 2, 3: 2 steps with the negative prompt.
+    assert [x[0] for x, _ in sampling] == [1, 1, 1, 2, 2, 2, 2]
+    assert torch.equal(sampling[3][1][1], text_cond("ugly", None)["c_crossattn"][0])
+    with pytest.raises(E.TrainingError, match="sample_prompt: preview line 2: --w must be a multiple of 64"):
+        settings(sample_prompt="ok\nbad --w 100").validate()
+
+
+def test_validation_loss_on_held_out_images(tmp_path):
+    seen = []
+    data = caption_data(["a", "b", "c", "d"])
+    binding = recording_binding(TinyNet(), data, seen)
+    trainer = E.Trainer(binding, settings(steps=6, validation_split=0.5, validate_every=3, learning_rate=1e-2),
+                        output_path=str(tmp_path / "v.safetensors"))
+    result = trainer.run()
+    held = trainer.validation_examples
+    assert len(held) == 2 and len(trainer.data.instance) == 2
+    trained_on = [x for x, _, grad in seen if grad]
+    for ex in held:  # no training batch ever held a held-out latent (at any noise level it is x_t, so check x0
+        for x in trained_on:  # through the recorded inputs' correlation with it)
+            assert not any(torch.allclose(row, ex.latent) for row in x)
+    assert [v["step"] for v in trainer._validation] == [3, 6]
+    # The reference: the file's adapter on a fresh net, MSE at the validation's levels and noise.
+    sched, val = schedule(), trainer._validator
+    module = pack_module("tlora.module")
+    loaded = tformat.load(str(tmp_path / "v.safetensors")).adapters
+    net = TinyNet()
+    module.attach(net, {k.removeprefix("diffusion_model."): a for k, a in loaded.items()}, trainable=False)
+    total = 0.0
+    with torch.no_grad():
+        for ex, noise in zip(held, val.noise):
+            a = torch.sqrt(torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000,
+                                                             dtype=torch.float64) ** 2, 0))
+            for j, level in enumerate(val.levels.tolist()):
+                ac = a[level] ** 2
+                x_t = (ac.sqrt() * ex.latent + (1 - ac).sqrt() * noise[j]).float()[None]
+                pred = net(x_t, torch.tensor([float(level)]), ex.cond["c_crossattn"])
+                total += float(((pred[0] - noise[j]) ** 2).mean()) / len(val.levels)
+    assert trainer._validation[-1]["val"] == pytest.approx(total / len(held), rel=1e-4)
+    assert result.metadata["tlora.train.validation_images"] == "2"
+    assert sorted(val.levels.tolist()) == [124, 374, 624, 874]  # the uniform draw's quantiles
+
+
+def test_the_chart_plots_the_held_out_loss_beside_the_training_loss():
+    chart = pack_module("trainer.chart")
+    history = [{"step": i, "loss": 0.7, "mse": 1.0 / i} for i in range(1, 21)]
+    plain = chart.loss_curve(history)
+    both = chart.loss_curve(history, validation=[{"step": 10, "val": 0.3}, {"step": 20, "val": 0.2}])
+    orange = torch.tensor(chart.VALIDATION_COLOUR, dtype=torch.float32) / 255
+
+    def orange_pixels(img):
+        return int(((img[0] - orange).abs().max(-1).values < 0.02).sum())
+    assert orange_pixels(plain) == 0 and orange_pixels(both) > 50
