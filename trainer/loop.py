@@ -35,6 +35,7 @@ from .checkpointing import enable_checkpointing, restore_checkpointing
 from .distributed import AdapterParams, Distributed
 from .guard import LastGood, outputs_finite
 from .losses import Losses
+from .offload import BlockOffload
 from .ema import AdapterEMA
 from .optim import clip_gradients, fast_forward, load_canonical, lr_scale, lr_scheduler, make_optimizer
 from .previewing import Previews
@@ -100,6 +101,7 @@ class Trainer(Losses, Previews, Saving):
         self._gen_state: Tensor | None = None
         self._start_step = 0
         self._ema: AdapterEMA | None = None
+        self._offload: BlockOffload | None = None
         self._raw_weights = False  # a diverged run keeps trained weights, never the EMA that took in its last steps
         self.validation_examples: list = held_out
         self._validation: list[dict[str, float]] = []  # held-out loss by step (trainer/validation.py)
@@ -180,8 +182,15 @@ class Trainer(Losses, Previews, Saving):
                 module.adapter_params.to(self.device)
                 module.scale = module.scale.to(self.device)
                 self.modules[group.file_key(path)] = module
+        blocks = list(self.binding.checkpoint_modules)
+        if cfg.offload_blocks:
+            if not blocks:
+                raise TrainingError("offload_blocks: no repeated blocks were found in this model to swap; set it to 0")
+            # Before checkpointing wraps the blocks: a recompute then brings its block's weights in too.
+            self._offload = BlockOffload(blocks, cfg.offload_blocks, self.device)
+            self.denoiser = self._offload.wrap(self.binding.denoiser)
         if cfg.gradient_checkpointing:
-            self._undo_ckpt = enable_checkpointing(self.binding.checkpoint_modules)
+            self._undo_ckpt = enable_checkpointing(blocks[:cfg.checkpoint_blocks] if cfg.checkpoint_blocks else blocks)
         named = self._ordered_params()
         self._params = [p for _, p in named]
         self._wrapped = self.dist.wrap(AdapterParams(self._params))
@@ -275,6 +284,10 @@ class Trainer(Losses, Previews, Saving):
     def close(self) -> None:
         """Undo open(): checkpointing off, adapters detached, base parameters' requires_grad restored."""
         restore_checkpointing(getattr(self, "_undo_ckpt", []))
+        if getattr(self, "_offload", None) is not None:
+            self._offload.close()
+            self._offload = None
+            self.denoiser = self.binding.denoiser
         for group in self.groups:
             detach(group.root, list(group.adapters))
         for param in getattr(self, "_frozen", []):
@@ -321,6 +334,8 @@ class Trainer(Losses, Previews, Saving):
                 with torch.no_grad():
                     torch._foreach_add_(self._params, 0.0)
             scheduler.step()
+            if self._offload is not None:
+                self._offload.release()
             if self._ema is not None:
                 self._ema.update()
         self.step += 1

@@ -5,6 +5,7 @@ Part of the Trainer (trainer/loop.py), split out by topic: `Previews` is one of 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -121,6 +122,9 @@ class Previews:
         self._validation.append({"step": self.step, "val": value})
         return value
 
-    def host_view(self) -> contextlib.AbstractContextManager[None]:
-        """The model's own module tree while a host touches it (see binding.host_view)."""
-        return host_view(self.groups)
+    @contextlib.contextmanager
+    def host_view(self) -> Iterator[None]:
+        """The model's own module tree while a host touches it (see binding.host_view), swapped weights parked."""
+        offload = getattr(self, "_offload", None)
+        with host_view(self.groups), (offload.parked() if offload is not None else contextlib.nullcontext()):
+            yield
