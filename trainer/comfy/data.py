@@ -14,6 +14,7 @@ from torch import Tensor
 import comfy.model_management as mm
 
 from ...tlora.errors import TLoRAError
+from ..cache import EncodingCache, fingerprint
 from ..data import Cond, Example, TrainData, prepare_images
 
 
@@ -78,14 +79,18 @@ class Prepared:
     sample_uncond: Cond | None
     sample_shape: tuple[int, ...] | None
     sizes: list[tuple[int, int]] = field(default_factory=list)
+    encoder: "Encoder | None" = None  # captions encoded later (shuffled tags, dropout, previews) go through it
+    downscale: int = 8
 
 
 class Encoder:
     """Cached text conditionings for a model (one CLIP pass per distinct prompt)."""
 
-    def __init__(self, base_model: Any, clip: Any, device: torch.device):
+    def __init__(self, base_model: Any, clip: Any, device: torch.device, disk: EncodingCache | None = None):
         self.base_model, self.clip, self.device = base_model, clip, device
         self._clip_cache: dict[str, list] = {}
+        self.disk = disk
+        self.text_identity = text_identity(base_model, clip) if disk is not None else ""
 
     def conditioning(self, text: str) -> list:
         """ComfyUI conditioning for a prompt, as CLIPTextEncode makes it."""
@@ -117,8 +122,11 @@ class Encoder:
         return result
 
     def cond(self, text: str, latent_shape: Sequence[int], downscale: int) -> Cond:
-        """Cached model conditioning for a prompt at a latent size."""
-        return self.model_cond(self.conditioning(text), latent_shape, downscale)
+        """Cached model conditioning for a prompt at a latent size (from the disk cache when there is one)."""
+        if self.disk is None:
+            return self.model_cond(self.conditioning(text), latent_shape, downscale)
+        return self.disk.cond(text, tuple(latent_shape), self.text_identity,
+                              lambda: self.model_cond(self.conditioning(text), latent_shape, downscale), self.device)
 
 
 def _to_model_latent(raw: Tensor, dims: int) -> Tensor:
@@ -181,7 +189,7 @@ def prepare_data(base_model: Any, clip: Any, vae: Any, images: Sequence[Tensor],
                  instance_prompt: str, resolution: int, buckets: bool, class_prompt: str = "",
                  num_class_images: int = 0, class_images: Sequence[Tensor] = (), sample_prompt: str = "",
                  sample_every: int = 0, device: torch.device | None = None,
-                 clips: Sequence[Tensor] = ()) -> Prepared:
+                 clips: Sequence[Tensor] = (), disk: EncodingCache | None = None) -> Prepared:
     """Resize/crop, VAE-encode and CLIP-encode everything once (the engine trains from this cache).
 
     `clips` (video models): each a (frames, H, W, C) batch, fitted alike frame by frame and encoded
@@ -194,10 +202,14 @@ def prepare_data(base_model: Any, clip: Any, vae: Any, images: Sequence[Tensor],
         raise TLoRAError(f"video clips need a video model; {type(base_model.model_config).__name__} takes "
                          f"image latents: connect the frames as training images instead")
     downscale = vae_downscale(vae)
-    encoder = Encoder(base_model, clip, device)
+    encoder = Encoder(base_model, clip, device, disk)
     with torch.inference_mode(False), torch.no_grad():
         fitted = prepare_images(images, resolution, buckets)
-        latents = encode_images(vae, base_model, fitted, device)
+        if disk is None:
+            latents = encode_images(vae, base_model, fitted, device)
+        else:
+            latents = disk.latents(fitted, vae_identity(vae, base_model),
+                                   lambda misses: encode_images(vae, base_model, misses, device), device)
         texts = [caption or instance_prompt for caption in captions]
         for frames in clips:
             fitted_frames = prepare_images(list(frames), resolution, buckets)
@@ -228,4 +240,42 @@ def prepare_data(base_model: Any, clip: Any, vae: Any, images: Sequence[Tensor],
             sample_cond = encoder.cond(sample_prompt.strip() or instance_prompt, sample_shape, downscale)
             sample_uncond = encoder.cond("", sample_shape, downscale)
             data.sample_cond, data.sample_uncond, data.sample_shape = sample_cond, sample_uncond, sample_shape
-    return Prepared(data, sample_cond, sample_uncond, sample_shape, [tuple(f.shape[:2]) for f in fitted])
+    return Prepared(data, sample_cond, sample_uncond, sample_shape, [tuple(f.shape[:2]) for f in fitted], encoder,
+                    downscale)
+
+
+def _format_identity(base_model: Any) -> dict[str, Any]:
+    """The latent format's numbers and tensors (its scale, shift, channel statistics)."""
+    fmt = base_model.latent_format
+    values = {k: v for k, v in vars(type(fmt)).items() if isinstance(v, (int, float, str, bool))}
+    values.update({k: v for k, v in vars(fmt).items() if isinstance(v, (int, float, str, bool, Tensor))})
+    return {"format": type(fmt).__name__, **values}
+
+
+def _weights_at_rest(module: Any, patcher: Any) -> dict[str, Tensor]:
+    """A patched model's weights without the patches the host applied to them in memory (its backups).
+
+    Another patcher over the same module (a clone with a LoRA) may have left its patches in the weights;
+    the patches themselves are hashed apart.
+    """
+    state = dict(module.state_dict())
+    for key, saved in (getattr(patcher, "backup", None) or {}).items():
+        weight = getattr(saved, "weight", None)
+        if key in state and isinstance(weight, Tensor):
+            state[key] = weight
+    return state
+
+
+def vae_identity(vae: Any, base_model: Any) -> str:
+    """What a cached latent depends on besides the image: the VAE's weights and patches, the latent format."""
+    patcher = getattr(vae, "patcher", None)
+    return fingerprint("vae", _weights_at_rest(vae.first_stage_model, patcher), getattr(patcher, "patches", {}),
+                       _format_identity(base_model), latent_dimensions(base_model))
+
+
+def text_identity(base_model: Any, clip: Any) -> str:
+    """What a cached conditioning depends on besides the caption: the text encoders' weights and patches
+    (a LoRA on CLIP), clip skip, and the model that turns it into its inputs."""
+    return fingerprint("text", _weights_at_rest(clip.cond_stage_model, clip.patcher),
+                       getattr(clip.patcher, "patches", {}), clip.layer_idx,
+                       type(base_model).__name__, type(getattr(base_model, "model_config", base_model)).__name__)

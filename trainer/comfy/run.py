@@ -18,6 +18,7 @@ from ...tlora.errors import TLoRAError
 from ...tlora.module import TLoRAModule
 from .. import outputs
 from ..binding import Binding, adapter_group
+from ..cache import EncodingCache
 from ..loop import Trainer
 from ..runs import RUNS, RunRegistry, TrainResult
 from ..settings import TrainSettings
@@ -33,6 +34,11 @@ def loras_dir() -> str:
     folder = folder_paths.get_folder_paths("loras")[0]
     os.makedirs(folder, exist_ok=True)
     return folder
+
+
+def cache_dir() -> str:
+    """Where cached latents and text-encoder outputs live: ComfyUI's user folder (kept across restarts)."""
+    return os.path.join(folder_paths.get_user_directory(), "tlora", "encodings")
 
 
 def output_path(output_name: str, resume_path: str | None = None) -> tuple[str, str]:
@@ -132,9 +138,10 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
     # Weights on the device with any upstream patches (stacked LoRAs) applied, then made
     # usable by autograd; the adapters wrap these live layers.
     mm.load_models_gpu([model], force_full_load=True)
+    disk = EncodingCache(cache_dir()) if settings.cache_encodings else None
     prepared = prepare_data(base, clip, vae, images, captions, settings.instance_prompt, settings.resolution,
                             settings.aspect_buckets, settings.class_prompt, settings.num_class_images,
-                            class_images, settings.sample_prompt, settings.sample_every, device, clips)
+                            class_images, settings.sample_prompt, settings.sample_every, device, clips, disk)
     mm.load_models_gpu([model], force_full_load=True)  # the VAE/CLIP may have displaced it
     make_trainable(base.diffusion_model)
     root = base.diffusion_model
@@ -167,7 +174,9 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
         observer=ComfyProgress(settings.steps, node_id, run_id, registry),
         progress_bar=comfy.utils.PROGRESS_BAR_ENABLED,
         metadata={"tlora.train.base_model": base_model_name(model, prompt, node_id)},
-        file_config={"arch": arch} if arch else {})
+        file_config={"arch": arch} if arch else {},
+        text_cond=lambda text, shape: prepared.encoder.cond(text, shape, prepared.downscale),
+        downscale=prepared.downscale)
     hooks.extend(host_training_mode())
     if settings.train_text_encoder:
         hooks.extend(autograd_safe_norms(clip.cond_stage_model))
