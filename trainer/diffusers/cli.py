@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     job.add_argument("--class-data", help="folder of class images for prior preservation (with --class-prompt)")
     job.add_argument("--output-dir", default="output", help="where the adapter is written (default: ./output)")
     job.add_argument("--quiet", action="store_true", help="no progress bar")
+    job.add_argument("--cache-dir", help="where --cache-encodings keeps latents and text-encoder outputs (default: "
+                                         "$TLORA_CACHE_DIR/encodings or ~/.cache/tlora/encodings)")
     group = ap.add_argument_group("training settings (the ComfyUI node's, same defaults)")
     for f, spec in specs():
         default = f.default
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from ..loop import TrainingDiverged
     from .run import Job, check_job, train
-    job = Job(args.model, args.data, args.output_dir, args.config, args.class_data)
+    job = Job(args.model, args.data, args.output_dir, args.config, args.class_data, args.cache_dir)
     try:
         settings = settings_from(args)
         settings.validate(label=option_label)  # the node's own check, before anything loads

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ...tlora import arch as tarch
 from .. import outputs
 from ..binding import AdapterGroup, Binding, create_adapters
+from ..cache import EncodingCache, fingerprint
 from ..data import TrainData
 from ..distributed import AdapterParams, Distributed
 from ..loop import Trainer
@@ -62,6 +63,13 @@ class Job:
     output_dir: str
     config: str | None = None
     class_dir: str | None = None
+    cache_dir: str | None = None  # cached latents and text-encoder outputs (cache_encodings); None: default_cache_dir
+
+
+def default_cache_dir() -> str:
+    """Where the command line caches encodings: $TLORA_CACHE_DIR/encodings, else ~/.cache/tlora/encodings."""
+    root = os.environ.get("TLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tlora")
+    return os.path.join(root, "encodings")
 
 
 def check_job(job: Job, settings: TrainSettings) -> None:
@@ -117,8 +125,16 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
     def encode_image(pixels: Tensor) -> Tensor:
         return dmodel.encode_images(p.vae, pixels)
 
+    disk = EncodingCache(job.cache_dir or default_cache_dir()) if settings.cache_encodings else None
+    vae_id = text_id = ""
+    if disk is not None:
+        vae_id = fingerprint("vae", p.vae, scale, p.kind)
+        text_id = fingerprint("text", type(p.pipe).__name__, p.kind,
+                              [m for _, m in sorted(pipe.components.items()) if isinstance(m, nn.Module)
+                               and m is not p.denoiser and m is not p.vae])
+    text_cond = ddata.cached_text(encode_text, disk, text_id, device)
     instance = ddata.examples(images, captions, settings.instance_prompt, settings.resolution,
-                              settings.aspect_buckets, encode_image, encode_text)
+                              settings.aspect_buckets, encode_image, encode_text, disk, vae_id, device, text_cond)
     train_data = TrainData(instance)
     with torch.no_grad():
         train_data.uncond = encode_text([""])
@@ -153,7 +169,9 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
         image = dmodel.decode_latent(p.vae, latent)
         if processes.is_main:
             from PIL import Image
-            preview = os.path.splitext(trainer.output_path or path)[0] + f".step{trainer.step:06d}.png"
+            # One file per preview prompt: the first keeps the name previews always had.
+            index = f".{trainer.preview_index + 1}" if trainer.preview_index else ""
+            preview = os.path.splitext(trainer.output_path or path)[0] + f".step{trainer.step:06d}{index}.png"
             Image.fromarray((image * 255).round().to(torch.uint8).numpy()).save(preview)
         return image
 
@@ -161,7 +179,7 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
         groups, dmodel.denoiser(p.denoiser, p.kind, scale), schedule, train_data, device=device, encode=encode,
         decode=decode if settings.sample_every else None,
         checkpoint_modules=checkpoint_blocks(p.denoiser) or dmodel.checkpoint_blocks(p.denoiser),
-        progress_bar=progress_bar, distributed=processes,
+        progress_bar=progress_bar, distributed=processes, text_cond=text_cond, downscale=scale,
         metadata={"tlora.train.base_model": os.path.basename(os.path.normpath(job.model)),
                   "tlora.train.host": "diffusers", "tlora.train.processes": str(processes.world)},
         file_config={"arch": arch} if arch else {})
