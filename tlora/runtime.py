@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .adapter import R_DOWN, R_IN, R_OUT, R_UP, SCALE, T_CORE, T_DIAG, ModuleAdapter
 from .errors import TLoRAShapeError
 from .forms import select_form
-from .functional import tr, trm
+from .functional import lowrank, tr, trm
 from .functional.weight import merge_diff
 
 MAX_ENTRIES = 62  # row groups are told apart by a 64-bit mask
@@ -167,7 +167,7 @@ class Entry(nn.Module):
         return (up if self.pick is None else up.index_select(0, self.pick.to(up.device))), down
 
     def raw_residual(self, dtype: torch.dtype) -> tuple | None:
-        """The residual as `trm.linear` takes it (it builds U, V inside its node); whole adapters only."""
+        """The residual as `trm.linear` and `lowrank.apply` take it (they build U, V inside their nodes); all rows (`pick` is the caller's)."""
         if self.residual_kind == "tr":
             return ("tr", [self.p(R_OUT.format(d)).to(dtype) for d in range(self._n_out)],
                     [self.p(R_IN.format(d)).to(dtype) for d in range(self._n_in)], self.scale)
@@ -238,13 +238,13 @@ class Entry(nn.Module):
 
     def residual(self, x: Tensor, geometry: Geometry) -> Tensor | None:
         """s Delta x for this entry's rows (unweighted by strength), in x's dtype; None without a residual."""
-        factors = self.residual_factors(x.dtype)
-        if factors is None:
+        if self.residual_kind not in ("tr", "lora"):
             return None
-        up, down = factors
+        if not geometry.is_conv:  # one node: keeps x and V^T x, rebuilds U, V in the backward
+            pick = None if self.pick is None else self.pick.to(x.device)
+            return lowrank.apply(x, self.raw_residual(x.dtype), pick)
+        up, down = self.residual_factors(x.dtype)
         up = up * self.scale.to(device=x.device, dtype=x.dtype)
-        if not geometry.is_conv:
-            return (x @ down) @ up.transpose(0, 1)
         kernel = down.transpose(0, 1).reshape(down.shape[1], geometry.in_channels, *geometry.kernel)
         hidden = F.conv2d(x, kernel, None, geometry.stride, geometry.padding, geometry.dilation)
         return F.conv2d(hidden, up[:, :, None, None])
@@ -261,6 +261,22 @@ class Entry(nn.Module):
     def extra_repr(self) -> str:
         slice_ = "" if self.rows is None else f", rows={len(self.rows)}"
         return f"{self.name!r}, strength={self.strength}, {self.transform_kind}+{self.residual_kind}{slice_}"
+
+
+def _autocast_once(x: Tensor, active: Sequence[Entry]) -> Tensor:
+    """x in the autocast dtype when autocast is on and an entry transforms x, else x.
+
+    Each transform and residual would cast x itself (as autocast casts a GEMM's inputs), and each
+    keeps its copy for the backward: cast once here, one copy is kept for all of them. The frozen
+    layer then gets the transformed input in that dtype, as it did from the transform before.
+    """
+    kind = x.device.type
+    if kind not in ("cpu", "cuda", "xpu", "mps") or not x.is_floating_point() or not torch.is_autocast_enabled(kind):
+        return x
+    dtype = torch.get_autocast_dtype(kind)
+    if x.dtype == dtype or all(e.transform_kind == "none" for e in active):
+        return x
+    return x.to(dtype)
 
 
 @dataclass
@@ -366,6 +382,7 @@ class AdapterLayer(nn.Module):
             return trm.linear(x, module.weight, module.bias, entry.cores(x.dtype), form, entry.strength,
                               residual=entry.raw_residual(x.dtype))
         conv, dim = self.geometry.is_conv, self.geometry.row_dim
+        x = _autocast_once(x, active)
         inputs: dict[tuple, Tensor] = {(): x}
         residuals: dict[tuple, Tensor | None] = {}
         outputs: dict[tuple, Tensor] = {}

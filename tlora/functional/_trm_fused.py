@@ -1,6 +1,6 @@
 """The fused autograd nodes of the adapted layer: factored rows (`_RowsChain`), dense
-(`_DenseLinear`) and channel-major (`_ChannelsChain`), with the low-rank residual's
-forward and hand-written backward shared by the first two."""
+(`_DenseLinear`) and channel-major (`_ChannelsChain`); the first two run the low-rank
+residual's forward and hand-written backward (`lowrank`) inside them."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import native
-from . import tr
+from .lowrank import residual_backward, residual_forward
 from ._trm_chain import _blocks, _Chain, _scratch, _Threads
 from ._trm_native import _native_for, _native_tile, _transposed_ops, native_threads
 
@@ -73,15 +73,17 @@ class _RowsChain(torch.autograd.Function):
                     torch.addmm(bias, tb.t(), weight.t(), out=out[start:stop])
                 else:
                     torch.mm(tb.t(), weight.t(), out=out[start:stop])
-        up_s, down, hidden = _residual_forward(x, out, kind, res, n_out, mult, res_scale)
-        ctx.save_for_backward(x, weight, up_s, down, hidden, res_scale, *tensors)
+        hidden = residual_forward(x, out, kind, res, n_out, mult, res_scale)
+        # x is kept once for the chain and the residual; the stage matrices and U, V are rebuilt from
+        # the raw tensors in the backward, and so is T x where W0 itself needs a gradient.
+        ctx.save_for_backward(x, weight, hidden, res_scale, *tensors)
         ctx.chain, ctx.spec, ctx.has_bias = chain, spec, bias is not None
         return out
 
     @staticmethod
     @_unpacked_backward
     def backward(ctx, saved, gy):
-        x, weight, up_s, down, hidden, res_scale, *tensors = saved
+        x, weight, hidden, res_scale, *tensors = saved
         chain, (n_cores, strength, kind, n_out, mult) = ctx.chain, ctx.spec
         cores, res = tensors[:n_cores], tensors[n_cores:]
         ops = chain.operands_detached(cores, strength)
@@ -134,8 +136,7 @@ class _RowsChain(torch.autograd.Function):
                     gw.addmm_(gblk.t(), tb.t())
         core_grads = chain.core_grads(grads, cores, strength) if need_ops else [None] * n_cores
         g_bias = gy.sum(0) if ctx.has_bias and need[2] else None
-        res_grads = _residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, up_s, down, hidden,
-                                       any(need[6 + n_cores:]))
+        res_grads = residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, hidden, any(need[6 + n_cores:]))
         return (gx, gw, g_bias, None, None, None, *core_grads, *res_grads)
 
 
@@ -179,42 +180,6 @@ def _torch_blocks(chain: _Chain, ops: Sequence[torch.Tensor], x: torch.Tensor, k
         yield start, stop, tb
 
 
-def _residual_forward(x, out, kind, res, n_out, mult, res_scale):
-    """out += f U (V^T x) for the fused nodes; returns (f U, V, V^T x) for the backward."""
-    if kind is None:
-        return None, None, None
-    if kind == "tr":
-        up, down = tr.factor_matrices_detached(res[:n_out], res[n_out:])
-    else:
-        up, down = res[0].detach(), res[1].detach()
-    factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
-    up_s = up if isinstance(factor, float) and factor == 1 else up * factor
-    hidden = x @ down
-    out.addmm_(hidden, up_s.t())
-    return up_s, down, hidden
-
-
-def _residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, up_s, down, hidden, need_res):
-    """gx += its residual part (when gx is given); gradients of the residual's raw tensors."""
-    if kind is None:
-        return []
-    if gx is None and not need_res:
-        return [None] * len(res)
-    g_hidden = gy @ up_s
-    if gx is not None:
-        gx.addmm_(g_hidden, down.t())
-    if not need_res:
-        return [None] * len(res)
-    factor = mult if res_scale is None else res_scale.to(x.dtype) * mult
-    g_up = gy.t() @ hidden
-    if not (isinstance(factor, float) and factor == 1):
-        g_up = g_up * factor
-    g_down = x.t() @ g_hidden
-    if kind == "tr":
-        return tr.factor_matrices_backward(res[:n_out], res[n_out:], g_up, g_down)
-    return [g_up, g_down]
-
-
 class _DenseLinear(torch.autograd.Function):
     """The dense form fused like `_RowsChain`: y = W0 (t x) + bias + f U (V^T x), t = (1-s) I + s T
     given as a matrix (built from the cores outside, with autograd); hand-written backward:
@@ -225,15 +190,15 @@ class _DenseLinear(torch.autograd.Function):
         kind, n_out, mult = spec
         u = x @ t.t()
         out = torch.addmm(bias, u, weight.t()) if bias is not None else u @ weight.t()
-        up_s, down, hidden = _residual_forward(x, out, kind, res, n_out, mult, res_scale)
-        ctx.save_for_backward(x, weight, t, up_s, down, hidden, res_scale, *res)
+        hidden = residual_forward(x, out, kind, res, n_out, mult, res_scale)
+        ctx.save_for_backward(x, weight, t, hidden, res_scale, *res)
         ctx.spec, ctx.has_bias = spec, bias is not None
         return out
 
     @staticmethod
     @_unpacked_backward
     def backward(ctx, saved, gy):
-        x, weight, t, up_s, down, hidden, res_scale, *res = saved
+        x, weight, t, hidden, res_scale, *res = saved
         kind, n_out, mult = ctx.spec
         need = ctx.needs_input_grad
         gy = gy.contiguous()
@@ -242,8 +207,7 @@ class _DenseLinear(torch.autograd.Function):
         gw = gy.t() @ (x @ t.t()) if need[1] else None
         g_bias = gy.sum(0) if ctx.has_bias and need[2] else None
         gt = h.t() @ x if need[3] else None
-        res_grads = _residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, up_s, down, hidden,
-                                       any(need[6:]))
+        res_grads = residual_backward(x, gy, gx, kind, res, n_out, mult, res_scale, hidden, any(need[6:]))
         return (gx, gw, g_bias, gt, None, None, *res_grads)
 
 
