@@ -40,9 +40,9 @@ def _transposed_ops(ops: Sequence[Tensor]) -> list[Tensor]:
     return [op.t().contiguous() for op in ops[:-1]] + [ops[-1].transpose(1, 2).contiguous()]
 
 
-def _native_for(chain: _Chain, x: Tensor):
-    """The compiled kernels when they apply here (CPU float32, >= 3 cores) and pass their self-check."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not 3 <= len(chain.sizes) <= native.MAX_CORES:
+def native_lib(*tensors: Tensor):
+    """The compiled kernels when every tensor is a CPU float32 one and the kernels pass their self-check."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return None
     lib = native.load()
     if lib is None:
@@ -52,8 +52,15 @@ def _native_for(chain: _Chain, x: Tensor):
     return lib if _native_self_check["ok"] else None
 
 
+def _native_for(chain: _Chain, x: Tensor):
+    """The compiled chain when it applies here (CPU float32, >= 3 cores) and passes its self-check."""
+    if not 3 <= len(chain.sizes) <= native.MAX_CORES:
+        return None
+    return native_lib(x)
+
+
 def _run_native_self_check(lib) -> bool:
-    """Compare the compiled chain with the torch engine on a small random case (once per process)."""
+    """Compare the compiled chain and ring products with the torch engine on small random cases (once per process)."""
     gen = torch.Generator().manual_seed(1234)
     chain = _Chain((2, 3, 2), 2)
     cores = [torch.randn(n, n, 2, 2, generator=gen) for n in chain.sizes]
@@ -63,15 +70,25 @@ def _run_native_self_check(lib) -> bool:
     want_grads = [torch.zeros_like(op) for op in ops]
     want_gx = chain.backward_block(h.t().contiguous(), x.t().contiguous(), ops, want_grads,
                                    torch.empty(chain.width, 11)).t() + 0.3 * h
+    from . import tr  # here: tr dispatches to this module
+    ring = [torch.randn(n, 3, 3, generator=gen) for n in (2, 3, 2)]
+    ring_g = torch.randn(12, 9, generator=gen)
+    # The torch engine's own chain and its hand-written backward (no autograd: this may run inside a
+    # caller's checkpointed forward, whose saved-tensor hooks must not see it).
+    want_prod = tr._chain_prefixes(ring)[-1].permute(1, 2, 0).reshape(12, 9)  # (s, p, r) -> V[p, (r, s)]
+    want_ring = tr._chain_backward(ring, ring_g.view(12, 3, 3).permute(2, 0, 1))
     try:
         y, gx = torch.empty_like(x), torch.empty_like(x)
         grads = [torch.zeros_like(op) for op in ops]
         native.chain_forward(lib, chain.sizes, 2, ops, x, y, 11, chain.width, 1, 0.3, 8, 2)
         native.chain_backward(lib, chain.sizes, 2, ops, _transposed_ops(ops), x, h, gx, grads, 11,
                               chain.width, 1, 0.3, 8, 2)
-        ok = (torch.allclose(y, want_y, rtol=1e-4, atol=1e-4) and torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
-              and all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, want_grads)))
-    except (RuntimeError, ValueError) as exc:
+        got_prod, got_ring = torch.empty(12, 9), [torch.empty_like(c) for c in ring]
+        native.ring_product(lib, ring, got_prod, True)
+        native.ring_product_backward(lib, ring, ring_g, True, got_ring)
+        pairs = [(y, want_y), (gx, want_gx), *zip(grads, want_grads), (got_prod, want_prod), *zip(got_ring, want_ring)]
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in pairs)
+    except (RuntimeError, ValueError, AttributeError) as exc:
         native.mark_unusable(f"self-check failed: {exc}")
         return False
     if not ok:

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import native
+from ._trm_native import native_lib
+
 
 def _chain_prefixes(cores: Sequence[Tensor]) -> list[Tensor]:
     """Prefix products of the ring chain, each laid out (R, n_1...n_k, R): P[a, p, c] = prod[p][a, c].
@@ -59,10 +62,33 @@ def factor_matrices(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor]) -> 
             down.permute(1, 2, 0).reshape(down.shape[1], -1))
 
 
+def _native(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor]):
+    """The compiled ring products (tlora.native) when they apply: CPU float32, square cores of one rank."""
+    cores = [*out_cores, *in_cores]
+    rank = cores[0].shape[-1]
+    if any(c.dim() != 3 or c.shape[1] != rank or c.shape[2] != rank for c in cores):
+        return None
+    return native_lib(*cores)
+
+
 def factor_matrices_detached(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """`factor_matrices` without autograd (for fused nodes with a hand-written backward)."""
+    """`factor_matrices` without autograd (for fused nodes with a hand-written backward).
+
+    On CPU in float32 each factor is one call of the compiled ring product: the torch chain is
+    a few dozen tiny ops per call, and a fused node builds U, V twice per step (forward, backward).
+    """
+    out_cores = [c.detach().contiguous() for c in out_cores]
+    in_cores = [c.detach().contiguous() for c in in_cores]
+    lib = _native(out_cores, in_cores)
+    if lib is not None:
+        rank = out_cores[0].shape[-1]
+        up = out_cores[0].new_empty(math.prod(c.shape[0] for c in out_cores), rank * rank)
+        down = in_cores[0].new_empty(math.prod(c.shape[0] for c in in_cores), rank * rank)
+        native.ring_product(lib, out_cores, up, False)
+        native.ring_product(lib, in_cores, down, True)
+        return up, down
     with torch.no_grad():
-        return factor_matrices([c.detach() for c in out_cores], [c.detach() for c in in_cores])
+        return factor_matrices(out_cores, in_cores)
 
 
 def _chain_backward(cores: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
@@ -84,9 +110,15 @@ def _chain_backward(cores: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
 def factor_matrices_backward(out_cores: Sequence[Tensor], in_cores: Sequence[Tensor], grad_up: Tensor,
                              grad_down: Tensor) -> list[Tensor]:
     """Gradients of out_cores + in_cores from those of (U, V) = factor_matrices(...) (no autograd)."""
+    out_cores = [c.detach().contiguous() for c in out_cores]
+    in_cores = [c.detach().contiguous() for c in in_cores]
+    lib = _native(out_cores, in_cores)
+    if lib is not None and grad_up.dtype == grad_down.dtype == torch.float32:
+        grads = [torch.empty_like(c) for c in (*out_cores, *in_cores)]
+        native.ring_product_backward(lib, out_cores, grad_up.contiguous(), False, grads[:len(out_cores)])
+        native.ring_product_backward(lib, in_cores, grad_down.contiguous(), True, grads[len(out_cores):])
+        return grads
     with torch.no_grad():
-        out_cores = [c.detach() for c in out_cores]
-        in_cores = [c.detach() for c in in_cores]
         r_out = out_cores[0].shape[1]
         r_in = in_cores[0].shape[1]
         g_up = grad_up.view(grad_up.shape[0], r_out, -1).permute(1, 0, 2)  # (r, O, s)

@@ -1,4 +1,5 @@
-"""Optional compiled CPU kernels for the factored transform chain (`chain.c`).
+"""Optional compiled CPU kernels: the factored transform chain (`chain.c`, `kernels.h`) and the
+tensor-ring residual's chain products (`ring.c`).
 
 On CPU the factored form's small contractions run far below a GEMM's speed when each is a
 separate BLAS call (docs/BENCHMARKS.md); `chain.c` runs the whole chain on a few tokens at
@@ -25,6 +26,9 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("chain.c")
+# Compiled together into one library; the header is part of what the cached build depends on.
+SOURCES = (SOURCE, SOURCE.with_name("ring.c"))
+HEADERS = (SOURCE.with_name("kernels.h"),)
 ENV_NATIVE = "TLORA_NATIVE"
 ENV_CACHE = "TLORA_CACHE_DIR"
 COMPILE_TIMEOUT_S = 180
@@ -71,7 +75,8 @@ def _cpu_signature() -> str:
 
 def _library_path(compiler: str) -> Path:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
     digest.update(compiler.encode())
     digest.update(repr(_FLAG_SETS).encode())
     digest.update(_cpu_signature().encode())
@@ -80,14 +85,14 @@ def _library_path(compiler: str) -> Path:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile chain.c into `target` (atomically: temp file + rename)."""
+    """Compile the sources into one library at `target` (atomically: temp file + rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in _FLAG_SETS:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=target.suffix)
         os.close(fd)
         try:
-            proc = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+            proc = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES)],
                                   capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             if proc.returncode == 0:
                 os.replace(tmp, target)
@@ -107,6 +112,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tlora_chain_backward.restype = i
     lib.tlora_release.argtypes = []
     lib.tlora_release.restype = None
+    lib.tlora_vector_width.argtypes = []
+    lib.tlora_vector_width.restype = i
+    lib.tlora_ring_product.argtypes = [i, i, p, p, i, p]
+    lib.tlora_ring_product.restype = i
+    lib.tlora_ring_product_backward.argtypes = [i, i, p, p, p, i, p]
+    lib.tlora_ring_product_backward.restype = i
     return lib
 
 
@@ -157,6 +168,11 @@ def release() -> None:
     lib = _state["lib"]
     if lib is not None:
         lib.tlora_release()  # type: ignore[attr-defined]
+
+
+def vector_width(lib: ctypes.CDLL) -> int:
+    """Floats per vector of the built kernels (16 with AVX-512, else 8): a tile is a multiple of it."""
+    return int(lib.tlora_vector_width())
 
 
 def mark_unusable(reason: str) -> None:
@@ -220,3 +236,44 @@ def chain_backward(lib: ctypes.CDLL, sizes: tuple[int, ...], rank: int, ops: lis
                                        channel_stride, gx.data_ptr() if gx is not None else None, float(keep),
                                        _pointers(grads) if grads is not None else None, tile, threads),
               "backward")
+
+
+def _ring_sizes(cores: list[Tensor]) -> tuple[tuple[int, ...], int]:
+    """(n_d per core, R) of square ring cores (n_d, R, R), each checked as the C code will read it."""
+    if not cores or len(cores) > MAX_CORES:
+        raise ValueError(f"native ring product: 1 to {MAX_CORES} cores, got {len(cores)}")
+    rank = int(cores[0].shape[-1]) if cores[0].dim() == 3 else 0
+    for c in cores:
+        if c.dim() != 3 or c.shape[1] != rank or c.shape[2] != rank or rank < 1:
+            raise ValueError("native ring product: cores must be (n, R, R) with one R")
+        _check(c, c.numel(), "ring cores")
+    return tuple(int(c.shape[0]) for c in cores), rank
+
+
+def ring_product(lib: ctypes.CDLL, cores: list[Tensor], out: Tensor, transposed: bool) -> None:
+    """out (P, R^2) = the cores' chain products, out[p] = C_1[i_1] ... C_D[i_D] (each R x R block
+    transposed when `transposed`), p row-major over the cores' first indices."""
+    sizes, rank = _ring_sizes(cores)
+    count = 1
+    for n in sizes:
+        count *= n
+    _check(out, count * rank * rank, "ring product output")
+    _raise_on(lib.tlora_ring_product(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes), _pointers(cores),
+                                     int(transposed), out.data_ptr()), "ring product")
+
+
+def ring_product_backward(lib: ctypes.CDLL, cores: list[Tensor], grad: Tensor, transposed: bool,
+                          grads: list[Tensor]) -> None:
+    """grads[d] (n_d, R, R) = the gradient of each core given `grad` of ring_product's output (overwritten)."""
+    sizes, rank = _ring_sizes(cores)
+    count = 1
+    for n in sizes:
+        count *= n
+    _check(grad, count * rank * rank, "ring product gradient")
+    if len(grads) != len(cores):
+        raise ValueError(f"native ring product: {len(grads)} gradients for {len(cores)} cores")
+    for n, g in zip(sizes, grads):
+        _check(g, n * rank * rank, "ring core gradients")
+    _raise_on(lib.tlora_ring_product_backward(len(sizes), rank, (ctypes.c_int * len(sizes))(*sizes),
+                                              _pointers(cores), grad.data_ptr(), int(transposed), _pointers(grads)),
+              "ring product backward")
