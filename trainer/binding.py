@@ -76,6 +76,9 @@ class Binding:
     # `downscale` pixels per latent cell (a preview's own size). None: those options are refused.
     text_cond: TextCond | None = None
     downscale: int = 8
+    # Measure the run's memory before training (trainer/estimate.py: three small passes); a memory_budget
+    # asks for it too. Hosts that report it set this.
+    estimate_memory: bool = False
 
 
 def select_targets(root: nn.Module, preset: str = "attn", with_convs: bool = False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -34,6 +35,7 @@ from .binding import Binding
 from .checkpointing import enable_checkpointing, restore_checkpointing
 from .distributed import AdapterParams, Distributed
 from .guard import LastGood, outputs_finite
+from . import estimate
 from .losses import Losses
 from .offload import BlockOffload
 from .ema import AdapterEMA
@@ -46,6 +48,9 @@ from .settings import TrainingError, TrainSettings, derived_seed, pick_precision
 from .state import TrainState, load_resume
 from .timesteps import training_schedule
 from . import validation
+
+
+log = logging.getLogger("ComfyUI-TLoRA")
 
 
 class TrainingDiverged(TrainingError):
@@ -102,6 +107,7 @@ class Trainer(Losses, Previews, Saving):
         self._start_step = 0
         self._ema: AdapterEMA | None = None
         self._offload: BlockOffload | None = None
+        self.memory: estimate.MemoryEstimate | None = None
         self._raw_weights = False  # a diverged run keeps trained weights, never the EMA that took in its last steps
         self.validation_examples: list = held_out
         self._validation: list[dict[str, float]] = []  # held-out loss by step (trainer/validation.py)
@@ -182,6 +188,23 @@ class Trainer(Losses, Previews, Saving):
                 module.adapter_params.to(self.device)
                 module.scale = module.scale.to(self.device)
                 self.modules[group.file_key(path)] = module
+        # What the run will need, measured on the live model before the blocks are swapped or checkpointed.
+        try:
+            if self.binding.estimate_memory or cfg.memory_budget:
+                self.memory = estimate.for_trainer(self)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:  # a model that takes no small probe
+            self.memory = None
+            if cfg.memory_budget:
+                raise TrainingError(f"memory_budget: the memory estimate failed on this model ({err}); set "
+                                    f"memory_budget to 0 to train without it") from None
+            log.info("TLoRA: no memory estimate for this model (%s)", err)
+        if self.memory is not None:
+            self.metadata["tlora.train.memory_estimate"] = f"{self.memory.total / estimate.GIB:.2f} GiB"
+            self.run_info["memory"] = self.memory.describe()
+            log.info("TLoRA training needs %s", self.memory.describe())
+        if self.memory is not None and cfg.memory_budget and self.memory.total > cfg.memory_budget * estimate.GIB:
+            raise TrainingError(f"memory_budget: this run needs {self.memory.describe()}, over the budget of "
+                                f"{cfg.memory_budget:g} GiB: {self.memory.suggestion}")
         blocks = list(self.binding.checkpoint_modules)
         if cfg.offload_blocks:
             if not blocks:

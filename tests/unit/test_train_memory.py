@@ -81,3 +81,74 @@ def test_partial_checkpointing_equals_plain():
     _, partial = train(TinyNet(), gradient_checkpointing=True, checkpoint_blocks=1, **cfg)
     a, b = tensors(plain), tensors(partial)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+# ----- the estimate --------------------------------------------------------------------------------------
+EST = pack_module("trainer.estimate")
+
+
+def measured_saved_bytes(net, latent, cond, t, checkpointing=False):
+    """Bytes autograd saves in one real forward at the run's size (own count: unique storages, weights out)."""
+    ckpt = pack_module("trainer.checkpointing")
+    skip = {p.untyped_storage().data_ptr() for p in [*net.parameters(), *net.buffers()]}
+    seen = {}
+
+    def pack(t_):
+        storage = t_.untyped_storage()
+        if storage.data_ptr() not in skip and storage.data_ptr() != latent.untyped_storage().data_ptr():
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t_
+    undo = ckpt.enable_checkpointing(list(net.blocks)) if checkpointing else []
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_):
+            out = net(latent, t, cond)
+    finally:
+        ckpt.restore_checkpointing(undo)
+    del out
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_estimate_of_saved_activations_matches_a_real_pass_at_the_runs_size(checkpointing):
+    net = TinyNet(dim=48)
+    data = make_data(n=1, size=40)  # the probes run at 8, 16 and 24: 40 is an extrapolation
+    binding = E.Binding(groups_for(net), lambda x, t, c: net(x, t, c["c_crossattn"]), schedule(), data,
+                        checkpoint_modules=list(net.blocks), progress_bar=False, estimate_memory=True)
+    trainer = E.Trainer(binding, settings(steps=1, gradient_checkpointing=checkpointing, batch_size=2))
+    trainer.open()
+    try:
+        memory = trainer.memory
+        ex = data.instance[0]
+        t = trainer.schedule.timesteps[500].reshape(1)
+        real = measured_saved_bytes(net, ex.latent[None].clone(), ex.cond["c_crossattn"], t, checkpointing)
+    finally:
+        trainer.close()
+    assert memory.activations == pytest.approx(2 * real, rel=0.02)  # batch 2: twice one sample's
+    n_params = sum(p.numel() for p in trainer._params)
+    assert memory.adapter == n_params * (4 + 4 + 8 + 4 * 6)  # value, grad, AdamW's moments, the guard's six copies
+    frozen = sum(p.numel() * p.element_size() for p in net.parameters())  # adapters detached by close()
+    assert memory.weights == frozen + 4 * len(trainer.modules)  # and each adapted layer's float32 scale
+    assert trainer.metadata["tlora.train.memory_estimate"].endswith("GiB")
+
+
+def test_a_run_over_its_memory_budget_is_refused_naming_a_setting_that_fits():
+    net = TinyNet(dim=48)
+    data = make_data(n=1, size=40)
+
+    def trainer_with(**cfg):
+        binding = E.Binding(groups_for(net), lambda x, t, c: net(x, t, c["c_crossattn"]), schedule(), data,
+                            checkpoint_modules=list(net.blocks), progress_bar=False, estimate_memory=True)
+        return E.Trainer(binding, settings(steps=1, **cfg))
+    free = trainer_with()
+    free.open()
+    total, activations = free.memory.total, free.memory.activations
+    free.close()
+    budget = (total - activations * 0.3) / EST.GIB  # over by 30% of the activations
+    with pytest.raises(E.TrainingError, match=r"^memory_budget: this run needs about .*, over the budget of .* GiB: "
+                                              r"(\S+ \S+) brings it to about") as info:
+        trainer_with(memory_budget=round(budget, 9) + 1e-9).open()
+    setting = str(info.value).split(": ")[-1].split(" brings")[0]
+    name, value = setting.split(" ")[:2]
+    fixed = trainer_with(**{name: True if value == "on" else int(value)}, memory_budget=budget + 1e-9)
+    fixed.open()  # the setting named does bring it under (or open() would refuse again)
+    fixed.close()
