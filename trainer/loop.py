@@ -161,6 +161,32 @@ class Trainer(Losses, Previews, Saving):
             summary["message"] = (str(error) or type(error).__name__)[:500]
         return summary
 
+    def _attach(self) -> None:
+        """Freeze the base (requires_grad off, restored by close) and put the adapters around its layers."""
+        trained = {id(p) for p in self.binding.extra_params}
+        for group in self.groups:
+            for param in group.root.parameters():
+                if param.requires_grad and id(param) not in trained:
+                    self._frozen.append(param)
+                    param.requires_grad_(False)
+        for group in self.groups:
+            wrapped = attach(group.root, group.adapters, strength=1.0, form=self.settings.form, trainable=True)
+            for path, module in wrapped.items():
+                module.adapter_params.to(self.device)
+                module.scale = module.scale.to(self.device)
+                self.modules[group.file_key(path)] = module
+
+    def estimate_memory(self) -> "estimate.MemoryEstimate":
+        """What the run would need on the device (trainer/estimate.py), without training: nothing is kept."""
+        self._frozen, self._undo_ckpt = [], []
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                self._attach()
+                return estimate.for_trainer(self)
+            finally:
+                self.close()
+                self.modules = {}
+
     def open(self) -> None:
         """Attach the adapters, build optimizer and schedule (restoring a resume state), make class images.
 
@@ -176,18 +202,7 @@ class Trainer(Losses, Previews, Saving):
             state, self._warm_start_step, note = load_resume(self.resume_path, self.groups)
             if note:
                 self._note(note)
-        trained = {id(p) for p in self.binding.extra_params}
-        for group in self.groups:
-            for param in group.root.parameters():
-                if param.requires_grad and id(param) not in trained:
-                    self._frozen.append(param)
-                    param.requires_grad_(False)
-        for group in self.groups:
-            wrapped = attach(group.root, group.adapters, strength=1.0, form=cfg.form, trainable=True)
-            for path, module in wrapped.items():
-                module.adapter_params.to(self.device)
-                module.scale = module.scale.to(self.device)
-                self.modules[group.file_key(path)] = module
+        self._attach()
         # What the run will need, measured on the live model before the blocks are swapped or checkpointed.
         try:
             if self.binding.estimate_memory or cfg.memory_budget:

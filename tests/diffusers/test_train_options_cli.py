@@ -55,3 +55,14 @@ def test_the_new_options_run_end_to_end_and_the_file_says_what_was_used(work: Pa
     assert meta["tlora.train.validation_images"] == "1" and float(meta["tlora.train.validation_loss"]) > 0
     assert meta["tlora.train.offload_blocks"] == "2"
     assert (out / "o.step000003.png").exists() and (out / "o.step000003.2.png").exists()
+
+
+def test_estimate_says_what_the_run_needs_and_what_brings_it_under_a_budget(work: Path) -> None:  # noqa: F811
+    done = cli(work, "--output-dir", str(work / "est"), "--estimate", *COMMON)
+    _ok(done)
+    assert "tlora-train: this run needs about" in done.stdout and "activations" in done.stdout
+    assert not (work / "est" / "tlora_subject.safetensors").exists()  # nothing trained
+    over = cli(work, "--output-dir", str(work / "est"), "--estimate", "--memory-budget", "0.5", "--batch-size", "64",
+               "--resolution", "1024", *COMMON[2:])
+    _ok(over)
+    assert "over the budget of 0.5 GiB:" in over.stdout and "brings it to about" in over.stdout, over.stdout

@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     job.add_argument("--class-data", help="folder of class images for prior preservation (with --class-prompt)")
     job.add_argument("--output-dir", default="output", help="where the adapter is written (default: ./output)")
     job.add_argument("--quiet", action="store_true", help="no progress bar")
+    job.add_argument("--estimate", action="store_true", help="print how much device memory the run needs (and, with "
+                                                                "--memory-budget, which setting brings it under) and exit")
     job.add_argument("--cache-dir", help="where --cache-encodings keeps latents and text-encoder outputs (default: "
                                          "$TLORA_CACHE_DIR/encodings or ~/.cache/tlora/encodings)")
     group = ap.add_argument_group("training settings (the ComfyUI node's, same defaults)")
@@ -92,12 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = parser().parse_args(argv)
     from ..loop import TrainingDiverged
-    from .run import Job, check_job, train
+    from .run import Job, check_job, estimate_only, train
     job = Job(args.model, args.data, args.output_dir, args.config, args.class_data, args.cache_dir)
     try:
         settings = settings_from(args)
         settings.validate(label=option_label)  # the node's own check, before anything loads
         check_job(job, settings)
+        if args.estimate:
+            memory = estimate_only(job, settings)
+            print(f"tlora-train: this run needs {memory.describe()}"
+                  + (f"; over the budget of {settings.memory_budget:g} GiB: {memory.suggestion}"
+                     if memory.suggestion else ""))
+            return 0
         with sigterm_as_interrupt():
             result = train(job, settings, progress_bar=not args.quiet)
     except Terminated:

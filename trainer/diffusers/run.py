@@ -205,6 +205,20 @@ def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
+def estimate_only(job: Job, settings: TrainSettings, accelerator: Any | None = None) -> Any:
+    """The run's memory estimate (trainer/estimate.py) with the pipeline loaded and the data encoded; no training."""
+    check_job(job, settings)
+    trainer = build_trainer(job, settings.replace(memory_budget=0.0), accelerator or default_accelerator(), False)
+    memory = trainer.estimate_memory()
+    if settings.memory_budget:  # the suggestion is made against the budget asked for
+        from .. import estimate as est
+        budget = settings.memory_budget * est.GIB
+        if memory.total > budget:
+            trainer.settings = trainer.settings.replace(memory_budget=settings.memory_budget)
+            memory = trainer.estimate_memory()
+    return memory
+
+
 def default_accelerator() -> Any:
     """accelerate's Accelerator as `accelerate launch` configured it; several processes on a machine without a
     GPU run on the CPU over gloo (accelerate otherwise wants `--cpu`, whose launcher starts one process)."""
