@@ -76,8 +76,8 @@ class Binding:
     # `downscale` pixels per latent cell (a preview's own size). None: those options are refused.
     text_cond: TextCond | None = None
     downscale: int = 8
-    # Measure the run's memory before training (trainer/estimate.py: three small passes); a memory_budget
-    # asks for it too. Hosts that report it set this.
+    # Measure the run's memory before every run (trainer/estimate.py: three small extra passes of the model);
+    # a memory_budget asks for it too, and Trainer.estimate_memory() gives it without training.
     estimate_memory: bool = False
 
 

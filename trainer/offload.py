@@ -2,7 +2,7 @@
 
 The blocks are the model's repeated blocks, found by structure (the binding's `checkpoint_modules`).
 The last `offload_blocks` of them keep their frozen weights in (pinned) CPU memory; a block's weights
-are copied in when it is called (forward, the no-grad passes, and a checkpointed block's recompute)
+are copied in when any of its modules is called (forward, the no-grad passes, a checkpointed block's recompute)
 while the next block's copy is already on its way (a side CUDA stream), and at most RESIDENT offloaded
 blocks are on the device at once (least recently used leaves first). Autograd would keep every block's
 weights alive until backward: a weight saved for backward is saved as a reference to its block
@@ -37,7 +37,7 @@ class BlockOffload:
         self.by_storage: dict[int, tuple[int, nn.Parameter]] = {}
         self.last, self.direction = -1, 1
         self.packed = self.loads = 0  # references saved for backward; copies made (for tests and benchmarks)
-        self._undo: list[tuple[nn.Module, Any]] = []
+        self._hooks: list[Any] = []
         for index, block in enumerate(self.blocks):
             pairs = []
             for param in block.parameters():
@@ -49,20 +49,21 @@ class BlockOffload:
                 pairs.append((param, master))
                 param.data = self._empty(param)
             self.masters.append(pairs)
-            had = block.__dict__.get("forward")
-            block.forward = self._forward(index, block.forward)
-            self._undo.append((block, had))
+            # Every module of the block asks for its weights when called: hosts call a block's layers
+            # directly as often as the block itself (ComfyUI's UNet walks a TimestepEmbedSequential's
+            # layers), and a checkpointed block's recompute calls them again.
+            for sub in block.modules():
+                self._hooks.append(sub.register_forward_pre_hook(self._pre_hook(index)))
         if self.cuda:
             torch.cuda.empty_cache()
 
     def _empty(self, param: nn.Parameter) -> Tensor:
         return torch.empty(0, dtype=param.dtype, device=self.device)
 
-    def _forward(self, index: int, original: Callable) -> Callable:
-        def forward(*args: Any, **kwargs: Any) -> Any:
+    def _pre_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
             self.ensure(index)
-            return original(*args, **kwargs)
-        return forward
+        return hook
 
     # ----- moving weights ---------------------------------------------------------------------
     def _copy_in(self, index: int) -> Any:
@@ -185,9 +186,6 @@ class BlockOffload:
         for index, pairs in enumerate(self.masters):
             for param, master in pairs:
                 param.data = master.to(self.device) if self.cuda else master
-        for block, had in self._undo:
-            if had is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = had
-        self.masters, self.loaded, self.by_storage, self._undo, self.blocks = [], collections.OrderedDict(), {}, [], []
+        for handle in self._hooks:
+            handle.remove()
+        self.masters, self.loaded, self.by_storage, self._hooks, self.blocks = [], collections.OrderedDict(), {}, [], []

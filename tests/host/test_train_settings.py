@@ -5,7 +5,7 @@ import importlib
 
 from harness import comfy_host as ch
 
-DATA_INPUTS = {"model", "clip", "vae", "images", "captions", "class_images"}
+DATA_INPUTS = {"model", "clip", "vae", "images", "captions", "class_images", "clips"}
 
 
 def _settings():

@@ -45,7 +45,7 @@ def test_offloaded_training_equals_resident_training(offload, checkpointing):
     # Put back as they were: same values, full tensors, the forward no longer wrapped.
     for name, param in net.named_parameters():
         assert torch.equal(param, frozen_before[name]), name
-    assert all("forward" not in block.__dict__ for block in net.blocks)
+    assert all(not m._forward_pre_hooks for m in net.modules())
 
 
 def test_weights_saved_for_backward_are_references_to_their_block():
@@ -114,7 +114,9 @@ def test_the_estimate_of_saved_activations_matches_a_real_pass_at_the_runs_size(
     data = make_data(n=1, size=40)  # the probes run at 8, 16 and 24: 40 is an extrapolation
     binding = E.Binding(groups_for(net), lambda x, t, c: net(x, t, c["c_crossattn"]), schedule(), data,
                         checkpoint_modules=list(net.blocks), progress_bar=False, estimate_memory=True)
-    trainer = E.Trainer(binding, settings(steps=1, gradient_checkpointing=checkpointing, batch_size=2))
+    # One form of T throughout: `auto` picks per shape by timing, and the forms save different tensors.
+    trainer = E.Trainer(binding, settings(steps=1, gradient_checkpointing=checkpointing, batch_size=2,
+                                          form="factored"))
     trainer.open()
     try:
         memory = trainer.memory

@@ -176,7 +176,7 @@ def _trainer(model: Any, clip: Any, vae: Any, images: Sequence[Tensor], captions
         metadata={"tlora.train.base_model": base_model_name(model, prompt, node_id)},
         file_config={"arch": arch} if arch else {},
         text_cond=lambda text, shape: prepared.encoder.cond(text, shape, prepared.downscale),
-        downscale=prepared.downscale, estimate_memory=True)
+        downscale=prepared.downscale)
     hooks.extend(host_training_mode())
     if settings.train_text_encoder:
         hooks.extend(autograd_safe_norms(clip.cond_stage_model))

@@ -179,7 +179,7 @@ def build_trainer(job: Job, settings: TrainSettings, accelerator: Any, progress_
         groups, dmodel.denoiser(p.denoiser, p.kind, scale), schedule, train_data, device=device, encode=encode,
         decode=decode if settings.sample_every else None,
         checkpoint_modules=checkpoint_blocks(p.denoiser) or dmodel.checkpoint_blocks(p.denoiser),
-        progress_bar=progress_bar, distributed=processes, text_cond=text_cond, downscale=scale, estimate_memory=True,
+        progress_bar=progress_bar, distributed=processes, text_cond=text_cond, downscale=scale,
         metadata={"tlora.train.base_model": os.path.basename(os.path.normpath(job.model)),
                   "tlora.train.host": "diffusers", "tlora.train.processes": str(processes.world)},
         file_config={"arch": arch} if arch else {})
