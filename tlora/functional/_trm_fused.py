@@ -94,14 +94,17 @@ class _RowsChain(torch.autograd.Function):
         need_x, need_w = need[0], need[1]
         need_ops = any(need[6:6 + n_cores])
         grads = [torch.zeros_like(op) for op in ops]
-        gx = x.new_empty(x.shape) if need_x else None
         gw = torch.zeros_like(weight) if need_w else None
         lib = _native_for(chain, x) if (need_x or need_ops or need_w) else None
+        gx = None
         if lib is not None:
             x = x.contiguous()
             tile = _native_tile(chain)
             if need_x or need_ops:
                 h = gy if weight is None else gy @ weight
+                # The kernel reads each tile of h before it writes that tile of gx, so gx can be h's own
+                # buffer when h is ours (one fresh N x I buffer fewer: its pages cost more than it seems).
+                gx = (h if weight is not None else x.new_empty(x.shape)) if need_x else None
                 native.chain_backward(lib, chain.sizes, chain.rank, ops, _transposed_ops(ops), x, h, gx,
                                       grads if need_ops else None, n_tok, width, 1, keep, tile, native_threads())
                 del h
@@ -111,6 +114,7 @@ class _RowsChain(torch.autograd.Function):
                                      native_threads())
                 gw.addmm_(gy.t(), u)
         elif need_x or need_ops or need_w:
+            gx = x.new_empty(x.shape) if need_x else None
             for start, stop in _blocks(n_tok, chain.block_size(n_tok, x.device)):
                 length = stop - start
                 gblk = gy[start:stop]

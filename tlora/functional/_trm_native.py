@@ -18,7 +18,9 @@ _native_self_check: dict[str, bool] = {}
 def _native_tile(chain: _Chain) -> int:
     """Tokens per tile of the compiled chain: 16, or 8 where 16 tokens' intermediates (R^2 I
     floats each) would pass 512 KiB. Measured (1 thread, SD1.5 widths, R = 2, 8..64 tokens):
-    16-24 fastest everywhere, 64 up to 30% slower."""
+    16-24 fastest everywhere, 64 up to 30% slower. The kernels round a tile up to their vector
+    width (16 on AVX-512 builds, where 16 measured fastest from 320 to 12288 wide, 32 up to 23%
+    slower on the wide ones)."""
     forced = _env_int(ENV_NATIVE_TILE, 0)
     if forced > 0:
         return max(8, forced // 8 * 8)

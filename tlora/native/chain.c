@@ -266,7 +266,8 @@ int tlora_chain_forward(int D, int R, const int *sizes, const float *const *ops,
 }
 
 /* gx = T^T h (+ keep h) when gx is not NULL; the stage matrices' gradients (ops layout) are
-   accumulated into grads when grads is not NULL. h and gx are addressed like x. */
+   accumulated into grads when grads is not NULL. h and gx are addressed like x; gx may be h itself
+   (a tile of h is read, into the work space and by store_tile, before that tile of gx is written). */
 int tlora_chain_backward(int D, int R, const int *sizes, const float *const *ops, const float *const *ops_t,
                          const float *x, const float *h, long N, long ts, long cs, float *gx, float keep,
                          float *const *grads, int Lt, int threads) {
