@@ -120,3 +120,45 @@ def test_vector_width_and_tiles() -> None:
         out = torch.empty_like(x)
         native.chain_forward(lib, chain.sizes, 2, ops, x, out, 21, 24, 1, 0.0, tile, 1)
         assert _rel(out, want) < 2e-6, tile
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["-march=haswell", "-mno-avx"])
+def test_narrower_builds_match_too(arch: str, tmp_path) -> None:
+    """The kernels as built for an AVX2 machine (8-float vectors, smaller register tiles) and without
+    AVX (no 8 x 8 transposes): the chain's forward and backward, and the ring products, against the
+    float64 formulas, whatever this machine's own build uses."""
+    import ctypes
+    import subprocess
+
+    compiler = native._compiler()
+    lib_path = tmp_path / "narrow.so"
+    built = subprocess.run([compiler, "-O3", arch, "-shared", "-fPIC", "-o", str(lib_path), *map(str, native.SOURCES)],
+                           capture_output=True, text=True)
+    if built.returncode:
+        pytest.skip(f"{compiler} cannot build {arch} here: {built.stderr.strip()[-200:]}")
+    lib = native._bind(ctypes.CDLL(str(lib_path)))
+    assert native.vector_width(lib) == 8
+    gen = torch.Generator().manual_seed(6)
+    for factors, rank, tokens in [((4, 8, 10), 2, 37), ((2, 3, 2, 5), 3, 9)]:
+        chain = _trm_native._Chain(factors, rank)
+        cores = [torch.randn(n, n, rank, rank, generator=gen) / rank for n in factors]
+        ops = chain.operands_detached(cores, 0.6)
+        x, h = (torch.randn(tokens, chain.width, generator=gen) for _ in range(2))
+        y, gx = torch.empty_like(x), torch.empty_like(x)
+        grads = [torch.zeros_like(op) for op in ops]
+        native.chain_forward(lib, chain.sizes, rank, ops, x, y, tokens, chain.width, 1, 0.4, 8, 1)
+        native.chain_backward(lib, chain.sizes, rank, ops, _trm_native._transposed_ops(ops), x, h, gx, grads,
+                              tokens, chain.width, 1, 0.4, 8, 1)
+        leaves = [c.double().requires_grad_(True) for c in cores]
+        eff = 0.6 * brute_t(leaves) + 0.4 * torch.eye(chain.width, dtype=torch.float64)
+        assert _rel(y, x.double() @ eff.t()) < 2e-6
+        assert _rel(gx, h.double() @ eff) < 2e-6
+        want = torch.autograd.grad((h.double() * (x.double() @ eff.t())).sum(), leaves)
+        got = chain.core_grads(grads, cores, 0.6)
+        for a, b in zip(got, want):
+            assert _rel(a, b) < 2e-6
+    ring = [torch.randn(n, 3, 3, generator=gen) for n in (4, 1, 5)]
+    prod = torch.empty(20, 9)
+    native.ring_product(lib, ring, prod, False)
+    assert _rel(prod, brute_product([c.double() for c in ring]).reshape(20, 9)) < 2e-6
