@@ -75,7 +75,9 @@ def saved_bytes(run: Callable[[], Tensor], exclude: Sequence[Tensor]) -> tuple[i
         ptr = storage.data_ptr()
         if ptr not in skip and storage.nbytes():
             seen[ptr] = storage.nbytes()
-        return t
+        # Detached: an output saved by the node that made it would otherwise hold that node (its grad_fn)
+        # from inside it, a cycle no collector frees (every probe's graph would stay in memory).
+        return t.detach()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     del out

@@ -122,7 +122,9 @@ class BlockOffload:
         except (RuntimeError, NotImplementedError):  # tensors without storage (fake, sparse...)
             hit = None
         if hit is None or tensor.device != self.device:
-            return tensor
+            # Detached (same storage and version counter): an output kept by the node that made it would
+            # otherwise hold that node from inside it, a cycle that leaks the step's graph.
+            return tensor.detach()
         self.packed += 1
         index, param = hit
         return (index, param, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
