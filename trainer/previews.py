@@ -16,8 +16,11 @@ KIND = "temp"
 _NAME = re.compile(r"^(?P<run>[A-Za-z0-9_-]{1,64})_(?P<step>[0-9]{1,9})\.png$")
 
 
-def preview_name(run_id: str, step: int) -> str:
-    """The file name of a run's preview at a step."""
+def preview_name(run_id: str, step: int, index: int = 0) -> str:
+    """The file name of a run's preview at a step (`index`: which preview prompt; the first keeps the plain name,
+    the others `<run id>-p<n>_<step>.png`, which `latest_preview` leaves to the first)."""
+    if index:
+        return f"{run_id}-p{int(index) + 1}_{int(step):06d}.png"
     return f"{run_id}_{int(step):06d}.png"
 
 

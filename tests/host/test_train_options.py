@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.host.test_train import pack, train
+from tests.host.test_train import images, pack, train
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +34,17 @@ def test_the_node_reports_its_memory_estimate_and_refuses_a_run_over_its_budget(
     with pytest.raises(errors.TLoRAError, match="^memory_budget: this run needs about .* over the budget of 0.0001 GiB"):
         train(model, clip, vae, output_name="budget_low", steps=1, memory_budget=0.0001)
     assert not (loras_dir / "budget_low.safetensors").exists()
+
+
+def test_previews_of_every_prompt_and_the_held_out_loss_reach_the_events(sd15, loras_dir, comfy_host):
+    model, clip, vae = sd15
+    start = len(comfy_host.server.events)
+    out = train(model, clip, vae, images(n=3), output_name="events", steps=2, sample_every=2,
+                sample_prompt="a photo of sks dog\nsks dog on grass --w 128 --s 2", validation_split=0.34,
+                validate_every=1)
+    events = [d for e, d, _ in comfy_host.server.events[start:] if e == "tlora.train" and "status" not in d]
+    assert [e.get("val_loss") is not None for e in events] == [True, True]
+    last = events[-1]
+    assert len(last["samples"]) == 2 and last["samples"][0] == last["sample"]
+    assert last["samples"][1]["filename"].endswith("_000002.png") and "-p2_" in last["samples"][1]["filename"]
+    assert out[2]["metadata"]["tlora.train.validation_images"] == "1"

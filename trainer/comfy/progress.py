@@ -41,12 +41,12 @@ def send_event(data: Mapping[str, Any]) -> None:
         log.debug("TLoRA: could not send %s: %s", EVENT, err)
 
 
-def save_preview(image: Tensor, run_id: str, step: int) -> dict[str, Any] | None:
+def save_preview(image: Tensor, run_id: str, step: int, index: int = 0) -> dict[str, Any] | None:
     """Write a sample to ComfyUI's temp folder; the /view reference the UI can show (with its step)."""
     try:
         folder = os.path.join(folder_paths.get_temp_directory(), previews.SUBFOLDER)
         os.makedirs(folder, exist_ok=True)
-        name = previews.preview_name(run_id, step)
+        name = previews.preview_name(run_id, step, index)
         to_pil(image).save(os.path.join(folder, name))
         return previews.preview_ref(name, step)
     except Exception as err:
@@ -98,10 +98,18 @@ class ComfyProgress:
             if ref is not None:
                 self.sample_ref = ref
                 self.registry.set_sample(report.run_id, ref)
+        # Every preview prompt's image (the first is `sample`), and the held-out loss on steps that took it.
+        samples = [ref] if ref is not None else []
+        for index, image in enumerate(report.samples[1:], start=1):
+            extra = save_preview(image, report.run_id, report.step, index)
+            if extra is not None:
+                samples.append(extra)
         send_event({"node": self.node_id, "run_id": report.run_id, "step": report.step, "steps": report.steps,
                     "loss": report.loss, "mse": report.mse, "lr": report.lr, "step_time": report.step_time,
                     "eta": report.eta, "grad_norm": report.grad_norm if math.isfinite(report.grad_norm) else None,
-                    **({"sample": dict(ref)} if report.sample is not None and ref is not None else {})})
+                    **({"sample": dict(ref)} if report.sample is not None and ref is not None else {}),
+                    **({"samples": samples} if len(samples) > 1 else {}),
+                    **({"val_loss": report.val_loss} if report.val_loss is not None else {})})
         # A new sample becomes the node's progress-bar preview (the frontend keeps showing it
         # until the next one). ProgressBar's hook raises the user's Cancel in a server; the
         # explicit check covers in-process runs whose hook is not installed.
