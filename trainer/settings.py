@@ -36,9 +36,10 @@ FORMS = ("auto", *TRANSFORM_FORMS)
 # (a TRM core is n x n x R x R, a TR core n x R x R) or, for LoRA, any weight's width: the
 # paper's ranks are trm:2 and tr:6, and trm:3000 or lora:100000 only ever asked for gigabytes.
 MAX_RANKS = {"trm": 32, "tr": 64, "lora": 1024}
-# What training holds per adapter parameter (float32): the value, its gradient, AdamW's two
-# moments and the last good copy kept for divergence (trainer/loop.py).
-TRAIN_BYTES_PER_PARAM = 5 * 4
+# What training holds per adapter parameter (float32) at the least: the value, its gradient, AdamW's two
+# moments and the divergence guard's six kept copies (trainer/guard.py; trainer/estimate.py counts the
+# optimizer and the EMA as chosen).
+TRAIN_BYTES_PER_PARAM = 10 * 4
 
 
 class TrainingError(TLoRAError):
