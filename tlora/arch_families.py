@@ -207,7 +207,8 @@ def from_diffusers(class_name: str, c: dict) -> tuple[str, object] | None:
                              f"assume 64 x depth channels (as every released SD3/SD3.5)")
         return "sd3", arch.MMDiTConfig(depth, tuple(c.get("dual_attention_layers", ()) or ()))
     if class_name == "QwenImageTransformer2DModel":
-        return "qwen-image", arch.QwenImageConfig()
+        return "qwen-image", arch.QwenImageConfig(int(c["num_layers"]), heads, int(c["in_channels"]),
+                                                  int(c["joint_attention_dim"]))
     if class_name == "Flux2Transformer2DModel":
         return "flux2", Flux2Config(heads, c["num_layers"], c["num_single_layers"], c["joint_attention_dim"],
                                     bool(c.get("guidance_embeds", True)), c.get("in_channels", 128),

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ...tlora import arch as tarch
 from ...tlora import arch_families as families
 from ..data import Cond
+from ..settings import TrainingError
 
 # Pipeline classes -> their kind.
 PIPELINES = {"ZImagePipeline": "zimage", "WanPipeline": "wan", "QwenImagePipeline": "qwenimage",
@@ -34,12 +35,9 @@ FLUX2_GUIDANCE = 4.0  # Flux.2 dev's guidance input (its pipeline's default scal
 def table(kind: str, transformer: nn.Module) -> tarch.Arch:
     """The live transformer's table (any size), for the generic <-> diffusers name mapping."""
     found = families.from_diffusers(type(transformer).__name__, dict(transformer.config))
-    if found is not None:
-        return tarch.Arch(found[0], found[1], (), "", "", "")
-    c = transformer.config  # Qwen-Image: ComfyUI uses diffusers' names
-    cfg = tarch.QwenImageConfig(layers=c.num_layers, hidden=c.num_attention_heads * c.attention_head_dim,
-                                in_channels=c.in_channels, context=c.joint_attention_dim)
-    return tarch.Arch(kind, cfg, (), "", "", "")
+    if found is None:
+        raise TrainingError(f"{type(transformer).__name__}: not a transformer the {kind} pipeline is known to hold")
+    return tarch.Arch(found[0], found[1], (), "", "", "")
 
 
 def _pad(embeds: Tensor, mask: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
