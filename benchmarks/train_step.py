@@ -10,6 +10,7 @@ Configs (all on the same live UNet, base weights frozen):
   builtin32  the same at fp32 (training and LoRA dtype): on a CPU without native bf16 the
              default's bf16 emulation is no fair figure
   lora4      our engine, transform none + residual lora:4 on the attn preset (128 modules)
+  lora16     the same with lora:16 (the memory target's baseline)
   tlora26    our engine, TLoRA(2,6): trm:2 + tr:6 on attn
   tlora24    our engine, TLoRA*(2,4): trm:2 + lora:4 on attn
   dense26    a dense reference TLoRA(2,6) that forms T and W0 T + s Delta every step and runs
@@ -17,14 +18,24 @@ Configs (all on the same live UNet, base weights frozen):
 
 Timing: one process, configs interleaved within each repeat (a warm-up round first), median
 of the repeats; CUDA runs synchronise around each step.
-Peak memory: CPU: one subprocess per config and latent size. Baseline = RSS after the model
-is built, just before the config's set-up (glibc malloc_trim'ed so it is live memory). One
-first step runs (lazy optimizer state, per-layer form choice), malloc_trim again, then RSS
-is sampled every 1 ms from /proc/self/statm over two more steps: peak minus baseline = what
-a steady training step needs on top of the model (activations, gradients, adapter and
-optimizer state). CUDA: the same with torch.cuda.max_memory_allocated, in one process.
+Peak memory: CPU: one subprocess per config, latent size and checkpointing setting. Baseline =
+RSS after the model is built, just before the config's set-up (glibc malloc_trim'ed so it is
+live memory). One first step runs (lazy optimizer state, per-layer form choice), malloc_trim
+again, then RSS is sampled every 1 ms from /proc/self/statm over two more steps: peak minus
+baseline = what a steady training step needs on top of the model (activations, gradients,
+adapter and optimizer state). CUDA: the same with torch.cuda.max_memory_allocated, in one
+process. Saved for backward (same subprocess, one more step): the bytes autograd keeps from
+the forward to the backward (torch.autograd.graph.saved_tensors_hooks), counted once per
+storage, the model's and the adapters' parameters and buffers left out: activation memory.
+`--checkpointing off on` measures both with gradient checkpointing of the UNet's transformer
+blocks off and on (the floor's blocks checkpointed alike).
+
+`--flux-layers` adds, in the same run, forward+backward of Flux's wide-input linears (frozen,
+our LoRA r16, TLoRA(2,6); benchmarks/flux_layers.py) at `--flux-tokens`, same clock and repeats.
 
     .venv/bin/python benchmarks/train_step.py                  # CPU, 16x16 and 32x32 latents
+    .venv/bin/python benchmarks/train_step.py --threads 1 --clock thread --repeats 5 --configs floor lora4 lora16 \
+        tlora26 tlora24 --memory-sizes 32 64 --checkpointing off on --flux-layers   # issue 25's side-by-side run
     .venv/bin/python benchmarks/train_step.py --json           # one JSON object on stdout
     .venv/bin/python benchmarks/train_step.py --device cuda --sizes 64 128
     TLORA_COMFY_DIR=.host/ComfyUI-0.12.1 .venv-comfy-0.12/bin/python benchmarks/train_step.py   # on 0.12.1
@@ -53,17 +64,18 @@ if str(ROOT) not in sys.path:
 from harness.pack import pack_module  # noqa: E402
 
 COMFY_DIR = Path(os.environ.get("TLORA_COMFY_DIR", ROOT / ".host" / "ComfyUI"))
-CONFIGS = ("floor", "builtin", "builtin32", "lora4", "tlora26", "tlora24", "dense26")
+CONFIGS = ("floor", "builtin", "builtin32", "lora4", "lora16", "tlora26", "tlora24", "dense26")
 LABELS = {
     "floor": "(1) frozen fwd+bwd floor",
     "builtin": "(2) ComfyUI TrainLoraNode defaults",
     "builtin32": "(2') TrainLoraNode defaults at fp32",
     "lora4": "(3) ours none+lora:4 attn",
+    "lora16": "(3') ours none+lora:16 attn",
     "tlora26": "(4) ours TLoRA(2,6) attn",
     "tlora24": "(4*) ours TLoRA*(2,4) attn",
     "dense26": "(5) dense reference TLoRA(2,6)",
 }
-ENGINE_KINDS = {"lora4": ("none", "lora:4"), "tlora26": ("trm:2", "tr:6"), "tlora24": ("trm:2", "lora:4"),
+ENGINE_KINDS = {"lora4": ("none", "lora:4"), "lora16": ("none", "lora:16"), "tlora26": ("trm:2", "tr:6"), "tlora24": ("trm:2", "lora:4"),
                 "dense26": ("trm:2", "tr:6")}
 # The SD1.5 UNet exactly as comfy.model_detection reports it for a v1-5 checkpoint.
 SD15_UNET = {
@@ -147,14 +159,22 @@ def example(env: dict[str, Any], size: int, seed: int = 1) -> dict[str, Any]:
 
 
 # ----- runners: setup() once, step() per measurement -------------------------------------------
+def checkpoint_blocks(dm: Any) -> list[Any]:
+    """The blocks gradient checkpointing wraps: the UNet's transformer blocks (as the ComfyUI binding finds them)."""
+    blocks = [m for m in dm.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert len(blocks) == 16, f"expected SD1.5's 16 transformer blocks, got {len(blocks)}"
+    return blocks
+
+
 class Floor:
     """Frozen forward + backward to the input; no adapter, no optimizer."""
 
-    def __init__(self, env: dict[str, Any], ex: dict[str, Any], amp: Any):
-        self.env, self.ex, self.amp = env, ex, amp
+    def __init__(self, env: dict[str, Any], ex: dict[str, Any], amp: Any, checkpointing: bool = False):
+        self.env, self.ex, self.amp, self.checkpointing = env, ex, amp, checkpointing
 
     def setup(self) -> None:
-        pass
+        if self.checkpointing:  # for the process's lifetime: memory runs are one config per process
+            pack("trainer.checkpointing").enable_checkpointing(checkpoint_blocks(self.env["dm"]))
 
     def step(self) -> None:
         import torch
@@ -170,8 +190,10 @@ class Floor:
 class Engine:
     """Our trainer (trainer/) on the attn preset; swapped out between its turns."""
 
-    def __init__(self, env: dict[str, Any], ex: dict[str, Any], kind: str, precision: str):
+    def __init__(self, env: dict[str, Any], ex: dict[str, Any], kind: str, precision: str,
+                 checkpointing: bool = False):
         self.env, self.ex, self.kind, self.precision = env, ex, kind, precision
+        self.checkpointing = checkpointing
 
     def setup(self) -> None:
         E = pack("trainer")
@@ -180,11 +202,13 @@ class Engine:
         adapters = E.create_adapters(dm, E.select_targets(dm, "attn"), transform, residual, "paper", 0,
                                      "diffusion_model.")
         data = E.TrainData([E.Example(ex["latent"], {"c_crossattn": ex["context"]})])
-        settings = E.TrainSettings(steps=10 ** 9, learning_rate=1e-4, loss="mse", precision=self.precision,
-                                   save_every=0, form=os.environ.get("TLORA_BENCH_FORM", "auto"))
+        settings = E.TrainSettings(steps=100000, learning_rate=1e-4, loss="mse", precision=self.precision,
+                                   save_every=0, form=os.environ.get("TLORA_BENCH_FORM", "auto"),
+                                   gradient_checkpointing=self.checkpointing)
         denoise = lambda x, t, c: dm(x, t, context=c["c_crossattn"])  # noqa: E731
         binding = E.Binding([E.AdapterGroup(dm, "diffusion_model.", adapters)], denoise, ex["sched"], data,
-                            device=self.env["device"], progress_bar=False)
+                            device=self.env["device"], progress_bar=False,
+                            checkpoint_modules=checkpoint_blocks(dm) if self.checkpointing else ())
         self.trainer = E.Trainer(binding, settings)
         self.trainer.open()
         self._suspend()
@@ -336,7 +360,7 @@ class Builtin:
 
 
 def make_runner(name: str, env: dict[str, Any], ex: dict[str, Any], precision: str,
-                clock: Callable[[], float] = time.perf_counter) -> Any:
+                clock: Callable[[], float] = time.perf_counter, checkpointing: bool = False) -> Any:
     import torch
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -345,12 +369,12 @@ def make_runner(name: str, env: dict[str, Any], ex: dict[str, Any], precision: s
             return contextlib.nullcontext()
         return torch.autocast(env["device"], dtype=dtype)
     if name == "floor":
-        return Floor(env, ex, amp)
+        return Floor(env, ex, amp, checkpointing)
     if name in ("builtin", "builtin32"):
         return Builtin(env, ex, clock=clock, dtype="fp32" if name == "builtin32" else "bf16")
     if name == "dense26":
         return Dense(env, ex, amp)
-    return Engine(env, ex, name, precision)
+    return Engine(env, ex, name, precision, checkpointing)
 
 
 # ----- memory -------------------------------------------------------------------------------------
@@ -389,8 +413,24 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def saved_for_backward(dm: Any, step: Callable[[], None]) -> int:
+    """Bytes `step()` saves for backward: once per storage, the model's and adapters' parameters and buffers left out."""
+    import torch
+    resident = {t.untyped_storage().data_ptr() for t in [*dm.parameters(), *dm.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack_hook(t: Any) -> Any:
+        key = t.untyped_storage().data_ptr()
+        if key not in resident:
+            kept[key] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        step()
+    return sum(kept.values())
+
+
 def child_memory(name: str, size: int, device: str, precision: str, channels: int = 320,
-                 steps: int = 2) -> dict[str, float]:
+                 steps: int = 2, checkpointing: bool = False) -> dict[str, float]:
     """Run in a fresh process: the peak memory (MB) a steady training step of one config needs.
 
     Baseline: before the config's set-up. One first step (lazy optimizer state, per-layer
@@ -401,7 +441,7 @@ def child_memory(name: str, size: int, device: str, precision: str, channels: in
     import torch
     env = build(device, channels=channels)
     ex = example(env, size)
-    runner = make_runner(name, env, ex, precision)
+    runner = make_runner(name, env, ex, precision, checkpointing=checkpointing)
     builtin = isinstance(runner, Builtin)
     if builtin:
         runner.steps_per_call = steps + 1
@@ -431,20 +471,24 @@ def child_memory(name: str, size: int, device: str, precision: str, channels: in
     with RssSampler() as sampler:
         for _ in range(steps):
             runner.step()
-    return {"peak_mb": (sampler.peak - base) / 2 ** 20, "kept_mb": kept / 2 ** 20, "base_mb": base / 2 ** 20}
+    out = {"peak_mb": (sampler.peak - base) / 2 ** 20, "kept_mb": kept / 2 ** 20, "base_mb": base / 2 ** 20}
+    if isinstance(runner, (Floor, Engine)):
+        out["saved_mb"] = saved_for_backward(env["dm"], runner.step) / 2 ** 20
+    return out
 
 
-def measure_memory(name: str, size: int, args: argparse.Namespace) -> float:
-    """peak_mb of one config in its own process (CPU RSS needs a fresh allocator)."""
+def measure_memory(name: str, size: int, args: argparse.Namespace, checkpointing: bool = False) -> dict[str, float]:
+    """peak_mb (and saved_mb) of one config in its own process (CPU RSS needs a fresh allocator)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--sizes", str(size), "--device",
-           args.device, "--precision", args.precision, "--model-channels", str(args.model_channels)]
+           args.device, "--precision", args.precision, "--model-channels", str(args.model_channels),
+           "--checkpointing", "on" if checkpointing else "off"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         raise RuntimeError(f"memory run {name}@{size} failed:\n{res.stderr[-3000:]}")
-    return float(json.loads(lines[-1])["peak_mb"])
+    return json.loads(lines[-1])
 
 
 # ----- the benchmark ---------------------------------------------------------------------------------
@@ -491,13 +535,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if isinstance(runner, Engine):
                 runner._view.__exit__(None, None, None)
                 runner.trainer.close()
+    if args.flux_layers:
+        flux = pack_module_file("flux_layers")
+        clock = time.thread_time if args.clock == "thread" else time.perf_counter
+        results["_flux"] = flux.run(args.flux_tokens, args.repeats, clock, args.warmup, lambda m: log(args, m))
     if not args.no_memory:
         for size in args.memory_sizes or args.sizes:
-            for name in [c for c in args.configs if c in args.memory_configs]:
-                mb = measure_memory(name, size, args)
-                results[name].setdefault(str(size), {})["peak_mb"] = mb
-                log(args, f"  memory latent {size}x{size} {name:8s} {mb:9.1f} MB")
+            for ckpt in args.checkpointing:
+                for name in [c for c in args.configs if c in args.memory_configs]:
+                    got = measure_memory(name, size, args, checkpointing=ckpt == "on")
+                    slot = results[name].setdefault(str(size), {})
+                    slot.setdefault("memory", {})[ckpt] = got
+                    if ckpt == "off":
+                        slot["peak_mb"] = got["peak_mb"]
+                    log(args, f"  memory latent {size}x{size} checkpointing {ckpt:3s} {name:8s} "
+                              f"peak {got['peak_mb']:8.1f} MB  saved for backward {got.get('saved_mb', float('nan')):8.1f} MiB")
     return results
+
+
+def pack_module_file(name: str) -> Any:
+    """A sibling benchmark module (benchmarks/<name>.py) imported by path."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def per_repeat(results: dict[str, Any], size: str, num: str, den: str) -> list[float]:
+    """num / den step time within each repeat (the configs ran back to back in it)."""
+    a, b = results.get(num, {}).get(size, {}).get("runs"), results.get(den, {}).get(size, {}).get("runs")
+    return [x / y for x, y in zip(a, b)] if a and b else []
+
+
+def memory_extras(results: dict[str, Any], size: str, ckpt: str, key: str) -> dict[str, float]:
+    """Per config: its memory figure minus the floor's (same size, checkpointing and measure)."""
+    def get(name: str) -> float | None:
+        return results.get(name, {}).get(size, {}).get("memory", {}).get(ckpt, {}).get(key)
+    floor = get("floor")
+    if floor is None:
+        return {}
+    return {name: get(name) - floor for name in results if not name.startswith("_") and get(name) is not None}
 
 
 def targets(results: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
@@ -516,7 +594,9 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
             tag = "TLoRA(2,6)" if variant == "tlora26" else "TLoRA*(2,4)"
             if t("lora4"):
                 r = ours / t("lora4")
-                add(size, f"{tag} step / lora:4 step", r, r <= 1.25, "<= 1.25 (stretch 1.10)")
+                runs = per_repeat(results, size, variant, "lora4")
+                spread = f" (repeats {min(runs):.3f}-{max(runs):.3f})" if runs else ""
+                add(size, f"{tag} step / lora:4 step{spread}", r, r <= 1.10, "<= 1.10 (issue 25)")
             if t("builtin"):
                 r = ours / t("builtin")
                 add(size, f"{tag} step / TrainLoraNode step", r, r < 1.0, "< 1.0")
@@ -532,6 +612,20 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
             if t(variant, "peak_mb") is not None and t("lora4", "peak_mb"):
                 r = t(variant, "peak_mb") / t("lora4", "peak_mb")
                 add(size, f"{tag} peak memory / lora:4 peak memory", r, r <= 1.15, "<= 1.15")
+            for ckpt in ("off", "on"):
+                # With checkpointing on, what the adapters save lives inside the checkpointed blocks and is
+                # recomputed there (not seen by the outer hooks): peak RSS is the figure that counts.
+                measures = (("saved_mb", "saved for backward"), ("peak_mb", "peak RSS"))[ckpt == "on":]
+                for key, what in measures:
+                    extra = memory_extras(results, size, ckpt, key)
+                    if variant in extra and extra.get("lora16", 0) > 0.5:
+                        r = extra[variant] / extra["lora16"]
+                        add(size, f"{tag} {what} over floor / lora:16's (ckpt {ckpt})", r, r <= 1.2, "<= 1.2 (issue 25)")
+    for layer, row in results.get("_flux", {}).items():
+        r = row["ratio"]
+        out.append({"latent": 0, "target": f"Flux {layer} TLoRA(2,6) / LoRA r16 (repeats {r['range'][0]:.3f}-"
+                                           f"{r['range'][1]:.3f})", "ratio": r["tlora26/lora16"],
+                    "goal": "<= 1.10 (issue 25)", "met": r["tlora26/lora16"] <= 1.10})
     return out
 
 
@@ -545,7 +639,7 @@ def report(args: argparse.Namespace, results: dict[str, Any], checks: list[dict[
           f"->{meta['load_avg_end']:.1f}")
     header = f"{'config':40s}" + "".join(f"{f'{s}x{s} step s':>14s}{'peak MB':>10s}" for s in args.sizes)
     print(header)
-    for name in args.configs:
+    for name in [c for c in args.configs if c in results]:
         row = f"{LABELS[name]:40s}"
         for s in map(str, args.sizes):
             r = results[name].get(s, {})
@@ -553,9 +647,26 @@ def report(args: argparse.Namespace, results: dict[str, Any], checks: list[dict[
             mem = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
             row += f"{step:>14s}{mem:>10s}"
         print(row)
+    for size in map(str, args.memory_sizes or args.sizes):
+        if not any("memory" in results[c].get(size, {}) for c in args.configs if c in results):
+            continue
+        print(f"\nmemory, latent {size}x{size} (MiB; over floor = minus the frozen floor's figure in the same setting):")
+        print("| config | ckpt | saved for backward | over floor | peak RSS | over floor |")
+        print("|---|---|---:|---:|---:|---:|")
+        for ckpt in args.checkpointing:
+            saved, peak = memory_extras(results, size, ckpt, "saved_mb"), memory_extras(results, size, ckpt, "peak_mb")
+            for name in [c for c in args.configs if c in results]:
+                m = results[name].get(size, {}).get("memory", {}).get(ckpt)
+                if m is None:
+                    continue
+                sv = f"{m['saved_mb']:.1f} | {saved.get(name, 0):+.1f}" if "saved_mb" in m else "- | -"
+                print(f"| {LABELS[name]} | {ckpt} | {sv} | {m['peak_mb']:.0f} | {peak.get(name, 0):+.0f} |")
+    if results.get("_flux"):
+        print("\n" + pack_module_file("flux_layers").format_table(results["_flux"], args.flux_tokens))
     print("\ntargets:")
     for c in checks:
-        print(f"  {c['latent']:>3d}x{c['latent']:<3d} {c['target']:45s} {c['ratio']:.3f}  goal {c['goal']:24s} "
+        where = f"{c['latent']:>3d}x{c['latent']:<3d}" if c["latent"] else "  flux "
+        print(f"  {where} {c['target']:70s} {c['ratio']:.3f}  goal {c['goal']:24s} "
               f"{'MET' if c['met'] else 'NOT MET'}")
 
 
@@ -565,8 +676,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32], help="latent sizes (pixels / 8)")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=None,
                         help="latent sizes for the memory runs (default: --sizes)")
-    parser.add_argument("--memory-configs", nargs="+", default=["floor", "lora4", "tlora26", "tlora24"],
+    parser.add_argument("--memory-configs", nargs="+", default=["floor", "lora4", "lora16", "tlora26", "tlora24"],
                         choices=CONFIGS, help="configs whose peak memory is measured (a subprocess each)")
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
+                        help="memory runs with gradient checkpointing of the transformer blocks off and/or on")
+    parser.add_argument("--flux-layers", action="store_true",
+                        help="also time Flux's wide-input linears (frozen, LoRA r16, TLoRA(2,6)) in this run")
+    parser.add_argument("--flux-tokens", type=int, default=1024, help="tokens for --flux-layers")
     parser.add_argument("--builtin-sizes", type=int, nargs="+", default=None,
                         help="latent sizes at which TrainLoraNode is timed (default: the first size)")
     parser.add_argument("--builtin-repeats", type=int, default=1)
@@ -597,7 +713,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     if args._child:
         print(json.dumps(child_memory(args._child, args.sizes[0], args.device, args.precision,
-                                      args.model_channels)))
+                                      args.model_channels, checkpointing=args.checkpointing == ["on"])))
         return
     meta = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
