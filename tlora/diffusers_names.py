@@ -118,6 +118,25 @@ def _unet_path(cfg: arch_mod.UNetConfig, path: str) -> str:
     return f"{blocks.format('attentions')}.{rest}"
 
 
+def _row_blocks(names: list[str], h: int) -> list[Target]:
+    """Consecutive h-row blocks of a fused weight, one diffusers weight each (q, k, v of a fused qkv)."""
+    return [(n, ((i * h, h),)) for i, n in enumerate(names)]
+
+
+def _double_block_targets(path: str, h: int, block: dict[str, str]) -> list[Target] | None:
+    """A Flux-style double block's weight: its fused qkv as q/k/v rows, else the one diffusers weight `block`
+    names; None when the path is not in a double block."""
+    m = re.fullmatch(r"double_blocks\.(\d+)\.(.+)", path)
+    if m is None:
+        return None
+    b, rest = f"transformer_blocks.{m.group(1)}", m.group(2)
+    if rest == "img_attn.qkv":
+        return _row_blocks([f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], h)
+    if rest == "txt_attn.qkv":
+        return _row_blocks([f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], h)
+    return [(f"{b}.{block[rest]}", None)]
+
+
 def _flux_targets(cfg: arch_mod.FluxConfig, path: str) -> list[Target]:
     h, mlp = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio)
     basic = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
@@ -131,24 +150,19 @@ def _flux_targets(cfg: arch_mod.FluxConfig, path: str) -> list[Target]:
         return [(basic[path], None)]
     if path == "final_layer.adaLN_modulation.1":
         return [("norm_out.linear", ((h, h), (0, h)))]
-    qkv = lambda names: [(n, ((i * h, h),)) for i, n in enumerate(names)]  # noqa: E731
-    m = re.fullmatch(r"double_blocks\.(\d+)\.(.+)", path)
-    if m:
-        b, rest = f"transformer_blocks.{m.group(1)}", m.group(2)
-        if rest == "img_attn.qkv":
-            return qkv([f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"])
-        if rest == "txt_attn.qkv":
-            return qkv([f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"])
-        block = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
-                 "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
-                 "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
-                 "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}
-        return [(f"{b}.{block[rest]}", None)]
+    block = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+             "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+             "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+             "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}
+    double = _double_block_targets(path, h, block)
+    if double is not None:
+        return double
     m = re.fullmatch(r"single_blocks\.(\d+)\.(.+)", path)
     if m:
         b, rest = f"single_transformer_blocks.{m.group(1)}", m.group(2)
         if rest == "linear1":
-            return qkv([f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"]) + [(f"{b}.proj_mlp", ((3 * h, mlp),))]
+            return _row_blocks([f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], h) + \
+                [(f"{b}.proj_mlp", ((3 * h, mlp),))]
         single = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
         return [(f"{b}.{single[rest]}", None)]
     raise ValueError(f"not a Flux module: {path}")
@@ -170,16 +184,15 @@ def _mmdit_targets(cfg: arch_mod.MMDiTConfig, path: str) -> list[Target]:
         raise ValueError(f"not an MMDiT module: {path}")
     i, stream, rest = int(m.group(1)), m.group(2), m.group(3)
     b = f"transformer_blocks.{i}"
-    qkv = lambda names: [(f"{b}.{n}", ((k * h, h),)) for k, n in enumerate(names)]  # noqa: E731
     if stream == "x_block":
         if rest in ("attn.qkv", "attn2.qkv"):
             a = rest.split(".")[0]
-            return qkv([f"{a}.to_q", f"{a}.to_k", f"{a}.to_v"])
+            return _row_blocks([f"{b}.{a}.to_q", f"{b}.{a}.to_k", f"{b}.{a}.to_v"], h)
         block = {"attn.proj": "attn.to_out.0", "attn2.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj",
                  "mlp.fc2": "ff.net.2", "adaLN_modulation.1": "norm1.linear"}
         return [(f"{b}.{block[rest]}", None)]
     if rest == "attn.qkv":
-        return qkv(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"])
+        return _row_blocks([f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], h)
     if rest == "adaLN_modulation.1" and i == cfg.depth - 1:  # the pre-only context block: AdaLayerNormContinuous
         return [(f"{b}.norm1_context.linear", ((h, h), (0, h)))]
     block = {"attn.proj": "attn.to_add_out", "mlp.fc1": "ff_context.net.0.proj", "mlp.fc2": "ff_context.net.2",
@@ -203,18 +216,12 @@ def _flux2_targets(cfg: families.Flux2Config, path: str) -> list[Target]:
         return [(basic[path], None)]
     if path == "final_layer.adaLN_modulation.1":
         return [("norm_out.linear", ((h, h), (0, h)))]
-    qkv = lambda names: [(n, ((i * h, h),)) for i, n in enumerate(names)]  # noqa: E731
-    m = re.fullmatch(r"double_blocks\.(\d+)\.(.+)", path)
-    if m:
-        b, rest = f"transformer_blocks.{m.group(1)}", m.group(2)
-        if rest == "img_attn.qkv":
-            return qkv([f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"])
-        if rest == "txt_attn.qkv":
-            return qkv([f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"])
-        block = {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
-                 "img_mlp.0": "ff.linear_in", "img_mlp.2": "ff.linear_out",
-                 "txt_mlp.0": "ff_context.linear_in", "txt_mlp.2": "ff_context.linear_out"}
-        return [(f"{b}.{block[rest]}", None)]
+    block = {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+             "img_mlp.0": "ff.linear_in", "img_mlp.2": "ff.linear_out",
+             "txt_mlp.0": "ff_context.linear_in", "txt_mlp.2": "ff_context.linear_out"}
+    double = _double_block_targets(path, h, block)
+    if double is not None:
+        return double
     m = re.fullmatch(r"single_blocks\.(\d+)\.(linear1|linear2)", path)
     if m:
         sub = "attn.to_qkv_mlp_proj" if m.group(2) == "linear1" else "attn.to_out"

@@ -19,15 +19,6 @@ from . import core
 def module_type_classes(network) -> tuple[type, type]:
     """(ModuleType, NetworkModule) subclasses for A1111's `network` module."""
 
-    class ModuleTypeTLoRA(network.ModuleType):
-        """Claims a module whose keys are TLoRA suffixes (`tlora_t.*`, `tlora_r.*`, `tlora_scale`)."""
-
-        def create_module(self, net, weights):
-            """A NetworkModuleTLoRA for these weights, or None when they are not TLoRA's."""
-            if not core.has_module("m", {"m." + k: None for k in weights.w}):
-                return None
-            return NetworkModuleTLoRA(net, weights)
-
     class NetworkModuleTLoRA(network.NetworkModule):
         """One weight's TLoRA: updown = sigma (W0 T + s Delta - W0), sigma the host's multiplier."""
 
@@ -46,7 +37,7 @@ def module_type_classes(network) -> tuple[type, type]:
                 return torch.zeros_like(orig_weight, dtype=torch.float32), None  # base bit for bit
             return self.adapter.weight_diff(orig_weight, sigma), None
 
-    return ModuleTypeTLoRA, NetworkModuleTLoRA
+    return core.module_type(network.ModuleType, NetworkModuleTLoRA), NetworkModuleTLoRA
 
 
 def _arch_of(metadata: dict) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 if not os.path.isfile(os.path.join(_ROOT, "tlora", "adapter.py")):
@@ -24,7 +24,7 @@ from tlora.errors import TLoRAError, TLoRAShapeError  # noqa: E402
 from tlora.runtime import Entry, Geometry  # noqa: E402
 
 __all__ = ["METHOD", "Entry", "Geometry", "ModuleAdapter", "PATCH_TYPE", "TLoRAError", "TLoRAShapeError", "check_file", "check_fits",
-           "claim", "has_module", "is_tlora_file", "kohya_renamed", "module_prefixes"]
+           "claim", "has_module", "module_type", "is_tlora_file", "kohya_renamed", "module_prefixes"]
 
 # Forge's patch type and the registries' adapter name; not "tlora", which is T-LoRA (LyCORIS, SD.Next).
 PATCH_TYPE = "transformed_lora"
@@ -90,3 +90,18 @@ def check_all_matched(label: str, keys: Collection[str], known: Collection[str])
     missing = [m for m in modules if m not in known]
     if missing:
         raise TLoRAError(refusal(label, len(modules), {m: MISSING for m in missing}, "model"))
+
+
+def module_type(base: type, make: Callable) -> type:
+    """The host's ModuleType subclass that claims a layer whose keys are TLoRA's and makes `make(net, weights)`."""
+
+    class ModuleTypeTLoRA(base):
+        """Claims a layer whose keys are TLoRA suffixes (`tlora_t.*`, `tlora_r.*`, `tlora_scale`)."""
+
+        def create_module(self, net, weights):
+            """The host module for these weights, or None when they are not TLoRA's."""
+            if not has_module("m", {"m." + k: None for k in weights.w}):
+                return None
+            return make(net, weights)
+
+    return ModuleTypeTLoRA

@@ -34,15 +34,6 @@ _targets: dict[str, tuple[str, torch.Tensor | None]] = {}
 def module_type_classes(network: types.ModuleType) -> tuple[type, type]:
     """(ModuleType, NetworkModule) subclasses for SD.Next's `modules.lora.network`."""
 
-    class ModuleTypeTLoRA(network.ModuleType):
-        """Claims a layer whose keys are TLoRA suffixes (`tlora_t.*`, `tlora_r.*`, `tlora_scale`)."""
-
-        def create_module(self, net, weights):
-            """A NetworkModuleTLoRA for these weights, or None when they are not TLoRA's."""
-            if not core.has_module("m", {"m." + k: None for k in weights.w}):
-                return None
-            return NetworkModuleTLoRA(net, weights)
-
     class NetworkModuleTLoRA(network.NetworkModule):
         """One layer's TLoRA (rows of a fused one on a split layer): updown = sigma (W0 T + s Delta - W0)."""
 
@@ -88,7 +79,7 @@ def module_type_classes(network: types.ModuleType) -> tuple[type, type]:
             self.added = diff.detach()
             return diff, None
 
-    return ModuleTypeTLoRA, NetworkModuleTLoRA
+    return core.module_type(network.ModuleType, NetworkModuleTLoRA), NetworkModuleTLoRA
 
 
 def _file_keys(filename: str) -> set[str]:
