@@ -223,7 +223,7 @@ def public_run(run: Mapping[str, Any], with_history: bool = True, since: int = 0
                 summary.setdefault(key, value)
     out["summary"] = summary
     if with_history:
-        out["history"] = [{k: h[k] for k in ("step", "loss", "mse", "lr") if k in h}
+        out["history"] = [{k: h[k] for k in ("step", "loss", "mse", "lr", "val_loss") if k in h}
                           for h in run.get("history", []) if h.get("step", 0) > since]
     return jsonable(out)
 

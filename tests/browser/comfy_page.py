@@ -286,7 +286,8 @@ class ComfyPage:
             const p = window.__tloraNode(id)?.tloraPanel;
             if (!p) return null;
             const r = p.run;
-            return {points: p.points().map(x => ({step: x.step, loss: x.loss})), drawn: p.chart.drawn,
+            return {points: p.points().map(x => ({step: x.step, loss: x.loss, val_loss: x.val_loss ?? null})),
+                    drawn: p.chart.drawn, heldOutLegend: !p.valLegend.hidden,
                     run: r && {id: r.id, steps: r.steps, status: r.status, sources: r.sources,
                                summary: r.summary, sample: r.sample},
                     summaryText: p.summary.hidden ? null : p.summary.innerText,

@@ -55,12 +55,16 @@ def unique(prefix: str) -> str:
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.every_host  # the panel and the card on every tested host's own frontend
 def test_training_panels_chart_every_step_and_summarise(ui: ComfyPage, comfy_server: Any) -> None:
-    """Two training nodes in one graph: every step's loss reaches its own node's chart; summaries appear."""
+    """Two training nodes in one graph: every step's loss reaches its own node's chart; summaries appear.
+
+    Node 4 holds one of its two images out (validation_split 0.5, every step): its held-out losses are
+    drawn beside the training loss, as the events and the server's registry give them; node 3 draws none."""
     steps = {3: 5, 4: 3}
     names = {3: unique("browser_a"), 4: unique("browser_b")}
     graph = base_graph()
     graph["3"] = {"class_type": "TLoRATrain", "inputs": train_inputs(steps[3], names[3], seed=0)}
-    graph["4"] = {"class_type": "TLoRATrain", "inputs": train_inputs(steps[4], names[4], seed=1)}
+    graph["4"] = {"class_type": "TLoRATrain", "inputs": {**train_inputs(steps[4], names[4], seed=1),
+                                                        "validation_split": 0.5, "validate_every": 1}}
     graph["5"] = {"class_type": "TLoRALoaderModelOnly", "inputs": {"model": ["1", 0], "strength_model": 1.0}}
     ui.load_api_graph(graph, "tlora_browser_training.json",
                       positions={"1": (20, 80), "2": (20, 300), "3": (420, 80), "4": (840, 80), "5": (1260, 80)})
@@ -80,8 +84,14 @@ def test_training_panels_chart_every_step_and_summarise(ui: ComfyPage, comfy_ser
         assert [e["step"] for e in mine] == list(range(1, n + 1)), mine
         assert [(p["step"], p["loss"]) for p in panel["points"]] == [(e["step"], e["loss"]) for e in mine]
         assert run["sources"] == {"event": n, "route": 0}, "all points must have come live, none backfilled"
-        assert panel["drawn"] == {"raw": n, "smooth": n, "log": False}
+        held_out = [e.get("val_loss") for e in mine]
+        assert panel["drawn"] == {"raw": n, "smooth": n, "val": n if nid == 4 else 0, "log": False}
+        assert [p["val_loss"] for p in panel["points"]] == held_out
+        assert panel["heldOutLegend"] == (nid == 4)
+        assert all(isinstance(v, float) for v in held_out) if nid == 4 else held_out == [None] * n, held_out
         assert registry_history(comfy_server, run["id"]) == [(p["step"], p["loss"]) for p in panel["points"]]
+        record = comfy_server.get_json(f"/tlora/runs/{run['id']}")["history"]
+        assert [h.get("val_loss") for h in record] == held_out
         # The summary: saved file, its parameter count and size, complete.
         assert run["status"] == "done" and panel["badge"] == "complete"
         assert panel["stepText"] == f"Step {n} / {n}"

@@ -1,4 +1,5 @@
-// Loss chart on a <canvas>: raw loss per step, a smoothed curve, linear or log y axis.
+// Loss chart on a <canvas>: raw loss per step, a smoothed curve, the held-out loss where a run measures it,
+// linear or log y axis.
 // Plain 2D canvas (no chart library: the frontend ships none we may rely on).
 
 import { formatTick } from "./format.js";
@@ -7,6 +8,7 @@ export const COLORS = {
   raw: "rgba(110, 168, 255, 0.55)",
   rawPoint: "rgba(140, 190, 255, 0.9)",
   smooth: "#ffb547",
+  val: "#5fd38d",
   grid: "rgba(255, 255, 255, 0.07)",
   axis: "rgba(255, 255, 255, 0.22)",
   text: "#a9a9a9",
@@ -65,10 +67,10 @@ export class LossChart {
     this.startStep = 0;
     this.logScale = false;
     // What the last draw put on screen (read by tests and by nobody else).
-    this.drawn = { raw: 0, smooth: 0, log: false };
+    this.drawn = { raw: 0, smooth: 0, val: 0, log: false };
   }
 
-  /** points: [{step, loss}] sorted by step. */
+  /** points: [{step, loss, val_loss?}] sorted by step (val_loss on the steps that measured a held-out loss). */
   setData(points, totalSteps, startStep = 0) {
     this.points = points;
     this.totalSteps = totalSteps || 0;
@@ -92,7 +94,8 @@ export class LossChart {
     const log = this.logScale;
     const pts = this.points.filter((p) => Number.isFinite(p.loss) && (!log || p.loss > 0));
     const sm = smooth(pts.map((p) => p.loss), smoothingFor(pts.length));
-    this.drawn = { raw: pts.length, smooth: sm.filter(Number.isFinite).length, log };
+    const vals = this.points.filter((p) => Number.isFinite(p.val_loss) && (!log || p.val_loss > 0));
+    this.drawn = { raw: pts.length, smooth: sm.filter(Number.isFinite).length, val: vals.length, log };
     if (!pts.length) {
       ctx.fillStyle = COLORS.empty;
       ctx.textAlign = "center";
@@ -102,8 +105,10 @@ export class LossChart {
       return;
     }
 
-    let lo = Math.min(...pts.map((p) => p.loss));
-    let hi = Math.max(...pts.map((p) => p.loss));
+    // One scale for both losses: the held-out points are never drawn off the chart.
+    const all = [...pts.map((p) => p.loss), ...vals.map((p) => p.val_loss)];
+    let lo = Math.min(...all);
+    let hi = Math.max(...all);
     const tx = log ? Math.log10 : (v) => v;
     if (lo === hi) {
       lo = log ? lo / 2 : lo - Math.abs(lo || 1) * 0.1;
@@ -181,6 +186,20 @@ export class LossChart {
       started = true;
     });
     ctx.stroke();
+    // Held-out loss: its own colour, dots joined (measured every validate_every steps).
+    if (vals.length) {
+      ctx.strokeStyle = COLORS.val;
+      ctx.fillStyle = COLORS.val;
+      ctx.lineWidth = 1.5;
+      ctx.beginPath();
+      vals.forEach((p, i) => (i ? ctx.lineTo(X(p.step), Y(p.val_loss)) : ctx.moveTo(X(p.step), Y(p.val_loss))));
+      ctx.stroke();
+      for (const p of vals) {
+        ctx.beginPath();
+        ctx.arc(X(p.step), Y(p.val_loss), 2.5, 0, Math.PI * 2);
+        ctx.fill();
+      }
+    }
     ctx.restore();
   }
 }

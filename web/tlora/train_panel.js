@@ -22,6 +22,13 @@ export function el(tag, attrs = {}, children = []) {
   return node;
 }
 
+/** A chart point from a step event or a history entry: step, loss, rate, and the held-out loss if it has one. */
+function point(data) {
+  const p = { step: data.step, loss: data.loss, lr: data.lr };
+  if (Number.isFinite(data.val_loss)) p.val_loss = data.val_loss;
+  return p;
+}
+
 function stat(label) {
   const value = el("span", { text: "–" });
   return { box: el("div", { class: "tlora-stat" }, [el("span", { text: label }), value]), value };
@@ -65,6 +72,7 @@ export class TrainPanel {
     const legend = el("div", { class: "tlora-legend" }, [
       el("span", {}, [el("i", { style: `background:${COLORS.raw}` }), "loss per step"]),
       el("span", {}, [el("i", { style: `background:${COLORS.smooth}` }), "smoothed"]),
+      (this.valLegend = el("span", { hidden: true }, [el("i", { style: `background:${COLORS.val}` }), "held-out"])),
       this.toggle,
     ]);
     this.sampleImg = el("img", { alt: "latest training sample", "data-role": "sample" });
@@ -140,7 +148,7 @@ export class TrainPanel {
     }
     if (!Number.isFinite(data.step)) return;
     if (!run.points.has(data.step)) run.sources.event += 1;
-    run.points.set(data.step, { step: data.step, loss: data.loss, lr: data.lr });
+    run.points.set(data.step, point(data));
     run.latest = { ...run.latest, ...data };
     if (data.sample) run.sample = { ...data.sample, step: data.step };
     // Joined mid-run (page reloaded, or a missed message): fetch the steps we did not see.
@@ -158,8 +166,14 @@ export class TrainPanel {
     if (Number.isFinite(rec.steps)) run.steps = rec.steps;
     if (Number.isFinite(rec.start_step)) run.startStep = rec.start_step;
     for (const h of rec.history || []) {
-      if (!Number.isFinite(h.step) || run.points.has(h.step)) continue;
-      run.points.set(h.step, { step: h.step, loss: h.loss, lr: h.lr });
+      if (!Number.isFinite(h.step)) continue;
+      const seen = run.points.get(h.step);
+      if (seen) {
+        // The held-out loss is recorded after its step: a point that came live may learn it here.
+        if (Number.isFinite(h.val_loss) && !Number.isFinite(seen.val_loss)) seen.val_loss = h.val_loss;
+        continue;
+      }
+      run.points.set(h.step, point(h));
       run.sources.route += 1;
     }
     const state = rec.state || {};
@@ -292,6 +306,7 @@ export class TrainPanel {
       const run = this.run;
       this.chart.setData(this.points(), run?.steps, run?.startStep);
       this.chart.draw();
+      this.valLegend.hidden = !this.chart.drawn.val; // only for runs that hold images out
     });
   }
 
