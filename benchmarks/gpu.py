@@ -11,7 +11,8 @@ node: its own `offloading` input where the host has it). Gradient checkpointing 
 
 Per config: median step time over --steps steps after one warm-up step, and the peak device memory over
 them minus the memory held before the config's set-up (CUDA's allocator peak; on a CPU, peak RSS: the
-figures of a CPU run only show the script works). Writes a markdown table (--out, else stdout) for
+figures of a CPU run only show the script works); for ours, the memory estimate's adapter + activations +
+workspace (trainer/estimate.py, what the run adds to the loaded model) and its error against that peak. Writes a markdown table (--out, else stdout) for
 docs/BENCHMARKS.md.
 
     .venv/bin/python benchmarks/gpu.py --out gpu.md                     # on a GPU machine (~10 min on an H200)
@@ -98,6 +99,7 @@ class Ours:
         binding = E.Binding([E.AdapterGroup(dm, "diffusion_model.", adapters)], env["denoise"], env["sched"], data,
                             device=env["device"], progress_bar=False, checkpoint_modules=env["blocks"])
         self.trainer = E.Trainer(binding, settings)
+        self.estimate = self.trainer.estimate_memory()  # before the run, as the node and the CLI ask for it
         # What the ComfyUI binding installs for a run: the host's training flag, kernels with a backward,
         # norms fed copies, adapted layers showing their base's weight (trainer/comfy/run.py).
         cm, ha = ts.pack("trainer.comfy.model"), ts.pack("trainer.comfy.host_autograd")
@@ -178,23 +180,29 @@ def measure(env: dict[str, Any], config: str, offload: bool, steps: int) -> dict
         peak = (torch.cuda.max_memory_allocated() if cuda else sampler.peak) - base
     finally:
         runner.close()
-    return {"step_s": statistics.median(times), "peak_mib": peak / 2 ** 20}
+    out = {"step_s": statistics.median(times), "peak_mib": peak / 2 ** 20}
+    estimate = getattr(runner, "estimate", None)
+    if estimate is not None:  # what the run adds to the loaded model, as `peak` counts it
+        out["est_mib"] = (estimate.adapter + estimate.activations + estimate.workspace) / 2 ** 20
+    return out
 
 
 def table(rows: list[dict[str, Any]], device: str) -> str:
     """The markdown table for docs/BENCHMARKS.md (with the ratio to our LoRA r16 on the same model and offload)."""
     lines = [f"| model | config | offload | step (s) | x LoRA r16 | peak {'device' if device == 'cuda' else 'RSS'} "
-             f"MiB | x LoRA r16 |", "|---|---|---|---|---|---|---|"]
+             f"MiB | x LoRA r16 | estimate MiB (error) |", "|---|---|---|---|---|---|---|---|"]
     ref = {(r["model"], r["offload"]): r for r in rows if r["config"] == "lora16" and "error" not in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['config']} | {'on' if r['offload'] else 'off'} | failed: "
-                         f"{r['error'][:90]} | | | |")
+                         f"{r['error'][:90]} | | | | |")
             continue
         base = ref.get((r["model"], r["offload"]))
         ratio = lambda k: f"{r[k] / base[k]:.2f}" if base and base[k] > 0 else ""  # noqa: E731
+        est = f"{r['est_mib']:.0f} ({r['est_mib'] / r['peak_mib'] - 1:+.0%})" if r.get("est_mib") and r["peak_mib"] > 0 \
+            else ""
         lines.append(f"| {r['model']} | {r['config']} | {'on' if r['offload'] else 'off'} | {r['step_s']:.3f} | "
-                     f"{ratio('step_s')} | {r['peak_mib']:.0f} | {ratio('peak_mib')} |")
+                     f"{ratio('step_s')} | {r['peak_mib']:.0f} | {ratio('peak_mib')} | {est} |")
     return "\n".join(lines)
 
 
