@@ -94,9 +94,9 @@ def flux_shapes(image_tokens: int, text_tokens: int) -> list[dict]:
     return shapes
 
 
-def randomised_adapter(out_f: int, in_f: int, gen: torch.Generator) -> ModuleAdapter:
-    """TLoRA(2,6) on a (out, in) weight with every core random (trained-looking)."""
-    adapter = ModuleAdapter.create((out_f, in_f), "trm:2", "tr:6", "paper", generator=gen)
+def randomised_adapter(out_f: int, in_f: int, gen: torch.Generator, transform: str = "trm:2") -> ModuleAdapter:
+    """TLoRA(R,6) (transform trm:R, default R = 2) on a (out, in) weight with every core random (trained-looking)."""
+    adapter = ModuleAdapter.create((out_f, in_f), transform, "tr:6", "paper", generator=gen)
     tensors = dict(adapter.tensors)
     for key, value in tensors.items():
         if key.startswith("tlora_t."):

@@ -116,13 +116,24 @@ def estimate_cost(form: str, factors: Sequence[int], rank: int, tokens: int,
     return 3 * fwd_time + inter_time + 3 * calls
 
 
-def _native_cost(sizes: Sequence[int], rank: int, tokens: int, flops_rate: float, call: float,
-                 requires_grad: bool) -> float:
-    """Modelled seconds of the compiled chain: forward; backward = input gradient, reductions, recompute."""
+def chain_macs(sizes: Sequence[int], rank: int, tokens: int, requires_grad: bool = True) -> int:
+    """Multiply-adds of the factored chain (D >= 3 cores) on `tokens` rows, as both engines run it.
+
+    The first and last cores open and close the ring (R^2 per input element and factor), each
+    middle core carries one ring index across (R^3). The backward is the input gradient and
+    the cores' gradient reductions (one forward's worth each) plus the recomputed
+    intermediates (every stage but the last), which are not kept from the forward.
+    """
     width, r2 = math.prod(sizes), rank * rank
     stages = [tokens * width * s * (r2 if d in (0, len(sizes) - 1) else r2 * rank) for d, s in enumerate(sizes)]
     forward = sum(stages)
-    macs = forward if not requires_grad else 3 * forward + sum(stages[:-1])
+    return forward if not requires_grad else 3 * forward + sum(stages[:-1])
+
+
+def _native_cost(sizes: Sequence[int], rank: int, tokens: int, flops_rate: float, call: float,
+                 requires_grad: bool) -> float:
+    """Modelled seconds of the compiled chain: forward; backward = input gradient, reductions, recompute."""
+    macs = chain_macs(sizes, rank, tokens, requires_grad)
     return 2 * macs / (flops_rate * NATIVE_EFFICIENCY) + (3 if requires_grad else 1) * call
 
 

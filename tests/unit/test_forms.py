@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.unit.brute import brute_t
+from tests.unit.gemm_count import GemmCounter
 from tlora import forms
 from tlora.adapter import ModuleAdapter
 from tlora.functional import _trm_chain, trm
@@ -272,3 +273,20 @@ def test_forms_under_cpu_autocast(dtype: torch.dtype) -> None:
         x.grad = xc.grad = None
         for c in cores:
             c.grad = None
+
+
+@pytest.mark.parametrize("sizes,rank", [((2, 3, 4), 2), ((3, 2, 2, 3), 3), ((4, 8, 10), 1)])
+def test_chain_macs_counts_what_the_engine_multiplies(sizes, rank) -> None:
+    """`forms.chain_macs` (the benchmarks' and cost model's count) equals the products the torch engine runs."""
+    chain = _trm_chain._Chain(sizes, rank)
+    gen = torch.Generator().manual_seed(3)
+    cores = [torch.randn(n, n, rank, rank, generator=gen) for n in sizes]
+    ops = chain.operands_detached(cores, 1.0)
+    tokens = 24
+    x, g = (torch.randn(chain.width, tokens, generator=gen) for _ in range(2))
+    with torch.no_grad(), GemmCounter() as forward:
+        chain.forward_block(x, ops, torch.empty(chain.width, tokens))
+    assert forward.macs == forms.chain_macs(sizes, rank, tokens, requires_grad=False)
+    with torch.no_grad(), GemmCounter() as backward:
+        chain.backward_block(g, x, ops, [torch.zeros_like(op) for op in ops], torch.empty(chain.width, tokens))
+    assert forward.macs + backward.macs == forms.chain_macs(sizes, rank, tokens)
