@@ -94,11 +94,14 @@ static int forward_range(const plan_t *pp, const float *const *ops, const float 
     int D = p.D, R = p.R;
     long Lt = p.Lt;
     size_t tile_floats = padded(p.width * Lt), big = padded(p.big);
-    float *space = arena_get(2 * tile_floats + (D - 1) * big);
+    /* One tile buffer: the output tile overwrites the input tile, which is dead once the
+       intermediates are made (store_tile adds keep * x from x itself). Less work space is
+       less of it pushed out of L2 on wide layers. */
+    float *space = arena_get(tile_floats + (D - 1) * big);
     int failed = !space;
-    float *xt = space, *ut = space + tile_floats;
+    float *xt = space, *ut = space;
     float *z[MAX_CORES] = {0};
-    for (int d = 0; d < D - 1 && !failed; d++) z[d] = space + 2 * tile_floats + d * big;
+    for (int d = 0; d < D - 1 && !failed; d++) z[d] = space + tile_floats + d * big;
     if (!failed) {
         long nl = p.n[D - 1], batch = p.width / nl, rn = (long)R * nl;
         for (long t0 = t_begin; t0 < t_end; t0 += Lt) {
@@ -131,17 +134,20 @@ static int backward_range(const plan_t *pp, const float *const *ops, const float
         for (int d = 0; d < D; d++) acc_floats += padded(acc_n[d] * VW);
     }
     size_t tile_floats = padded(width * Lt), big = padded(p.big);
-    float *space = arena_get(3 * tile_floats + (D + 1) * big + acc_floats);
+    /* Each gradient overwrites the intermediate its stage has just finished with: the last
+       stage's reductions read z[D-2] slice by slice before its input gradient is written there,
+       and stage d's input gradient goes where z[d-1] was once its reductions are done. The
+       input gradient's tile overwrites h's. Half the work space of one buffer each, which on
+       wide layers kept the backward's tiles in L2. */
+    float *space = arena_get(2 * tile_floats + (D - 1) * big + acc_floats);
     int failed = !space;
-    float *xt = NULL, *ht = NULL, *ot = NULL, *ga = NULL, *gb = NULL;
+    float *xt = NULL, *ht = NULL, *ot = NULL;
     float *z[MAX_CORES] = {0};
     if (!failed) {
         float *next = space;
         xt = next, next += tile_floats;
         ht = next, next += tile_floats;
-        ot = next, next += tile_floats;
-        ga = next, next += big;
-        gb = next, next += big;
+        ot = ht;
         for (int d = 0; d < D - 1; d++) z[d] = next, next += big;
         for (int d = 0; d < D && grads; d++) {
             acc[d] = (vec *)next;
@@ -155,23 +161,22 @@ static int backward_range(const plan_t *pp, const float *const *ops, const float
             load_tile(x, ts, cs, t0, lt, width, Lt, xt);
             load_tile(h, ts, cs, t0, lt, width, Lt, ht);
             intermediates(&p, ops, xt, z);
-            /* last stage: gz[k] = last[k]^T h; grad last[k] += h zv[k]^T */
-            const float *zl = z[D - 2];
+            /* last stage: grad last[k] += h zv[k]^T, then gz[k] = last[k]^T h into zv[k]'s place */
+            float *zl = z[D - 2];
             for (int k = 0; k < R; k++) {
-                panel_mm(ops_t[D - 1] + k * rn * nl, (int)rn, (int)nl, ht, ga + k * batch * rn * Lt, batch, Lt, 0);
-                if (grads) panel_reduce(ht, (int)nl, zl + k * batch * rn * Lt, (int)rn, batch, Lt, acc[D - 1] + k * nl * rn);
+                float *slice = zl + k * batch * rn * Lt;
+                if (grads) panel_reduce(ht, (int)nl, slice, (int)rn, batch, Lt, acc[D - 1] + k * nl * rn);
+                panel_mm(ops_t[D - 1] + k * rn * nl, (int)rn, (int)nl, ht, slice, batch, Lt, 0);
             }
-            float *g = ga, *g_next = gb;
+            float *g = zl;
             long lead = (long)R * (width / nl);
             for (int d = D - 2; d >= 1; d--) {
                 long m = p.n[d];
                 lead /= m;
                 long cols = p.big / (lead * R * m);
                 if (grads) panel_reduce(g, (int)(m * R), z[d - 1], (int)(R * m), lead, cols, acc[d]);
-                panel_mm(ops_t[d], (int)(R * m), (int)(m * R), g, g_next, lead, cols, 0);
-                float *swap = g;
-                g = g_next;
-                g_next = swap;
+                panel_mm(ops_t[d], (int)(R * m), (int)(m * R), g, z[d - 1], lead, cols, 0);
+                g = z[d - 1];
             }
             long rest = width / n0 * Lt;
             if (grads) panel_reduce(g, (int)(R * n0 * R), xt, (int)n0, 1, rest, acc[0]);
