@@ -51,8 +51,8 @@ _hooks: list[Any] = []  # host hooks kept for the (one-config) process's life
 
 
 # ----- models ---------------------------------------------------------------------------------------
-def build(model: str) -> dict[str, Any]:
-    """The model, its denoiser call, one example and its repeated blocks."""
+def build(model: str, latent: int = 32, text: int = 64) -> dict[str, Any]:
+    """The model, its denoiser call, one example and its repeated blocks (Flux: `latent` px / 8 a side, `text` tokens)."""
     import torch
     E = ts.pack("trainer")
     from harness import tiny_models as tm
@@ -72,13 +72,14 @@ def build(model: str) -> dict[str, Any]:
     dm = base.diffusion_model
     dm.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
-    latent = torch.randn(16, 32, 32, generator=g) * 0.8
-    cond = {"c_crossattn": torch.randn(1, 64, 4096, generator=g), "y": torch.randn(1, 768, generator=g)}
+    size = latent
+    latent = torch.randn(16, size, size, generator=g) * 0.8
+    cond = {"c_crossattn": torch.randn(1, text, 4096, generator=g), "y": torch.randn(1, 768, generator=g)}
     sched = E.Schedule.flow(base.model_sampling.sigmas, 1.0)
     idx = torch.tensor([500])
-    noise = torch.randn(1, 16, 32, 32, generator=g)
+    noise = torch.randn(1, 16, size, size, generator=g)
     ex = {"latent": latent, "context": cond["c_crossattn"], "sched": sched, "idx": idx, "t": sched.timesteps[idx],
-          "x_t": sched.add_noise(latent[None], noise, idx), "target": noise - latent[None], "size": 32}
+          "x_t": sched.add_noise(latent[None], noise, idx), "target": noise - latent[None], "size": size}
 
     def denoise(x: Any, t: Any, c: dict) -> Any:
         return dm(x, t, c["c_crossattn"], y=c["y"], guidance=torch.full((x.shape[0],), 3.5))
