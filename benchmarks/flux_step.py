@@ -41,20 +41,13 @@ tm.KINDS.setdefault("tlora16", ("trm:1", "tr:6"))
 
 
 class Suspended:
-    """One of our configs, its adapters out of the model while the others step."""
+    """One of our configs, its adapters out of the model while the others step (train_step.Engine's turn-taking)."""
+
+    _suspend, step = ts.Engine._suspend, ts.Engine.step
 
     def __init__(self, env: dict[str, Any], kind: str):
-        self.runner = tm.Ours(env, kind, ckpt=False, swap=False)
-        self._view = self.runner.trainer.host_view()
-        self._view.__enter__()
-
-    def step(self) -> None:
-        self._view.__exit__(None, None, None)
-        try:
-            self.runner.step()
-        finally:
-            self._view = self.runner.trainer.host_view()
-            self._view.__enter__()
+        self.trainer = tm.Ours(env, kind, ckpt=False, swap=False).trainer  # built and opened
+        self._suspend()
 
 
 def adapted_linears(env: dict[str, Any]) -> list[tuple[int, int, int]]:
